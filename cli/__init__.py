@@ -1,0 +1,1 @@
+"""The attnc command line: a thin typer app over the library."""

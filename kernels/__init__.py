@@ -1,0 +1,12 @@
+"""attnc's attention ops: one `attnc::<op>` custom op per pattern.
+
+Importing this package registers every op (with its fake kernel and ONNX translation).
+Each op runs its Triton kernel on CUDA and its plain-PyTorch reference elsewhere.
+"""
+
+from __future__ import annotations
+
+from attnc.kernels import attention as _attention  # noqa: F401  (registers attnc::attention)
+from attnc.kernels.onnx import translation_table
+
+__all__ = ["translation_table"]

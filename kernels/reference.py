@@ -1,0 +1,74 @@
+"""Plain-PyTorch references of every attnc op: the executable spec.
+
+Layout everywhere: q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D) with Hq % Hkv == 0 (GQA/MQA).
+`causal` is top-left aligned like torch SDPA: query i sees key j iff j <= i.
+A query row that sees no key at all returns zeros (and log-sum-exp -inf), never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def expand_kv(k: torch.Tensor, hq: int) -> torch.Tensor:
+    """Repeat KV heads so that (B, Hkv, S, D) becomes (B, Hq, S, D)."""
+    hkv = k.shape[1]
+    if hkv == hq:
+        return k
+    return k.repeat_interleave(hq // hkv, dim=1)  # (B, Hq, S, D)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with a boolean `allowed` mask (broadcastable to (B, Hq, Sq, Skv)) and an
+    optional additive float `bias`. Computed in float32; returns (out in q's dtype, lse float32)."""
+    hq, d = q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf, kf, vf = q.float(), expand_kv(k, hq).float(), expand_kv(v, hq).float()
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, Sq, Skv)
+    if bias is not None:
+        scores = scores + bias.float()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq)
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, 0.0).unsqueeze(-1))
+    probs = torch.where(finite.unsqueeze(-1), probs, 0.0)
+    out = probs @ vf  # (B, Hq, Sq, D)
+    return out.to(q.dtype), lse
+
+
+def causal_allowed(sq: int, skv: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(skv, device=device)[None, :]
+    return j <= i  # (Sq, Skv)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention, the semantics of torch SDPA (bool mask True = attend, float mask added)."""
+    allowed, bias = None, None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            bias = attn_mask
+    if is_causal:
+        c = causal_allowed(q.shape[-2], k.shape[-2], q.device)
+        allowed = c if allowed is None else (allowed & c)
+    out, _ = masked_attention(q, k, v, allowed, scale, bias)
+    return out
