@@ -1,0 +1,354 @@
+"""Load a model from what a user has: a .pt2, a Hugging Face directory, a factory, a state dict,
+or (only when trusted) a pickled nn.Module. Every loader returns a `LoadedModel` whose module
+takes positional tensors named by `input_names` and returns one tensor (or a tuple of tensors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from attnc.errors import LoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["causal-lm", "encoder", "vision", "vlm", "custom"]
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    kind: ModelKind
+    source: str
+    tokenizer: Any = None
+    config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OutputAdapter(nn.Module):
+    """Calls `model(**dict(zip(names, inputs)))` (or positionally) and returns its main tensor."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], by_keyword: bool, hf: bool):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.by_keyword = by_keyword
+        self.hf = hf
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if self.by_keyword:
+            kwargs = dict(zip(self.input_names, inputs, strict=True))
+            if self.hf:
+                kwargs["use_cache"] = False
+                kwargs["return_dict"] = True
+            out = self.model(**kwargs)
+        else:
+            out = self.model(*inputs)
+        return main_output(out)
+
+
+def main_output(out: Any) -> Any:
+    """The tensor a user means by 'the output': logits, last_hidden_state, or the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        val = getattr(out, key, None) if not isinstance(out, dict) else out.get(key)
+        if isinstance(val, torch.Tensor):
+            return val
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return tuple(out)
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise LoadError("the model's forward returned no tensor")
+    return tensors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    trust_pickle: bool = False,
+    input_shape: list[int] | None = None,
+) -> LoadedModel:
+    """Load `spec`: a .pt2 file, an HF directory, `file.py:factory` / `pkg.mod:factory`, or a
+    pickled module (`--trust-pickle`). `weights` is a state dict for a factory model."""
+    if _looks_like_factory(spec):
+        return _load_factory(spec, weights, input_shape)
+    path = Path(spec)
+    if not path.exists():
+        raise LoadError(f"model not found: {spec}")
+    if weights is not None:
+        raise UsageError("--weights goes with a factory spec (file.py:factory or pkg.mod:factory)")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise LoadError(f"{spec} is a folder without config.json, not a Hugging Face model")
+        return _load_hf_dir(path, input_shape)
+    if path.suffix == ".pt2":
+        return _load_pt2(path, input_shape)
+    if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
+        return _load_pickle(path, trust_pickle, input_shape)
+    raise LoadError(
+        f"don't know how to load {spec}",
+        "give a .pt2 file, a Hugging Face folder, file.py:factory, or a pickled .pt with --trust-pickle",
+    )
+
+
+def _looks_like_factory(spec: str) -> bool:
+    if ":" not in spec or Path(spec).exists():
+        return False
+    left = spec.rsplit(":", 1)[0]
+    return left.endswith(".py") or all(part.isidentifier() for part in left.split("."))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _hf_kind(config: Any) -> ModelKind:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    mtype = getattr(config, "model_type", "")
+    if "ConditionalGeneration" in archs or mtype in ("llava", "llava_next", "qwen2_vl"):
+        return "vlm"
+    if "CausalLM" in archs or "LMHead" in archs or getattr(config, "is_decoder", False):
+        return "causal-lm"
+    if mtype in ("vit", "clip_vision_model", "deit", "dinov2", "siglip_vision_model"):
+        return "vision"
+    if mtype in ("llama", "qwen2", "mistral", "gpt2", "gemma", "phi3", "qwen3"):
+        return "causal-lm"
+    return "encoder"
+
+
+def hf_model_class(config: Any, kind: ModelKind):
+    import transformers as tf
+
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        cls = getattr(tf, name, None)
+        if cls is not None:
+            return cls
+    if kind == "causal-lm":
+        return tf.AutoModelForCausalLM
+    if kind == "vlm":
+        return tf.AutoModelForImageTextToText
+    return tf.AutoModel
+
+
+def _load_hf_dir(path: Path, input_shape: list[int] | None) -> LoadedModel:
+    import transformers as tf
+
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad model folder
+        raise LoadError(f"cannot read {path / 'config.json'}: {_short(exc)}") from None
+    kind = _hf_kind(config)
+    has_st = any(path.glob("*.safetensors"))
+    if not has_st:
+        raise LoadError(
+            f"{path} has no .safetensors weights",
+            "convert the checkpoint to safetensors; attnc does not unpickle Hugging Face .bin files",
+        )
+    cls = hf_model_class(config, kind)
+    try:
+        model = cls.from_pretrained(
+            str(path), local_files_only=True, attn_implementation="sdpa", use_safetensors=True
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None
+    tokenizer = None
+    if any((path / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer is optional
+            log.warning("tokenizer in %s not loaded: %s", path, _short(exc))
+    return wrap_hf(model.eval(), str(path), tokenizer, input_shape)
+
+
+def wrap_hf(model: nn.Module, source: str, tokenizer: Any, input_shape: list[int] | None):
+    from attnc.inputs import example_inputs_for
+
+    config = model.config
+    kind = _hf_kind(config)
+    names, args = example_inputs_for(kind, config, input_shape)
+    adapter = OutputAdapter(model, names, by_keyword=True, hf=True).eval()
+    return LoadedModel(adapter, args, names, kind, source, tokenizer, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# factories, state dicts, pickles, .pt2
+
+
+def _import_factory(spec: str):
+    left, fn_name = spec.rsplit(":", 1)
+    try:
+        if left.endswith(".py"):
+            file = Path(left)
+            if not file.exists():
+                raise LoadError(f"factory file not found: {left}")
+            mod_name = f"attnc_user_{file.stem}"
+            mspec = importlib.util.spec_from_file_location(mod_name, file)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[mod_name] = module
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(left)
+    except LoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code failed on import
+        raise LoadError(f"cannot import {left}: {_short(exc)}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise LoadError(f"{left} has no callable named {fn_name!r}")
+    return fn
+
+
+def _load_factory(spec: str, weights: str | None, input_shape: list[int] | None) -> LoadedModel:
+    fn = _import_factory(spec)
+    try:
+        made = fn()
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"factory {spec} failed: {_short(exc)}") from None
+    example = None
+    tokenizer = None
+    if isinstance(made, tuple):
+        model, *rest = made
+        for item in rest:
+            if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
+                example = tuple(item)
+            elif isinstance(item, torch.Tensor):
+                example = (item,)
+            elif item is not None:
+                tokenizer = item
+    else:
+        model = made
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"factory {spec} returned {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        _load_state_dict(model, Path(weights))
+    model = model.eval()
+    if _is_hf(model):
+        loaded = wrap_hf(model, spec, tokenizer, input_shape)
+        if example is not None:
+            loaded.example_args = example
+        return loaded
+    return _wrap_plain(model, spec, example, input_shape, tokenizer)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _wrap_plain(model, source, example, input_shape, tokenizer=None) -> LoadedModel:
+    from attnc.inputs import plain_example_inputs
+
+    params = [
+        p for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if example is None:
+        example = plain_example_inputs(model, params, input_shape)
+    names = [p.name for p in params[: len(example)]] or [f"input_{i}" for i in range(len(example))]
+    if len(names) < len(example):
+        names += [f"input_{i}" for i in range(len(names), len(example))]
+    adapter = OutputAdapter(model, names, by_keyword=False, hf=False).eval()
+    return LoadedModel(adapter, tuple(example), names, "custom", source, tokenizer, None)
+
+
+def _load_state_dict(model: nn.Module, path: Path) -> None:
+    if not path.exists():
+        raise LoadError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"cannot read state dict {path}: {_short(exc)}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise LoadError(f"{path} does not hold a state dict")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise LoadError(f"state dict {path} does not fit the model: {_short(exc)}") from None
+
+
+def _load_pickle(path: Path, trust: bool, input_shape) -> LoadedModel:
+    if not zipfile.is_zipfile(path) and path.stat().st_size == 0:
+        raise LoadError(f"{path} is empty")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        if "Weights only load failed" not in str(exc):
+            raise LoadError(f"{path} is corrupt or truncated: {_short(exc)}") from None
+        if not trust:
+            raise LoadError(
+                f"{path} is a pickled object; unpickling it runs arbitrary code",
+                "pass --trust-pickle only if you trust where the file came from",
+            ) from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001
+            raise LoadError(f"{path} could not be unpickled: {_short(exc2)}") from None
+    if isinstance(obj, dict):
+        raise LoadError(
+            f"{path} holds a state dict, not a model",
+            "give a factory that builds the model and pass the file with --weights",
+        )
+    if not isinstance(obj, nn.Module):
+        raise LoadError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+    obj = obj.eval()
+    if _is_hf(obj):
+        return wrap_hf(obj, str(path), None, input_shape)
+    return _wrap_plain(obj, str(path), None, input_shape)
+
+
+def _load_pt2(path: Path, input_shape) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"{path} is not a readable .pt2 file: {_short(exc)}") from None
+    module = ep.module()
+    example = getattr(ep, "example_inputs", None)
+    args = tuple(example[0]) if example else None
+    if not args:
+        if not input_shape:
+            raise LoadError(f"{path} stores no example inputs", "pass --input-shape, e.g. 2,16")
+        args = (torch.randint(0, 100, tuple(input_shape)),)
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    meta = {}
+    meta_file = path.with_suffix(".attnc.json")
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    kind = meta.get("kind", "custom")
+    return LoadedModel(module, args, names[: len(args)], kind, str(path), None, None, {"pt2": ep})
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 240 else text[:237] + "..."
