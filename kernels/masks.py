@@ -1,0 +1,302 @@
+"""Mask predicates of attnc's sparse patterns, as plain torch functions.
+
+One definition of each pattern, used by the references, the block lists the Triton kernels walk,
+and the FlexAttention `mask_mod`s of the benchmarks (the functions take integer tensors of any
+broadcastable shape and use only elementwise ops). The ONNX translations mirror the same
+integer arithmetic with ONNX ops.
+
+Neighborhood attention follows NATTEN exactly (see ../shared/specs/sparse_patterns.md 5a): per axis
+with extent L, kernel K, dilation d, stride s, a token x lies in dilation group g = x mod d at
+in-group coordinate x' = x div d; the group has L_g = ceil((L - g) / d) tokens;
+  non-causal: c0 = min((x' div s) s + s div 2, L_g - 1), c = clamp(c0, K div 2, L_g - 1 - w_r),
+              window [c - K div 2, c + w_r] with w_r = K div 2 + K mod 2 - 1 (shifted, not shrunk);
+  causal:     c0 = min((x' div s) s + s - 1, L_g - 1), window [max(c0 - K + 1, 0), x'].
+A key is visible iff it is in the same group and inside the window, on every axis.
+Tokens of an N-D grid (L0, L1, L2) are flattened row-major.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from attnc.errors import KernelError
+
+# ---------------------------------------------------------------- neighborhood (NATTEN)
+
+
+def resolve_grid(grid: Sequence[int], seq_len: int) -> list[int]:
+    """The token grid with one -1 entry (or an empty grid) inferred from the sequence length."""
+    g = [int(x) for x in grid] or [-1]
+    if g.count(-1) > 1 or any(x == 0 or x < -1 for x in g):
+        raise KernelError(f"grid {list(grid)} is invalid: positive sizes and at most one -1")
+    known = math.prod(x for x in g if x != -1)
+    if -1 in g:
+        if seq_len % known:
+            raise KernelError(f"sequence length {seq_len} is not divisible by grid {list(grid)}")
+        g[g.index(-1)] = seq_len // known
+    if math.prod(g) != seq_len:
+        raise KernelError(f"grid {g} has {math.prod(g)} tokens but the sequence has {seq_len}")
+    return g
+
+
+def check_natten_args(grid, kernel_size, dilation, stride, is_causal) -> None:
+    n = len(grid)
+    if not 1 <= n <= 3:
+        raise KernelError(f"neighborhood attention needs a 1-D, 2-D or 3-D grid, got {list(grid)}")
+    for name, val in (("kernel_size", kernel_size), ("dilation", dilation), ("stride", stride),
+                      ("is_causal", is_causal)):
+        if len(val) != n:
+            raise KernelError(f"{name} {list(val)} must have one entry per grid axis ({n})")
+    for L, K, d, s in zip(grid, kernel_size, dilation, stride, strict=True):
+        if K < 1 or d < 1 or s < 1:
+            raise KernelError(f"kernel_size, dilation and stride must be >= 1, got {K}, {d}, {s}")
+        if K * d > L:
+            raise KernelError(f"kernel_size {K} x dilation {d} exceeds the axis extent {L}")
+        if s > K:
+            raise KernelError(f"stride {s} exceeds kernel_size {K}")
+
+
+def natten_window(x: torch.Tensor, L: int, K: int, d: int, s: int, causal: bool):
+    """(group, start, end) of query coordinates `x` on one axis; the window is [start, end) in
+    in-group coordinates."""
+    g = x % d
+    xi = x // d
+    lg = (L - g + d - 1) // d
+    wl = K // 2
+    wr = K // 2 + K % 2 - 1
+    if causal:
+        c0 = torch.minimum((xi // s) * s + (s - 1), lg - 1)
+        start = torch.clamp(c0 - (K - 1), min=0)
+        end = xi + 1
+    else:
+        c0 = torch.minimum((xi // s) * s + s // 2, lg - 1)
+        c = torch.minimum(torch.clamp(c0, min=wl), lg - 1 - wr)
+        start = c - wl
+        end = c + wr + 1
+    return g, start, end
+
+
+def natten_axis_visible(xq, xk, L: int, K: int, d: int, s: int, causal: bool) -> torch.Tensor:
+    g, start, end = natten_window(xq, L, K, d, s, causal)
+    xki = xk // d
+    return (xk % d == g) & (xki >= start) & (xki < end)
+
+
+def grid_coords(tok: torch.Tensor, grid: Sequence[int]) -> list[torch.Tensor]:
+    """Row-major coordinates of flat token indices on `grid`."""
+    coords = []
+    for size in reversed(grid):
+        coords.append(tok % size)
+        tok = tok // size
+    return coords[::-1]
+
+
+def natten_visible(qtok, ktok, grid, kernel_size, dilation, stride, is_causal) -> torch.Tensor:
+    """Neighborhood-attention predicate on flat token indices (any broadcastable shapes)."""
+    vis = None
+    qc, kc = grid_coords(qtok, grid), grid_coords(ktok, grid)
+    for a in range(len(grid)):
+        m = natten_axis_visible(qc[a], kc[a], grid[a], kernel_size[a], dilation[a], stride[a],
+                                bool(is_causal[a]))
+        vis = m if vis is None else vis & m
+    return vis
+
+
+def natten_mask(grid, kernel_size, dilation, stride, is_causal, device="cpu") -> torch.Tensor:
+    """Dense (S, S) bool mask (True = attend) of neighborhood attention on `grid`."""
+    check_natten_args(grid, kernel_size, dilation, stride, is_causal)
+    t = torch.arange(math.prod(grid), device=device)
+    return natten_visible(t[:, None], t[None, :], grid, kernel_size, dilation, stride, is_causal)
+
+
+# ---------------------------------------------------------------- sliding window + sinks
+
+
+def sliding_window_visible(i, j, window: int, num_sinks: int, causal: bool) -> torch.Tensor:
+    """Causal: 0 <= i - j < window, or j < num_sinks (j <= i). Bidirectional: |i - j| < window,
+    or j < num_sinks (sinks are global keys every query sees)."""
+    sink = j < num_sinks
+    if causal:
+        return (j <= i) & ((i - j < window) | sink)
+    return ((i - j).abs() < window) | sink
+
+
+def sliding_window_mask(sq: int, skv: int, window: int, num_sinks: int, causal: bool,
+                        device="cpu") -> torch.Tensor:
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(skv, device=device)[None, :]
+    return sliding_window_visible(i, j, window, num_sinks, causal)  # (Sq, Skv)
+
+
+# ---------------------------------------------------------------- block layouts
+
+
+def block_layout_mask(layout: torch.Tensor, block_size: int, sq: int, skv: int,
+                      causal: bool = False) -> torch.Tensor:
+    """Expand a (B|1, H|1, nq, nkv) bool block layout to a dense (B|1, H|1, Sq, Skv) mask."""
+    i = torch.arange(sq, device=layout.device) // block_size
+    j = torch.arange(skv, device=layout.device) // block_size
+    m = layout[:, :, i][:, :, :, j]  # (B|1, H|1, Sq, Skv)
+    if causal:
+        kk = torch.arange(skv, device=layout.device)
+        m = m & (kk[None, :] <= torch.arange(sq, device=layout.device)[:, None])
+    return m
+
+
+def check_layout(layout: torch.Tensor, block_size: int, sq: int, skv: int) -> None:
+    if layout.dtype != torch.bool or layout.dim() != 4:
+        raise KernelError(f"block layout must be a 4-D bool tensor, got {layout.dtype} "
+                          f"{tuple(layout.shape)}")
+    need = (-(-sq // block_size), -(-skv // block_size))
+    if tuple(layout.shape[2:]) != need:
+        raise KernelError(f"block layout has {tuple(layout.shape[2:])} blocks, the sequence "
+                          f"lengths ({sq}, {skv}) with block_size {block_size} need {need}")
+
+
+def power_attention_layout(n_blocks: int, local_blocks: int = 5, sink_blocks: int = 1,
+                           device="cpu") -> torch.Tensor:
+    """PowerAttention (arXiv 2503.03588): causal; block distance < local_blocks, a power of two,
+    or a sink block. Returns (1, 1, n, n) bool."""
+    qb = torch.arange(n_blocks, device=device)[:, None]
+    kb = torch.arange(n_blocks, device=device)[None, :]
+    delta = qb - kb
+    pow2 = (delta > 0) & ((delta & (delta - 1)) == 0)
+    m = (delta >= 0) & ((delta < local_blocks) | pow2 | (kb < sink_blocks))
+    return m[None, None]
+
+
+def local_stride_layout(n_blocks: int, local_blocks: int, vert_stride: int, causal: bool = True,
+                        device="cpu") -> torch.Tensor:
+    """Local + vertical-stride layout (Phi-3-small / ORT SparseAttention): block distance
+    < local_blocks, or key block index + 1 divisible by vert_stride. Returns (1, 1, n, n) bool."""
+    qb = torch.arange(n_blocks, device=device)[:, None]
+    kb = torch.arange(n_blocks, device=device)[None, :]
+    m = ((qb - kb).abs() < local_blocks) | ((kb + 1) % vert_stride == 0)
+    if causal:
+        m = m & (kb <= qb)
+    return m[None, None]
+
+
+def random_layout(n_q: int, n_kv: int, density: float, heads: int = 1, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+    """A seeded random (1, heads, n_q, n_kv) layout with the diagonal always kept."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(1, heads, n_q, n_kv, generator=g) < density
+    d = torch.arange(min(n_q, n_kv))
+    m[:, :, d, d] = True
+    return m.to(device)
+
+
+# ---------------------------------------------------------------- tile-level block lists
+
+
+def tile_any_all(pred: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lq: int, lk: int,
+                 tq: int, tk: int, device, chunk_elems: int = 1 << 26):
+    """Reduce a predicate over (lq, lk) to (..., ceil(lq/tq), ceil(lk/tk)) `any` and `all` tiles.
+
+    Rows past lq do not exist (ignored); columns past lk are never visible, so a ragged last
+    column tile is never `all`. Evaluated in chunks of query tiles to bound memory."""
+    nq, nk = -(-lq // tq), -(-lk // tk)
+    cols = torch.arange(nk * tk, device=device)
+    col_ok = cols < lk
+    rows_per = max(tq, (chunk_elems // max(nk * tk, 1)) // tq * tq)
+    anys, alls = [], []
+    for r0 in range(0, nq * tq, rows_per):
+        rows = torch.arange(r0, min(r0 + rows_per, nq * tq), device=device)
+        m = pred(rows[:, None], cols[None, :]) & col_ok  # (..., r, nk*tk)
+        row_ok = (rows < lq)[:, None]
+        lead = m.shape[:-2]
+        r = rows.numel() // tq
+        a = (m & row_ok).reshape(*lead, r, tq, nk, tk).any(-1).any(-2)
+        b = (m | ~row_ok).reshape(*lead, r, tq, nk, tk).all(-1).all(-2)
+        anys.append(a)
+        alls.append(b)
+    return torch.cat(anys, -2), torch.cat(alls, -2)
+
+
+def compact_lists(any_: torch.Tensor, all_: torch.Tensor):
+    """FlexAttention-style lists: (full_num, full_idx, part_num, part_idx), int32, the counts
+    (..., NQ) and the indices (..., NQ, NK) with the valid ones first in increasing order."""
+    full = all_
+    part = any_ & ~all_
+
+    def compact(b):
+        num = b.sum(-1, dtype=torch.int32)
+        idx = torch.sort((~b).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+        return num.contiguous(), idx.contiguous()
+
+    return (*compact(full), *compact(part))
+
+
+def natten_tile_any_all(grid3, ks3, dil3, st3, ca3, tq3, tk3, device):
+    """Tile-level any/all of 3-D neighborhood attention with Cartesian tiles tq3 (queries) and
+    tk3 (keys): the mask is an AND over axes and a tile a product of per-axis ranges, so the
+    tile-level any/all are outer ANDs of per-axis any/all. Returns (NQ, NK) each."""
+    anys, alls = [], []
+    for a in range(3):
+        L, K, d, s, c = grid3[a], ks3[a], dil3[a], st3[a], bool(ca3[a])
+
+        def pred(i, j, L=L, K=K, d=d, s=s, c=c):
+            return natten_axis_visible(i, j, L, K, d, s, c)
+
+        x, y = tile_any_all(pred, L, L, tq3[a], tk3[a], device)
+        anys.append(x)
+        alls.append(y)
+
+    def outer(m):
+        full = (m[0][:, None, None, :, None, None] & m[1][None, :, None, None, :, None]
+                & m[2][None, None, :, None, None, :])  # (q0, q1, q2, k0, k1, k2)
+        nq = m[0].shape[0] * m[1].shape[0] * m[2].shape[0]
+        return full.reshape(nq, -1)  # (NQ, NK)
+
+    return outer(anys), outer(alls)
+
+
+def natten_tile_shape(block: int, grid3: Sequence[int], reach3: Sequence[int]) -> tuple[int, ...]:
+    """A power-of-two tile (t0, t1, t2) with prod == block for a 3-D grid: grow the axis whose
+    window reach (K * d) is largest relative to its tile size, never beyond the extent."""
+    t = [1, 1, 1]
+    while math.prod(t) < block:
+        best, score = None, -1.0
+        for a in (2, 1, 0):
+            if t[a] >= grid3[a]:
+                continue
+            sc = reach3[a] / t[a]
+            if sc > score:
+                best, score = a, sc
+        if best is None:  # grid smaller than the block: pad the last axis
+            best = 2
+        t[best] *= 2
+    return tuple(t)
+
+
+# ---------------------------------------------------------------- FlexAttention mask_mods
+
+
+def natten_mask_mod(grid, kernel_size, dilation, stride, is_causal):
+    def mod(b, h, q, kv):
+        return natten_visible(q, kv, grid, kernel_size, dilation, stride, is_causal)
+
+    return mod
+
+
+def sliding_window_mask_mod(window: int, num_sinks: int, causal: bool):
+    def mod(b, h, q, kv):
+        return sliding_window_visible(q, kv, window, num_sinks, causal)
+
+    return mod
+
+
+def block_sparse_mask_mod(layout: torch.Tensor, block_size: int, causal: bool = False):
+    lay = layout
+
+    def mod(b, h, q, kv):
+        bb = b if lay.shape[0] > 1 else 0
+        hh = h if lay.shape[1] > 1 else 0
+        m = lay[bb, hh, q // block_size, kv // block_size]
+        return (m & (kv <= q)) if causal else m
+
+    return mod
