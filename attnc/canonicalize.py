@@ -126,7 +126,8 @@ def _const(gm: GraphModule, x) -> float | None:
         return _const(gm, x.args[0])
     if x.target == aten.full.default and all(_eq(s, 1) for s in x.args[0]):
         return _const(gm, x.args[1])
-    if x.target in _CASTS | _COPIES | {aten.lift_fresh_copy.default}:
+    if x.target in _CASTS | _COPIES | {aten.lift_fresh_copy.default, aten.detach_.default,
+                                        aten.detach.default}:
         return _const(gm, x.args[0])
     return None
 
@@ -271,7 +272,7 @@ def _causal_float(gm: GraphModule, n: Node, scores: tuple) -> bool:
     full = n.args[0]
     return (isinstance(full, Node) and full.target == aten.full.default
             and (_const(gm, full.args[1]) or 0.0) <= _MASKED_VALUE
-            and _same_shape(tuple(full.args[0])[-2:], scores[-2:]))
+            and _same_shape(_shape(n)[-2:], scores[-2:]))
 
 
 def _match_mask(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
