@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from attnc.kernels import autotune, masks
 
 from attnc.errors import KernelError
-from attnc.kernels import autotune, masks
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -160,7 +160,7 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn, offs_d, d
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, MASK, LAY, FNUM, FIDX, PNUM, PIDX,
+    Q, K, V, O, LSE, MASK, LAY, FNUM, FIDX, PNUM, PIDX,  # noqa: E741
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     smb, smh, smm, smn, slb, slh, slq, slk, snb, snh, sib, sih, NKL,
     H, GROUP, SQ, SKV, HEAD_D, qk_scale,
@@ -480,7 +480,7 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
     lay = dummy
     nq_tiles, nkl, lst = triton.cdiv(SQ, bm), 1, (0, 0, 0, 0)
     if kind == 1:
-        if SQ != SKV or SQ != math.prod(pattern.grid):
+        if SQ != SKV or math.prod(pattern.grid) != SQ:
             raise KernelError(f"neighborhood attention needs Sq == Skv == prod(grid) "
                               f"{pattern.grid}, got {SQ}, {SKV}")
         reach = [kk * dd for kk, dd in zip(pattern.kernel_size, pattern.dilation, strict=True)]

@@ -72,3 +72,97 @@ def attention_ref(
         allowed = c if allowed is None else (allowed & c)
     out, _ = masked_attention(q, k, v, allowed, scale, bias)
     return out
+
+
+# ------------------------------------------------------- sparse patterns (kernels/masks.py)
+
+
+def neighborhood_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: list[int],
+    kernel_size: list[int],
+    dilation: list[int],
+    stride: list[int],
+    is_causal: list[bool],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """NATTEN neighborhood attention on a row-major token grid (one -1 entry: inferred from S)."""
+    from attnc.kernels import masks
+
+    g = masks.resolve_grid(grid, q.shape[-2])
+    allowed = masks.natten_mask(g, kernel_size, dilation, stride, is_causal, q.device)
+    out, _ = masked_attention(q, k, v, allowed, scale)
+    return out
+
+
+def sliding_window_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    num_sinks: int = 0,
+    is_causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention with `num_sinks` global keys (StreamingLLM when causal)."""
+    from attnc.kernels import masks
+
+    allowed = masks.sliding_window_mask(
+        q.shape[-2], k.shape[-2], window, num_sinks, is_causal, q.device
+    )
+    out, _ = masked_attention(q, k, v, allowed, scale)
+    return out
+
+
+def block_sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    block_size: int,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention restricted to the (B|1, H|1, nq, nkv) bool block layout (and causal if asked)."""
+    from attnc.kernels import masks
+
+    allowed = masks.block_layout_mask(layout, block_size, q.shape[-2], k.shape[-2], is_causal)
+    out, _ = masked_attention(q, k, v, allowed, scale)
+    return out
+
+
+def attention_colsum_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention plus, per key, the attention probability it receives summed over the query
+    rows `rows` (bool (Sq,) or int indices): (out, colsum (B, Hq, Skv) float32)."""
+    hq, d = q.shape[1], q.shape[-1]
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    allowed, bias = None, None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            bias = attn_mask
+    if is_causal:
+        c = causal_allowed(q.shape[-2], k.shape[-2], q.device)
+        allowed = c if allowed is None else (allowed & c)
+    out, lse = masked_attention(q, k, v, allowed, s, bias)
+    scores = (q.float() @ expand_kv(k, hq).float().transpose(-1, -2)) * s  # (B, Hq, Sq, Skv)
+    if bias is not None:
+        scores = scores + bias.float()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    probs = torch.where(torch.isfinite(lse).unsqueeze(-1), probs, 0.0)
+    if rows.dtype == torch.bool:
+        rows = rows.nonzero().flatten()
+    return out, probs[:, :, rows].sum(2)

@@ -1,0 +1,88 @@
+"""`attnc::block_sparse_attention`: attention restricted to a block layout.
+
+    query i sees key j iff layout[b, h, i // block_size, j // block_size] (and j <= i if causal)
+
+`layout` is a (B|1, H|1, ceil(Sq/bs), ceil(Skv/bs)) bool tensor: a static layout (masks.py:
+PowerAttention, local + vertical stride) or one a pass computes. Triton on CUDA: kernel tiles
+the layout leaves empty are never loaded, fully kept tiles skip the mask. Reference elsewhere.
+ONNX: the layout is gathered by (Range // block_size) in-graph, + opset-23 Attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from attnc.kernels import masks, reference
+from attnc.kernels.onnx import register_translation
+from attnc.kernels.patterns import (
+    as_cols,
+    as_rows,
+    attention_with_mask,
+    flash_module,
+    i64,
+    positions,
+    run_pattern,
+    seq_len,
+)
+from onnxscript import opset23 as op
+
+from attnc.errors import KernelError
+
+
+def can_use_block_sparse(layout: torch.Tensor, block_size: int, sq: int, skv: int) -> str | None:
+    """Why this layout cannot drive block-sparse attention over (sq, skv), or None."""
+    if block_size < 1:
+        return f"block_size must be >= 1, got {block_size}"
+    try:
+        masks.check_layout(layout, block_size, sq, skv)
+    except KernelError as e:
+        return e.message
+    return None
+
+
+@torch.library.custom_op("attnc::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    block_size: int,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    sq, skv = q.shape[-2], k.shape[-2]
+    reason = can_use_block_sparse(layout, block_size, sq, skv)
+    if reason is not None:
+        raise KernelError(reason)
+    for a, n in ((0, q.shape[0]), (1, q.shape[1])):
+        if layout.shape[a] not in (1, n):
+            raise KernelError(f"layout dim {a} is {layout.shape[a]}, expected 1 or {n}")
+    layout = layout.to(q.device)
+
+    def ref():
+        return reference.block_sparse_attention_ref(q, k, v, layout, block_size, is_causal, scale)
+
+    def dense():
+        return masks.block_layout_mask(layout, block_size, sq, skv, is_causal)
+
+    flash = flash_module()
+    pattern = None if flash is None else flash.Pattern("block", block_size=int(block_size))
+    density = float(layout.float().mean()) if layout.numel() else 0.0
+    return run_pattern(q, k, v, scale=scale, causal=is_causal, pattern=pattern, layout=layout,
+                       density=density, dense_mask=dense, ref=ref)
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, layout, block_size, is_causal=False, scale=None):
+    return torch.empty_like(q)
+
+
+@register_translation(torch.ops.attnc.block_sparse_attention.default)
+def block_sparse_attention_onnx(q, k, v, layout, block_size: int, is_causal: bool = False,
+                                scale: float | None = None):
+    i = positions(seq_len(q))
+    j = positions(seq_len(k))
+    rows = op.Gather(layout, op.Div(i, i64(block_size)), axis=2)  # (B|1, H|1, Sq, nkv)
+    vis = op.Gather(rows, op.Div(j, i64(block_size)), axis=3)  # (B|1, H|1, Sq, Skv)
+    if is_causal:
+        vis = op.And(vis, op.LessOrEqual(as_cols(j), as_rows(i)))
+    return attention_with_mask(q, k, v, vis, scale)
