@@ -16,8 +16,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from attnc.kernels.onnx import register_translation
 from onnxscript import opset23 as op23
+
+from attnc.kernels.onnx import register_translation
 
 
 def _sdpa(q, k, v, attn_mask, is_causal, scale):
@@ -58,9 +59,6 @@ def attention_onnx(q, k, v, attn_mask=None, is_causal: bool = False, scale: floa
     kw = {"is_causal": 1 if is_causal else 0}
     if scale is not None:
         kw["scale"] = float(scale)
-    # Attention has four outputs; only Y is wanted (the others are optional and left unnamed)
     if attn_mask is None:
-        out = op23.Attention(q, k, v, **kw, _outputs=1)
-    else:
-        out = op23.Attention(q, k, v, attn_mask, **kw, _outputs=1)
-    return out[0] if isinstance(out, (tuple, list)) else out
+        return op23.Attention(q, k, v, **kw)
+    return op23.Attention(q, k, v, attn_mask, **kw)
