@@ -282,22 +282,31 @@ class TinyEncoder(nn.Module):
 # Tiny VLM: ViT patch encoder -> projector -> causal LM over [prefix, image, suffix].
 
 
-class SDPABlock(nn.Module):
+class SDPASelfAttention(nn.Module):
     def __init__(self, dim: int, n_head: int, causal: bool):
         super().__init__()
         self.n_head, self.causal = n_head, causal
-        self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, C = x.shape
+        qkv = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head)  # (B, S, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, D)
+        return self.proj(y.transpose(1, 2).reshape(B, S, C))  # (B, S, C)
+
+
+class SDPABlock(nn.Module):
+    def __init__(self, dim: int, n_head: int, causal: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SDPASelfAttention(dim, n_head, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GPTMLP(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, C = x.shape
-        qkv = self.qkv(self.norm1(x)).view(B, S, 3, self.n_head, C // self.n_head)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, D)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, S, C))  # (B, S, C)
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -322,8 +331,13 @@ class TinyVLM(nn.Module):
         for layer in self.vision_layers:
             p = layer(p)
         img = self.projector(self.vision_norm(p))  # (B, 16, C)
-        t = self.embed(input_ids)  # (B, S, C)
-        x = torch.cat([t[:, : self.N_PREFIX], img, t[:, self.N_PREFIX :]], dim=1)  # (B, S+16, C)
+        both = torch.cat([img, self.embed(input_ids)], dim=1)  # (B, 16+S, C): [image, text]
+        # Reorder to [text[:2], image, text[2:]] with a gather, not slices, so that export keeps
+        # the sequence length symbolic down to S = 2 (slices would specialise S - 2 in {0, 1}).
+        n_img, pos = img.shape[1], torch.arange(both.shape[1], device=both.device)  # (16+S,)
+        src = torch.where(pos < self.N_PREFIX, pos + n_img, pos - self.N_PREFIX)
+        src = torch.where(pos < self.N_PREFIX + n_img, src, pos)
+        x = both.index_select(1, src)  # (B, S+16, C)
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))  # (B, S+16, V)
