@@ -350,9 +350,11 @@ def _match(gm: GraphModule, sm: Node) -> _Match:
         chain.append(x)
         x = x.args[0]
     _match_mask(gm, x, m, chain)
-    want = (*_shape(m.q)[:-1], _shape(v)[-1])
-    if len(_shape(m.q)) != nd or not _same_shape(_shape(out), want):
+    qs, ks, vs = _shape(m.q), _shape(m.kt), _shape(v)
+    if len(qs) != nd or not _same_shape(_shape(out), (*qs[:-1], vs[-1])):
         raise _NoMatch("q, k, v shapes do not form attention")
+    if not (_same_shape(ks[:-2], qs[:-2]) and _same_shape(vs[:-2], qs[:-2])):
+        raise _NoMatch("k or v broadcasts over q's batch or head dims")
     for c in chain[1:]:
         if c is not out and c not in (m.q, m.k, m.kt, m.v):
             _single_user(c, f"intermediate {c.name}")
@@ -386,13 +388,6 @@ def _unexpand(n: Node) -> tuple[Node, int]:
     return n, 1
 
 
-def _fake(fn, *args, default=None, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception:  # fake-tensor propagation is best effort; fall back to the known meta
-        return default
-
-
 def _rewrite(gm: GraphModule, m: _Match) -> Node:
     g = gm.graph
     k, v, gqa = m.k, m.v, False
@@ -417,18 +412,18 @@ def _rewrite(gm: GraphModule, m: _Match) -> Node:
         args = (m.q, k, v, mask, 0.0, m.mask_kind == "causal")
         node = g.call_function(SDPA, args, kwargs)
     node.meta.update({key: val for key, val in m.out.meta.items() if key != "val"})
-    vals = [_val(a) if isinstance(a, Node) else a for a in args]
-    node.meta["val"] = _fake(SDPA, *vals, default=_val(m.out), **kwargs)
+    try:
+        node.meta["val"] = SDPA(*[_val(a) if isinstance(a, Node) else a for a in args], **kwargs)
+    except Exception:  # fake propagation is best effort; the replaced matmul has the same meta
+        node.meta["val"] = _val(m.out)
     node.meta["attnc_num_kv_heads"] = n_kv
     node.meta["attnc_mask_kind"] = m.mask_kind
     node.meta["attnc_scale"] = m.scale
     m.out.replace_all_uses_with(node)
-    dead = [*m.chain, m.out]
-    for c in dead:
-        for a in [u for u in c.users if u.target in _ASSERTS]:
-            g.erase_node(a)
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for c in sorted(set(dead), key=order.__getitem__, reverse=True):
+    dead = {*m.chain, m.out}
+    for a in {u for c in dead for u in c.users if u.target in _ASSERTS}:
+        g.erase_node(a)
+    for c in reversed([n for n in g.nodes if n in dead]):
         if not c.users:  # dropout counts as impure for eliminate_dead_code; erase it here
             g.erase_node(c)
     return node
