@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch.fx import GraphModule, Node
@@ -36,6 +37,7 @@ _CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dt
 _COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _ASSERTS = {aten._assert_tensor_metadata.default}
+MaskKind = Literal["none", "causal", "bool", "float"]
 _MASKED_VALUE = -1e4  # a fill at or below this is "masked out" after softmax in fp32/fp16
 
 
@@ -61,7 +63,7 @@ class _Match:
     out: Node  # replaced by the SDPA node
     scale: float = 1.0
     mask: Node | None = None
-    mask_kind: str = "none"  # none | causal | bool | float
+    mask_kind: MaskKind = "none"
     invert_mask: bool = False  # bool mask marks masked-out positions; SDPA wants "attend"
     chain: list[Node] = field(default_factory=list)
 

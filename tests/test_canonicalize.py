@@ -58,6 +58,7 @@ def test_handwritten_attention_becomes_sdpa(name):
     with torch.no_grad():
         for inputs in (args, _other_lengths(args)):
             assert (gm(*inputs) - model(*inputs)).abs().max().item() <= 1e-5
+    assert canonicalize_attention(gm) == (0, [])  # idempotent
 
 
 class Variant(nn.Module):
