@@ -59,6 +59,9 @@ def attention_onnx(q, k, v, attn_mask=None, is_causal: bool = False, scale: floa
     kw = {"is_causal": 1 if is_causal else 0}
     if scale is not None:
         kw["scale"] = float(scale)
+    # Attention has four outputs; only Y is wanted (the others are optional and left unnamed)
     if attn_mask is None:
-        return op23.Attention(q, k, v, **kw)
-    return op23.Attention(q, k, v, attn_mask, **kw)
+        out = op23.Attention(q, k, v, **kw)
+    else:
+        out = op23.Attention(q, k, v, attn_mask, **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,146 @@
+"""Numerical comparison of an optimized model against the original: max abs diff, per-token
+cosine, SQNR (dB) and top-1 agreement, on held-out calibration batches, over real tokens only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnc.calibration import Batch
+from attnc.errors import VerificationError
+
+
+def _first(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, np.ndarray):
+        return torch.from_numpy(out)
+    if isinstance(out, (list, tuple)) and out:
+        return _first(out[0])
+    raise VerificationError(f"cannot compare an output of type {type(out).__name__}")
+
+
+@dataclass
+class _Acc:
+    max_abs: float = 0.0
+    cos_sum: float = 0.0
+    cos_n: float = 0.0
+    sig: float = 0.0
+    err: float = 0.0
+    top1_hit: float = 0.0
+    top1_n: float = 0.0
+    nonfinite: int = 0
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, top1: bool):
+        ref, out = ref.double(), out.double()
+        if ref.shape != out.shape:
+            raise VerificationError(f"output shape {tuple(out.shape)} != original {tuple(ref.shape)}")
+        self.nonfinite += int((~torch.isfinite(out)).sum())
+        w = None
+        if mask is not None and ref.dim() >= 2 and tuple(mask.shape) == tuple(ref.shape[:2]):
+            w = mask.to(torch.float64)
+        diff = (ref - out).abs()
+        if w is not None:
+            diff = diff * w.reshape(*w.shape, *([1] * (ref.dim() - 2)))
+        self.max_abs = max(self.max_abs, float(diff.max()) if diff.numel() else 0.0)
+        vec_ref = ref if ref.dim() >= 2 else ref.unsqueeze(-1)
+        vec_out = out if out.dim() >= 2 else out.unsqueeze(-1)
+        cos = torch.nn.functional.cosine_similarity(vec_ref, vec_out, dim=-1, eps=1e-12)
+        sq_sig = vec_ref.pow(2).sum(-1)
+        sq_err = (vec_ref - vec_out).pow(2).sum(-1)
+        hit = (vec_ref.argmax(-1) == vec_out.argmax(-1)).double()
+        if w is not None and tuple(cos.shape) == tuple(w.shape):
+            self.cos_sum += float((cos * w).sum())
+            self.cos_n += float(w.sum())
+            self.sig += float((sq_sig * w).sum())
+            self.err += float((sq_err * w).sum())
+            self.top1_hit += float((hit * w).sum())
+            self.top1_n += float(w.sum())
+        else:
+            self.cos_sum += float(cos.sum())
+            self.cos_n += cos.numel()
+            self.sig += float(sq_sig.sum())
+            self.err += float(sq_err.sum())
+            self.top1_hit += float(hit.sum())
+            self.top1_n += hit.numel()
+        self.want_top1 = top1
+
+    def metrics(self) -> dict[str, float]:
+        sqnr = math.inf if self.err == 0 else 10.0 * math.log10(max(self.sig, 1e-300) / self.err)
+        m = {
+            "max_abs_diff": self.max_abs,
+            "cosine": self.cos_sum / self.cos_n if self.cos_n else float("nan"),
+            "sqnr_db": sqnr,
+            "nonfinite": self.nonfinite,
+        }
+        if getattr(self, "want_top1", False):
+            m["top1"] = self.top1_hit / self.top1_n if self.top1_n else float("nan")
+        return m
+
+
+def reference_outputs(run: Callable[..., Any], batches: Sequence[Batch]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [_first(run(*b.args)).detach() for b in batches]
+
+
+def compare(
+    run: Callable[..., Any],
+    batches: Sequence[Batch],
+    refs: Sequence[torch.Tensor],
+    top1: bool,
+) -> dict[str, float]:
+    """Run `run` on each batch and compare with `refs` (outputs of the original)."""
+    acc = _Acc()
+    with torch.no_grad():
+        for b, ref in zip(batches, refs, strict=True):
+            acc.add(ref, _first(run(*b.args)), b.token_mask, top1)
+    return acc.metrics()
+
+
+def meets(metrics: dict[str, float], bound: Any) -> tuple[bool, list[str]]:
+    """Check `metrics` against a FidelityBound; returns (ok, reasons it failed)."""
+    fails = []
+    if metrics.get("nonfinite", 0):
+        fails.append(f"{metrics['nonfinite']} non-finite outputs")
+    checks = [
+        ("min_cosine", "cosine", lambda v, b: v >= b),
+        ("min_sqnr_db", "sqnr_db", lambda v, b: v >= b),
+        ("min_top1", "top1", lambda v, b: v >= b),
+        ("max_abs_diff", "max_abs_diff", lambda v, b: v <= b),
+    ]
+    for bkey, mkey, ok in checks:
+        b = getattr(bound, bkey, None) if bound is not None else None
+        if b is None or mkey not in metrics:
+            continue
+        v = metrics[mkey]
+        if not (isinstance(v, float) and math.isnan(v)) and not ok(v, b):
+            fails.append(f"{mkey} {v:.6g} misses {bkey} {b:g}")
+    return (not fails), fails
+
+
+def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
+    """A callable running the ONNX file in ONNX Runtime (CUDA provider when present)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in ort.get_available_providers()]
+    sess = ort.InferenceSession(onnx_path, so, providers=providers)
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*args: torch.Tensor):
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=False)}
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    run.providers = sess.get_providers()  # type: ignore[attr-defined]
+    return run

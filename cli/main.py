@@ -1,0 +1,194 @@
+"""The `attnc` command: a thin typer app that parses, calls the library, and renders with rich.
+
+Errors print as one line (`error: ...`) with a non-zero exit (2 for bad input, 3 for a missed
+fidelity bound); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnc.errors import AttncError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="attnc: an attention compiler for PyTorch models.")
+err = Console(stderr=True)
+out = Console()
+STATE = {"debug": False}
+
+
+def _setup_logging(verbose: bool, debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+@app.callback()
+def main_callback(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    STATE["debug"] = debug
+    _setup_logging(verbose, debug)
+
+
+def _shape(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
+    except ValueError:
+        from attnc.errors import UsageError
+
+        raise UsageError(f"--input-shape must be integers like 2,16; got {text!r}") from None
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML.")],
+    out_dir: Annotated[str, typer.Option("-o", "--out", help="Output folder.")] = "build",
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration JSONL/.pt; omit for generated inputs.")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="State dict for a factory model.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file).")] = False,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Capture, rewrite, lower, export and verify MODEL as RECIPE says; write OUT."""
+    from attnc.build import BuildOptions, build
+
+    def say(msg: str) -> None:
+        if not as_json:
+            err.print(f"[dim]·[/dim] {msg}")
+
+    res = build(model, recipe, calib, out_dir, BuildOptions(
+        weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape), progress=say))
+    if as_json:
+        print(json.dumps(res.report, indent=2, default=str))
+        return
+    r = res.report
+    v = r["verification"]["comparisons"]
+    t = Table(title=f"attnc build → {res.out_dir}")
+    for col in ("comparison", "max abs diff", "cosine", "SQNR dB", "top-1"):
+        t.add_column(col)
+    for name, m in v.items():
+        t.add_row(name, *[f"{m.get(k, float('nan')):.6g}" if k in m else "" for k in
+                          ("max_abs_diff", "cosine", "sqnr_db", "top1")])
+    out.print(t)
+    out.print(f"attention sites {len(r['sites_before'])} → {len(r['sites_after'])}, parameters "
+              f"{r['model']['params_before']:,} → {r['model']['params_after']:,}, "
+              f"{r['seconds']:.1f} s. Artifacts: {', '.join(r['artifacts'])}")
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")],
+    weights: Annotated[str | None, typer.Option("--weights")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
+    input_shape: Annotated[str | None, typer.Option("--input-shape")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List MODEL's attention sites, and hand-written candidates that did not match (and why)."""
+    from attnc.loading import load_model
+    from attnc.program import capture
+
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle,
+                        input_shape=_shape(input_shape))
+    program = capture(loaded)
+    sites = [s.row() for s in program.sites]
+    cands = [dict(node=c.node, module=c.module, reason=c.reason) for c in program.candidates]
+    if as_json:
+        print(json.dumps({"kind": loaded.kind, "inputs": loaded.input_names,
+                          "dynamic_dims": program.dynamic_dims, "sites": sites,
+                          "candidates": cands}, indent=2, default=str))
+        return
+    t = Table(title=f"{model}: {len(sites)} attention site(s), {loaded.kind}")
+    cols = ["index", "layer", "module", "num_heads", "num_kv_heads", "head_dim", "causal", "mask",
+            "block_style", "pattern"]
+    for c in cols:
+        t.add_column(c)
+    for s in sites:
+        t.add_row(*[str(s[c]) for c in cols])
+    out.print(t)
+    for c in cands:
+        out.print(f"[yellow]unmatched[/yellow] {c['node']} in {c['module']}: {c['reason']}")
+
+
+@app.command()
+def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the available passes: id, exact or approximate, config fields and defaults."""
+    from attnc.passes_api import list_passes
+    from attnc.recipe import config_fields
+
+    infos = list_passes()
+    rows = [{"id": i.id, "exact": i.exact, "summary": i.summary, "paper": i.paper,
+             "config": [{"name": n, "type": t, "default": d} for n, t, d in
+                        config_fields(i.config_cls)]} for i in infos]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        kind = "exact" if r["exact"] else "approximate"
+        out.print(f"[bold]{r['id']}[/bold] ({kind}, {r['paper']}): {r['summary']}")
+        for f in r["config"]:
+            out.print(f"    {f['name']}: {f['type']} = {f['default']!r}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AttncError as exc:
+        if STATE["debug"]:
+            err.print_exception()
+        err.print(f"error: {exc.one_line()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
+            sys.exit(2)
+        if STATE["debug"]:
+            err.print_exception()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"error: internal error: {type(exc).__name__}: {first[:300]} "
+                  "(rerun with --debug for the traceback)", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
