@@ -1,0 +1,227 @@
+"""llm-drop: remove attention (or MLP, or whole-block) sublayers whose output barely changes the
+residual stream (He et al., "What Matters in Transformers? Not All Attention is Needed",
+arXiv 2406.15786; spec in shared/specs/llm_drop.md).
+
+Score of a sublayer = mean over real calibration tokens of cos(x_t, y_t) in float32, with x the
+residual stream entering it and y the stream leaving it: `x + A(LN(x))` in a pre-norm block,
+`LN(x + A(x))` in a post-norm block (the norm stays there when the sublayer goes). The most
+similar (least important) sublayers are dropped. Dropping is a graph edit: the residual add is
+rerouted to its stream input, and the sublayer, its pre-norm and their weights leave the graph.
+
+Iterative mode re-scores on the partially dropped program each round, running every kept
+sublayer of a partly dropped layer (the reference's bug skipped the whole layer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from attnc.calibration import run_taps
+from attnc.errors import PassError, RecipeError
+from attnc.graph_edit import prune, reroute
+from attnc.passes_api import Decision, PassInfo, register_pass
+from attnc.selectors import Selector
+from attnc.sites import find_mlp_residual, find_residual, is_attention, layer_index, module_path
+
+log = logging.getLogger(__name__)
+
+Target = Literal["attention", "mlp", "block", "all"]
+
+
+@dataclass(frozen=True)
+class LLMDropConfig:
+    target: Target = "attention"
+    count: int | str = 1
+    mode: Literal["one-shot", "iterative"] = "one-shot"
+    step: int = 1
+    max_count: int | None = None
+    layers: str | int | tuple[str | int, ...] | None = None
+    modules: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if isinstance(self.count, str) and self.count != "auto":
+            raise RecipeError(f"llm-drop count must be a number or 'auto', got {self.count!r}")
+        if isinstance(self.count, int) and self.count < 0:
+            raise RecipeError(f"llm-drop count must be 0 or more, got {self.count}")
+        if self.step < 1:
+            raise RecipeError(f"llm-drop step must be at least 1, got {self.step}")
+        Selector.parse(self.layers, self.modules)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A droppable sublayer: its stream in (x), stream out (y), and the node to reroute."""
+
+    key: str
+    kind: Literal["attention", "mlp", "block"]
+    layer: int | None
+    block: str
+    x: str
+    y: str
+    reroute_from: str
+    reroute_to: str
+
+
+def _block_name(attn_module: str) -> str:
+    parts = attn_module.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return attn_module
+
+
+def find_units(gm) -> list[Unit]:
+    """Attention, MLP and block units of every attention site with a residual structure."""
+    units: list[Unit] = []
+    for node in list(gm.graph.nodes):
+        if not is_attention(node):
+            continue
+        res = find_residual(node)
+        if res is None:
+            continue
+        path = module_path(node)
+        block = _block_name(path)
+        layer = layer_index(path)
+        units.append(Unit(f"attention@{block}", "attention", layer, block, res.stream.name,
+                          res.out.name, res.add.name, res.stream.name))
+        mres = find_mlp_residual(res.out, res.style)
+        if mres is None:
+            continue
+        units.append(Unit(f"mlp@{block}", "mlp", layer, block, mres.stream.name, mres.out.name,
+                          mres.add.name, mres.stream.name))
+        units.append(Unit(f"block@{block}", "block", layer, block, res.stream.name,
+                          mres.out.name, mres.out.name, res.stream.name))
+    return units
+
+
+_KINDS = {"attention": {"attention"}, "mlp": {"mlp"}, "block": {"block"},
+          "all": {"attention", "mlp"}}
+
+
+def _eligible(units: list[Unit], cfg: LLMDropConfig) -> list[Unit]:
+    kinds = _KINDS[cfg.target]
+    sel = Selector.parse(cfg.layers, cfg.modules)
+    return [u for u in units if u.kind in kinds and sel.matches(u.layer, u.block)]
+
+
+def score_units(program, units: list[Unit], ctx) -> dict[str, float]:
+    if ctx.calibration is None:
+        raise PassError("llm-drop needs calibration data (--calib)")
+    taps = {u.key: (u.x, u.y) for u in units}
+    return run_taps(program.gm, ctx.calibration.calib, taps)
+
+
+def drop_units(program, keys: list[str]):
+    """A copy of `program` with the units named by `keys` removed from the graph."""
+    out = program.clone()
+    by_key = {u.key: u for u in find_units(out.gm)}
+    nodes = {n.name: n for n in out.gm.graph.nodes}
+    for key in keys:
+        if key not in by_key:
+            raise PassError(f"llm-drop: no sublayer {key!r} in the graph")
+        u = by_key[key]
+        reroute(out.gm, nodes[u.reroute_from], nodes[u.reroute_to])
+    removed = prune(out.gm)
+    log.info("llm-drop removed %d sublayer(s) and %d weight tensor(s)", len(keys), removed)
+    return out
+
+
+def _rank(scores: dict[str, float]) -> list[str]:
+    return sorted(scores, key=lambda k: (-scores[k], k))
+
+
+def plan(program, cfg: LLMDropConfig, ctx) -> list[Decision]:
+    units = find_units(program.gm)
+    eligible = _eligible(units, cfg)
+    if not units:
+        raise PassError("llm-drop found no attention sublayer with a residual connection")
+    n_max = len(eligible)
+    if isinstance(cfg.count, int) and cfg.count > n_max:
+        raise RecipeError(
+            f"llm-drop count {cfg.count} is out of range: the model has {n_max} eligible "
+            f"{cfg.target} sublayer(s)"
+        )
+    scores = score_units(program, eligible, ctx)
+    order = _rank(scores)
+    if cfg.mode == "iterative":
+        target = n_max if cfg.count == "auto" else cfg.count
+        if cfg.max_count is not None:
+            target = min(target, cfg.max_count)
+        order, scores = _iterative_order(program, eligible, target, cfg.step, ctx, scores)
+    chosen, trail = _choose(program, order, cfg, ctx, n_max)
+    rank = {k: i + 1 for i, k in enumerate(order)}
+    decisions = []
+    eligible_keys = {u.key for u in eligible}
+    for u in units:
+        if u.kind not in _KINDS[cfg.target]:
+            continue
+        if u.key not in eligible_keys:
+            decisions.append(Decision(u.key, "skip", "not selected by layers/modules", {}))
+            continue
+        m = {"cosine": round(scores[u.key], 6), "rank": rank[u.key]}
+        verdict = "dropped" if u.key in chosen else "kept"
+        reason = f"similarity {scores[u.key]:.4f}, rank {rank[u.key]} of {n_max}: {verdict}"
+        decisions.append(Decision(u.key, "drop" if u.key in chosen else "keep", reason, m))
+    if trail:
+        decisions[0].metrics["auto_trail"] = trail
+    return decisions
+
+
+def _iterative_order(program, eligible, target, step, ctx, first_scores):
+    """Drop `step` per round, re-scoring the remaining sublayers on the dropped program."""
+    order: list[str] = []
+    scores = dict(first_scores)
+    current = program
+    remaining = [u.key for u in eligible]
+    while len(order) < target and remaining:
+        if order:
+            units = [u for u in find_units(current.gm) if u.key in remaining]
+            scores.update(score_units(current, units, ctx))
+        ranked = [k for k in _rank({k: scores[k] for k in remaining})]
+        take = ranked[: min(step, target - len(order))]
+        order.extend(take)
+        remaining = [k for k in remaining if k not in take]
+        current = drop_units(program, order)
+    order.extend(_rank({k: scores[k] for k in remaining}))
+    return order, scores
+
+
+def _choose(program, order, cfg, ctx, n_max):
+    if cfg.count != "auto":
+        return set(order[: cfg.count]), []
+    if ctx.evaluate is None or ctx.meets_bound is None:
+        raise PassError("llm-drop count 'auto' needs a fidelity bound in the recipe")
+    cap = n_max if cfg.max_count is None else min(cfg.max_count, n_max)
+    best, trail = 0, []
+    for n in range(1, cap + 1):
+        metrics = ctx.evaluate(drop_units(program, order[:n]))
+        ok = ctx.meets_bound(metrics)
+        trail.append({"count": n, **{k: round(float(v), 6) for k, v in metrics.items()}, "ok": ok})
+        if not ok:
+            break
+        best = n
+    return set(order[:best]), trail
+
+
+def apply(program, decisions: list[Decision], cfg: LLMDropConfig):
+    keys = [d.site for d in decisions if d.action == "drop"]
+    if not keys:
+        return program
+    out = drop_units(program, keys)
+    out.gm.meta.setdefault("attnc_dropped", []).extend(keys)
+    return out
+
+
+register_pass(
+    PassInfo(
+        id="llm-drop",
+        config_cls=LLMDropConfig,
+        plan=plan,
+        apply=apply,
+        exact=False,
+        summary="drop redundant attention / MLP / block sublayers by input-output cosine",
+        paper="arXiv 2406.15786",
+    )
+)
