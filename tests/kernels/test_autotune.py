@@ -1,0 +1,65 @@
+"""Autotuning: one config under the interpreter, pinning, the persistent cache, the cost model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnc.errors import KernelError
+from attnc.kernels import autotune
+from tests.kernels.conftest import GPU
+
+
+def _q(s=128):
+    return torch.zeros(1, 2, s, 64), torch.zeros(1, 1, s, 64)
+
+
+@pytest.mark.skipif(GPU, reason="interpreter behaviour")
+def test_interpreter_uses_exactly_one_config():
+    assert autotune.candidates(64, torch.float16, 4096, 4096) == [autotune.INTERPRETER_CONFIG]
+    q, k = _q()
+    calls = []
+    cfg = autotune.choose("x", q, k, False, False, lambda c: calls.append(c))
+    assert cfg == autotune.INTERPRETER_CONFIG and calls == []
+
+
+def test_gpu_candidates_are_pruned(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    big = autotune.candidates(128, torch.bfloat16, 8192, 8192)
+    assert 1 < len(big) <= 8
+    f32 = autotune.candidates(128, torch.float32, 8192, 8192)
+    assert all(c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 64 for c in f32)
+    assert all(c["BLOCK_M"] <= 64 for c in autotune.candidates(64, torch.float16, 32, 32))
+
+
+def test_pin_config(monkeypatch):
+    q, k = _q()
+    monkeypatch.setenv("ATTNC_PIN_CONFIG", "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2")
+    assert autotune.choose("x", q, k, False, False, None)["BLOCK_N"] == 32
+    monkeypatch.setenv("ATTNC_PIN_CONFIG", "BLOCK_M=64")
+    with pytest.raises(KernelError):
+        autotune.choose("x", q, k, False, False, None)
+    monkeypatch.delenv("ATTNC_PIN_CONFIG")
+    autotune.pin_config({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1})
+    try:
+        assert autotune.choose("x", q, k, False, False, None)["BLOCK_M"] == 16
+    finally:
+        autotune.pin_config(None)
+
+
+def test_cache_key_and_persistence(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    q, k = _q(1000)
+    key = autotune.cache_key("flash-dense", q, k, True, False)
+    assert "flash-dense" in key and "sq1024" in key and "torch.float32" in key
+    assert "triton" in key and autotune._sources_hash() in key
+    assert key != autotune.cache_key("flash-dense", q.half(), k.half(), True, False)
+    autotune._store(key, {"BLOCK_M": 64})
+    assert autotune._load()[key] == {"BLOCK_M": 64}
+    assert autotune.cache_path().parent == tmp_path
+
+
+def test_cost_model():
+    assert autotune.dense_is_cheaper(256, 256, 0.1)
+    assert not autotune.dense_is_cheaper(32768, 32768, 0.06)
+    assert autotune.dense_is_cheaper(2048, 2048, 0.95)
