@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from attnc.kernels import flash, masks, reference
 
 from attnc.errors import KernelError
-from attnc.kernels import flash, masks, reference
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -84,7 +84,7 @@ def test_block_skipping_lists_are_exact():
     dense = masks.natten_mask(grid, ks, dl, st, ca)
     # tile-space token ids of each query / key tile
     def tokens(t, tile):
-        n1, n2 = -(-grid[0] // tile[1]), -(-grid[1] // tile[2])
+        n2 = -(-grid[1] // tile[2])
         r = torch.arange(tile[1])[:, None] + (t // n2) * tile[1]
         c = torch.arange(tile[2])[None, :] + (t % n2) * tile[2]
         ok = (r < grid[0]) & (c < grid[1])
