@@ -143,7 +143,7 @@ def _visible_flops(c, pat, causal, layout, cfg, device):
     return 4.0 * bm * bn * c["d"] * per_head * c["b"] * c["h"]
 
 
-def run_gpu(out_path: Path) -> list[dict]:
+def run_gpu(out_path: Path, only: str | None = None, meta: dict | None = None) -> list[dict]:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -153,10 +153,14 @@ def run_gpu(out_path: Path) -> list[dict]:
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for c in _cases("gpu"):
+        if only and not any(w in c["name"] for w in only.split(",")):
+            continue
         torch.cuda.empty_cache()
         row = _gpu_case(c, dev, flex, peak, create_block_mask)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
+        out_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     return rows
 
 
@@ -262,6 +266,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of case names")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -274,11 +279,11 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     slug = "cpu" if args.device == "cpu" else dev_name.replace(" ", "-").lower()
     out_path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{slug}.json")
-    rows = run_cpu(out_path) if args.device == "cpu" else run_gpu(out_path)
     meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
                 mode="correctness only (Triton interpreter)" if args.device == "cpu"
                 else "forward, bf16, median of do_bench (L2 flushed)",
                 peak_tflops=PEAK_TFLOPS.get("H100") if "H100" in dev_name else None)
+    rows = run_cpu(out_path) if args.device == "cpu" else run_gpu(out_path, args.cases, meta)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     if args.device == "cuda":

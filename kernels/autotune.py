@@ -65,8 +65,8 @@ def candidates(d: int, dtype: torch.dtype, sq: int, skv: int) -> list[dict]:
     elem = 4 if dtype == torch.float32 else 2
     dp = max(16, 1 << (d - 1).bit_length())
     out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
-                         (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]:
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+                         (128, 32, 4, 4), (64, 32, 4, 2)]:
         smem = (bm * dp + s * 2 * bn * dp) * elem
         if smem > 200_000 or (elem == 4 and bm * bn > 64 * 64):
             continue
