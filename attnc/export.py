@@ -75,12 +75,35 @@ def save_pt2(program: Program, path: Path) -> None:
         raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
 
 
+def _expand_masks_for_ort(program: Program) -> Program:
+    """ONNX Runtime's CPU Attention wants the mask's query dim to equal the query length, so a
+    broadcast (B, 1, 1, S) padding mask is expanded to (B, 1, Sq, S) in a copy of the graph."""
+    program = program.clone()
+    graph = program.gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (SDPA, torch.ops.attnc.attention.default):
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        q = node.args[0]
+        if val is None or val.dim() != 4 or val.shape[-2] != 1:
+            continue
+        with graph.inserting_before(node):
+            sq = graph.call_function(torch.ops.aten.sym_size.int, (q, 2))
+            full = graph.call_function(torch.ops.aten.expand.default, (mask, [-1, -1, sq, -1]))
+        node.replace_input_with(mask, full)
+    graph.lint()
+    program.gm.recompile()
+    return program
+
+
 def export_onnx(program: Program, path: Path, opset: int = 23) -> dict:
     """Export to ONNX with dynamic dims kept, check it, and return a summary of its ops."""
     import onnx
 
     import attnc.kernels
 
+    program = _expand_masks_for_ort(program)
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     shapes = program.dynamic_shapes() if program.dynamic_dims else None
     try:
@@ -95,9 +118,13 @@ def export_onnx(program: Program, path: Path, opset: int = 23) -> dict:
                 output_names=["output"],
                 custom_translation_table=attnc.kernels.translation_table(),
                 external_data=False,
-                optimize=True,
+                # the exporter's default rewrites fuse RoPE into ONNX RotaryEmbedding, which ONNX
+                # Runtime rejects for batch > 1 (its cos/sin caches keep batch 1); keep them off
+                # and run only onnxscript's folding/DCE optimizer
+                optimize=False,
                 verbose=False,
             )
+            _basic_optimize(onnx_program)
             onnx_program.save(str(path))
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -108,6 +135,16 @@ def export_onnx(program: Program, path: Path, opset: int = 23) -> dict:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}") from exc
     return onnx_summary(model)
+
+
+def _basic_optimize(onnx_program) -> None:
+    """Constant folding and dead-code removal, with no fusion rewrites."""
+    try:
+        import onnxscript.optimizer as opt
+
+        opt.optimize_ir(onnx_program.model, num_iterations=2)
+    except (ImportError, AttributeError, TypeError) as exc:  # pragma: no cover - older onnxscript
+        log.info("onnxscript optimizer unavailable (%s); exporting unoptimized", exc)
 
 
 def onnx_summary(model) -> dict:

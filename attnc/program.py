@@ -128,6 +128,11 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
         n, candidates = canonicalize_attention(gm)
         if n:
             log.info("canonicalised %d hand-written attention pattern(s) into SDPA", n)
+    from attnc.graph_edit import prune
+
+    removed = prune(gm)  # dead attention (e.g. LLaVA's unused last vision layer) is no site
+    if removed:
+        log.info("capture: pruned %d unused weight tensor(s) of dead code", removed)
     program = Program(gm, tuple(args), list(names), loaded.kind, used, [], candidates, loaded.source)
     return program
 
