@@ -89,12 +89,16 @@ def test_block_sparse_onnx(tmp_path):
         assert np.abs(o - want).max() < 1e-5
 
 
-def test_colsum_onnx(tmp_path):
-    rows = torch.tensor([0, 3, 5])
+@pytest.mark.parametrize("as_bool", [False, True])
+def test_colsum_onnx(tmp_path, as_bool):
+    rows, rows2 = torch.tensor([0, 3, 5]), torch.tensor([0, 3, 5, 30])
+    dyn = {0: torch.export.Dim("R", min=1, max=4096)}
+    if as_bool:  # a bool row selector follows the sequence length
+        rows, rows2, dyn = torch.arange(20) % 3 == 0, torch.arange(31) % 4 == 1, {0: S}
     q2, k2, v2 = _qkv(31, 1)
     fn = lambda q, k, v, r: torch.ops.attnc.attention_colsum(q, k, v, r, None, True)  # noqa
-    outs = _run(tmp_path, fn, (*_qkv(20, 0), rows), ({2: S},) * 3 + (None,), (q2, k2, v2, rows))
-    ro, rcs = reference.attention_colsum_ref(q2, k2, v2, rows, None, True)
+    outs = _run(tmp_path, fn, (*_qkv(20, 0), rows), ({2: S},) * 3 + (dyn,), (q2, k2, v2, rows2))
+    ro, rcs = reference.attention_colsum_ref(q2, k2, v2, rows2, None, True)
     for o, cs in outs:
         assert np.abs(o - ro.numpy()).max() < 1e-5
         assert np.abs(cs - rcs.numpy()).max() < 1e-5
