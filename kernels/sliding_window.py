@@ -25,6 +25,7 @@ from attnc.kernels.patterns import (
     seq_len,
 )
 from onnxscript import opset23 as op
+from onnxscript.values import Opset
 
 from attnc.errors import KernelError
 
@@ -38,9 +39,61 @@ def can_use_sliding_window(window: int, num_sinks: int = 0) -> str | None:
     return None
 
 
-def onnx_form(window: int, num_sinks: int, is_causal: bool) -> str:
-    """The ONNX form the translation emits (recorded in reports)."""
+def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = True) -> str:
+    """The ONNX form the translation emits (recorded in reports): ORT's contrib
+    GroupQueryAttention with `local_window_size` for causal windows without sinks over q and k of
+    one (symbolic) length, else standard Attention with an in-graph mask."""
+    if is_causal and num_sinks == 0 and same_length:
+        return "com.microsoft.GroupQueryAttention(local_window_size)"
     return "Attention(opset 23) + in-graph Range/Sub/Abs window mask"
+
+
+def _register_gqa_schema() -> None:
+    """onnxscript builds ops from ONNX schemas; ORT's contrib op has none in onnx, so declare the
+    part we use (inputs 0-6, outputs 0-2) once."""
+    from onnx import defs
+
+    if defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    fp, opt = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Optional
+    names = [("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"),
+             ("past_value", "T"), ("seqlens_k", "M"), ("total_sequence_length", "M")]
+    ins = [fp(n, t, param_option=opt if n.startswith(("past", "key", "value")) else
+              defs.OpSchema.FormalParameterOption.Single) for n, t in names]
+    outs = [fp(n, "T") for n in ("output", "present_key", "present_value")]
+    at = defs.OpSchema.AttrType
+    attrs = [defs.OpSchema.Attribute(n, t, "") for n, t in (
+        ("num_heads", at.INT), ("kv_num_heads", at.INT), ("local_window_size", at.INT),
+        ("scale", at.FLOAT))]
+    defs.register_schema(defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1, inputs=ins, outputs=outs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")], attributes=attrs))
+
+
+_register_gqa_schema()
+_MS = Opset("com.microsoft", 1)
+
+
+def _bsd(t):
+    perm = op.Transpose(t, perm=[0, 2, 1, 3])  # (B, S, H, D)
+    return op.Reshape(perm, op.Constant(value_ints=[0, 0, -1]))  # (B, S, H*D)
+
+
+def _gqa_local(q, k, v, window: int, scale):
+    """ORT GroupQueryAttention (prompt, no past): query i sees keys (i - window, i]; measured on
+    ORT 1.32 CPU: its `local_window_size` equals our `window`."""
+    hq, d, hkv = q.shape[1], q.shape[3], k.shape[1]
+    s = op.Shape(q, start=2, end=3)  # (1,) int64
+    total = op.Cast(op.Squeeze(s, op.Constant(value_ints=[0])), to=6)  # int32 scalar
+    seqlens = op.Cast(op.Expand(op.Sub(s, i64(1)), op.Shape(q, start=0, end=1)), to=6)  # (B,)
+    kw = {"num_heads": int(hq), "kv_num_heads": int(hkv), "local_window_size": int(window)}
+    if scale is not None:
+        kw["scale"] = float(scale)
+    out, _, _ = _MS.GroupQueryAttention(_bsd(q), _bsd(k), _bsd(v), None, None, seqlens, total,
+                                        **kw)
+    out = op.Reshape(out, op.Constant(value_ints=[0, 0, int(hq), int(d)]))  # (B, S, H, D)
+    return op.Transpose(out, perm=[0, 2, 1, 3])  # (B, H, S, D)
 
 
 @torch.library.custom_op("attnc::sliding_window_attention", mutates_args=())
@@ -79,9 +132,20 @@ def _(q, k, v, window, num_sinks=0, is_causal=True, scale=None):
     return torch.empty_like(q)
 
 
+def _static_ints(shape, axes) -> bool:
+    try:
+        return all(isinstance(shape[a], int) for a in axes)
+    except (TypeError, IndexError):
+        return False
+
+
 @register_translation(torch.ops.attnc.sliding_window_attention.default)
 def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
                                   is_causal: bool = True, scale: float | None = None):
+    same = _static_ints(q.shape, (1, 3)) and _static_ints(k.shape, (1,)) and (
+        str(q.shape[2]) == str(k.shape[2]))
+    if onnx_form(window, num_sinks, is_causal, same).startswith("com.microsoft"):
+        return _gqa_local(q, k, v, window, scale)
     i = as_rows(positions(seq_len(q)))  # (Sq, 1)
     j = as_cols(positions(seq_len(k)))  # (1, Skv)
     dist = op.Sub(i, j)

@@ -102,3 +102,16 @@ def test_colsum_onnx(tmp_path, as_bool):
     for o, cs in outs:
         assert np.abs(o - ro.numpy()).max() < 1e-5
         assert np.abs(cs - rcs.numpy()).max() < 1e-5
+
+
+def test_causal_window_without_sinks_uses_ort_gqa(tmp_path):
+    import onnx
+
+    q2, k2, v2 = _qkv(57, 1)
+    fn = lambda q, k, v: torch.ops.attnc.sliding_window_attention(q, k, v, 6, 0, True)  # noqa
+    outs = _run(tmp_path, fn, _qkv(40, 0), ({2: S},) * 3, (q2, k2, v2))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "GroupQueryAttention" in ops and "Attention" not in ops
+    want = reference.sliding_window_attention_ref(q2, k2, v2, 6, 0, True).numpy()
+    for (o,) in outs:
+        assert np.abs(o - want).max() < 1e-5
