@@ -29,8 +29,12 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
     from rich.logging import RichHandler
 
     level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", force=True,
-                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    logger = logging.getLogger("attnc")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
+    logger.setLevel(level)
+    logger.propagate = False
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
