@@ -55,8 +55,10 @@ def check_output_dir(out: Path) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {out} is not writable")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts
+        tempfile.TemporaryDirectory(dir=probe, prefix=".attnc-probe-").cleanup()
+    except OSError:
+        raise UsageError(f"output folder {out} is not writable") from None
     return parent
 
 

@@ -36,7 +36,7 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
     logger.setLevel(level)
     logger.propagate = False
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
