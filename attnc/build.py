@@ -36,6 +36,7 @@ class BuildOptions:
     weights: str | None = None
     trust_pickle: bool = False
     input_shape: list[int] | None = None
+    dtype: str = "float32"
     progress: Callable[[str], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +75,7 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
     say = opts.progress or (lambda s: None)
     say(f"loading {spec}")
     loaded = load_model(spec, weights=opts.weights, trust_pickle=opts.trust_pickle,
-                        input_shape=opts.input_shape)
+                        input_shape=opts.input_shape, dtype=opts.dtype)
     say("capturing with torch.export")
     program = capture(loaded)
     if not program.sites:
@@ -127,7 +128,10 @@ def build(spec: str, recipe_path: str, calib: str | None, out_dir: str | Path,
 
     say("verifying the optimized program against the original")
     comparisons = {"torch optimized vs original": compare(program, data.holdout, ref_hold, top1)}
-    ok, fails = meets(comparisons["torch optimized vs original"], recipe.fidelity)
+    from attnc.evaluate import task_metrics
+
+    fidelity = task_metrics(loaded.kind, program, original, data.holdout, loaded.tokenizer)
+    ok, fails = meets({**comparisons["torch optimized vs original"], **fidelity}, recipe.fidelity)
     if not ok:
         raise VerificationError(
             "the optimized model misses the recipe's fidelity bound: " + "; ".join(fails),
@@ -156,6 +160,7 @@ def build(spec: str, recipe_path: str, calib: str | None, out_dir: str | Path,
                         "decisions": [vars(d) for d in r.decisions]} for r in results],
             "lowered_dense_sites": lowered,
             "verification": {"comparisons": comparisons, "bound": vars(recipe.fidelity), "ok": ok},
+            "fidelity": fidelity,
             "onnx": onnx_info,
             "artifacts": sorted(artifacts),
             "versions": _versions(),

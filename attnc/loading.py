@@ -88,9 +88,14 @@ def load_model(
     weights: str | None = None,
     trust_pickle: bool = False,
     input_shape: list[int] | None = None,
+    dtype: str = "float32",
 ) -> LoadedModel:
     """Load `spec`: a .pt2 file, an HF directory, `file.py:factory` / `pkg.mod:factory`, or a
-    pickled module (`--trust-pickle`). `weights` is a state dict for a factory model."""
+    pickled module (`--trust-pickle`). `weights` is a state dict for a factory model. Hugging Face
+    checkpoints load in `dtype` (float32 by default: fp16 checkpoints would otherwise run, and be
+    verified, in fp16 on CPU); "auto" keeps the checkpoint's dtype."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if _looks_like_factory(spec):
         return _load_factory(spec, weights, input_shape)
     path = Path(spec)
@@ -101,7 +106,7 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LoadError(f"{spec} is a folder without config.json, not a Hugging Face model")
-        return _load_hf_dir(path, input_shape)
+        return _load_hf_dir(path, input_shape, dtype)
     if path.suffix == ".pt2":
         return _load_pt2(path, input_shape)
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
@@ -152,7 +157,11 @@ def hf_model_class(config: Any, kind: ModelKind):
     return tf.AutoModel
 
 
-def _load_hf_dir(path: Path, input_shape: list[int] | None) -> LoadedModel:
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "auto": "auto"}
+
+
+def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float32") -> LoadedModel:
     import transformers as tf
 
     try:
@@ -169,7 +178,8 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None) -> LoadedModel:
     cls = hf_model_class(config, kind)
     try:
         model = cls.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="sdpa", use_safetensors=True
+            str(path), local_files_only=True, attn_implementation="sdpa", use_safetensors=True,
+            dtype=DTYPES[dtype],
         )
     except Exception as exc:  # noqa: BLE001
         raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None

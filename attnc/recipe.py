@@ -38,9 +38,14 @@ class FidelityBound:
     min_sqnr_db: float | None = None
     min_top1: float | None = None
     max_abs_diff: float | None = None
+    # task-level metrics (attnc.evaluate), on the held-out calibration batches
+    min_embedding_cosine: float | None = None
+    min_retrieval_agreement: float | None = None
+    max_kl: float | None = None
+    max_bits_per_byte_delta: float | None = None
 
     def validate(self) -> None:
-        for name in ("min_cosine", "min_top1"):
+        for name in ("min_cosine", "min_top1", "min_embedding_cosine", "min_retrieval_agreement"):
             v = getattr(self, name)
             if v is not None and not -1.0 <= v <= 1.0:
                 raise RecipeError(f"fidelity.{name} must be within [-1, 1], got {v}")

@@ -116,7 +116,11 @@ def render_markdown(r: dict, has_plot: bool) -> str:
     rows = [[name, *[_fmt(res.get(k, "")) for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")]]
             for name, res in v["comparisons"].items()]
     out.append(_table(["comparison", "max abs diff", "cosine", "SQNR dB", "top-1"], rows))
-    out += ["", f"fidelity bound: `{v['bound']}` → **{'met' if v['ok'] else 'MISSED'}**"]
+    if r.get("fidelity"):
+        out += ["", "Task-level fidelity (`attnc eval` metrics, held-out batches):", ""]
+        out.append(_table(["metric", "value"], [[k, val] for k, val in r["fidelity"].items()]))
+    bound = {k: b for k, b in v["bound"].items() if b is not None}
+    out += ["", f"fidelity bound: `{bound}` → **{'met' if v['ok'] else 'MISSED'}**"]
     if r.get("onnx"):
         o = r["onnx"]
         out += ["", "## ONNX", "",

@@ -112,6 +112,10 @@ def meets(metrics: dict[str, float], bound: Any) -> tuple[bool, list[str]]:
         ("min_sqnr_db", "sqnr_db", lambda v, b: v >= b),
         ("min_top1", "top1", lambda v, b: v >= b),
         ("max_abs_diff", "max_abs_diff", lambda v, b: v <= b),
+        ("min_embedding_cosine", "embedding_cosine", lambda v, b: v >= b),
+        ("min_retrieval_agreement", "retrieval_agreement", lambda v, b: v >= b),
+        ("max_kl", "kl", lambda v, b: v <= b),
+        ("max_bits_per_byte_delta", "bits_per_byte_delta", lambda v, b: v <= b),
     ]
     for bkey, mkey, ok in checks:
         b = getattr(bound, bkey, None) if bound is not None else None

@@ -82,6 +82,7 @@ def optimize(
     weights: Annotated[str | None, typer.Option("--weights", help="State dict for a factory model.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file).")] = False,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Capture, rewrite, lower, export and verify MODEL as RECIPE says; write OUT."""
@@ -92,7 +93,8 @@ def optimize(
             err.print(f"[dim]·[/dim] {msg}")
 
     res = build(model, recipe, calib, out_dir, BuildOptions(
-        weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape), progress=say))
+        weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape), dtype=dtype,
+        progress=say))
     if as_json:
         print(json.dumps(res.report, indent=2, default=str))
         return
@@ -142,6 +144,32 @@ def inspect(
     out.print(t)
     for c in cands:
         out.print(f"[yellow]unmatched[/yellow] {c['node']} in {c['module']}: {c['reason']}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="A build folder, .pt2, .onnx, HF folder or factory.")],
+    against: Annotated[str | None, typer.Option("--against", help="The original (default: the build's source).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Held-out JSONL text or token ids.")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Evaluate the build's model.onnx in ONNX Runtime.")] = False,
+    samples: Annotated[int, typer.Option("--samples")] = 128,
+    max_length: Annotated[int, typer.Option("--max-length")] = 256,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Task-level fidelity of MODEL against the original: bits/byte, top-1, KL for LMs; embedding
+    cosine and retrieval agreement for encoders; pooled-feature cosine for vision models."""
+    from attnc.evaluate import evaluate
+
+    res = evaluate(model, against, data, onnx=onnx, samples=samples, max_length=max_length)
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"{res['model']} vs {res['against']} ({res['kind']}, {res['runtime']})")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in res["metrics"].items():
+        t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    out.print(t)
 
 
 @app.command()

@@ -1,0 +1,187 @@
+"""Task-level fidelity of an optimized model against its original, on held-out data.
+
+- causal LMs: bits per byte and perplexity on the text, next-token top-1 agreement and
+  KL(original ‖ optimized) per token;
+- encoders: cosine of sentence embeddings (mean pooling over real tokens, L2-normalized, as
+  sentence-transformers uses them) and nearest-neighbour retrieval agreement among the sentences;
+- vision encoders: cosine of mean-pooled features.
+
+The candidate can be a torch program (.pt2, a build folder, any loadable model) or an ONNX file
+run in ONNX Runtime, so the deployment artifact itself is what gets measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnc.calibration import Batch, CalibrationConfig, load_calibration
+from attnc.errors import UsageError
+
+Runner = Callable[..., Any]
+
+
+def _out(x: Any) -> torch.Tensor:
+    from attnc.verify import _first
+
+    return _first(x).float()
+
+
+def lm_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: Any) -> dict:
+    """bits/byte, perplexity, top-1 agreement and KL on next-token prediction over real tokens."""
+    nll_o = nll_r = kl = agree = n_tok = n_bytes = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ids = b.args[0]
+            mask = b.token_mask if b.token_mask is not None else torch.ones_like(ids)
+            lo, lr = _out(run(*b.args))[:, :-1], _out(ref(*b.args))[:, :-1]  # (B, S-1, V)
+            tgt = ids[:, 1:]
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, S-1)
+            logp_o, logp_r = F.log_softmax(lo, -1), F.log_softmax(lr, -1)
+            nll_o += float(-logp_o.gather(-1, tgt[..., None])[..., 0][valid].sum())
+            nll_r += float(-logp_r.gather(-1, tgt[..., None])[..., 0][valid].sum())
+            kl_tok = (logp_r.exp() * (logp_r - logp_o)).sum(-1)  # (B, S-1)
+            kl += float(kl_tok[valid].sum())
+            agree += float((lo.argmax(-1) == lr.argmax(-1))[valid].sum())
+            n_tok += float(valid.sum())
+            n_bytes += sum(_n_bytes(tokenizer, row[v].tolist()) for row, v in zip(tgt, valid,
+                                                                                  strict=True))
+    if n_tok == 0:
+        raise UsageError("no tokens to evaluate")
+    ln2 = math.log(2)
+    return {
+        "bits_per_byte": nll_o / ln2 / max(n_bytes, 1.0),
+        "bits_per_byte_original": nll_r / ln2 / max(n_bytes, 1.0),
+        "bits_per_byte_delta": (nll_o - nll_r) / ln2 / max(n_bytes, 1.0),
+        "perplexity": math.exp(nll_o / n_tok),
+        "perplexity_original": math.exp(nll_r / n_tok),
+        "top1_agreement": agree / n_tok,
+        "kl": max(kl / n_tok, 0.0),
+        "tokens": int(n_tok),
+        "bytes": int(n_bytes),
+    }
+
+
+def _n_bytes(tokenizer: Any, ids: list[int]) -> int:
+    if tokenizer is None:
+        return len(ids)
+    return len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if hidden.dim() == 2:
+        return F.normalize(hidden, dim=-1)
+    if mask is None or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        mask = torch.ones(hidden.shape[:2])
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, S, 1)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)  # (B, C)
+
+
+def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrieval: bool) -> dict:
+    """Cosine of pooled, normalized embeddings; nearest-neighbour agreement among all samples."""
+    eo, er = [], []
+    with torch.no_grad():
+        for b in batches:
+            eo.append(_pool(_out(run(*b.args)), b.token_mask))
+            er.append(_pool(_out(ref(*b.args)), b.token_mask))
+    eo_t, er_t = torch.cat(eo), torch.cat(er)  # (N, C)
+    cos = (eo_t * er_t).sum(-1)
+    out = {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+           "samples": int(eo_t.shape[0])}
+    if retrieval and eo_t.shape[0] > 2:
+        eye = torch.eye(eo_t.shape[0], dtype=torch.bool)
+        nn_o = (eo_t @ eo_t.T).masked_fill(eye, -2).argmax(-1)
+        nn_r = (er_t @ er_t.T).masked_fill(eye, -2).argmax(-1)
+        out["retrieval_agreement"] = float((nn_o == nn_r).float().mean())
+    return out
+
+
+def task_metrics(kind: str, run: Runner, ref: Runner, batches: Sequence[Batch],
+                 tokenizer: Any = None) -> dict:
+    if kind in ("causal-lm", "vlm"):
+        return lm_metrics(run, ref, batches, tokenizer)
+    return embedding_metrics(run, ref, batches, retrieval=kind in ("encoder", "custom"))
+
+
+# ----------------------------------------------------------------------------------------------
+# resolving what to evaluate
+
+
+@dataclass
+class Evaluable:
+    run: Runner
+    input_names: list[str]
+    kind: str | None
+    source: str
+    tokenizer: Any = None
+    example_args: tuple | None = None
+    original_source: str | None = None
+
+
+def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Evaluable:
+    """A build folder (its model.pt2, or model.onnx with `onnx`), a .pt2, an .onnx file, or any
+    model `attnc optimize` can load."""
+    from attnc.loading import load_model
+    from attnc.verify import ort_runner
+
+    p = Path(spec)
+    if p.is_dir() and (p / "report.json").exists():
+        report = json.loads((p / "report.json").read_text())
+        names = report["model"]["inputs"]
+        kind = report["model"]["kind"]
+        target = p / ("model.onnx" if onnx else "model.pt2")
+        if not target.exists():
+            raise UsageError(f"{p} has no {target.name}")
+        ev = resolve(str(target))
+        ev.input_names, ev.kind, ev.original_source = names, kind, report["model"]["source"]
+        return ev
+    if p.suffix == ".onnx":
+        if not p.exists():
+            raise UsageError(f"model not found: {spec}")
+        import onnxruntime as ort
+
+        names = [i.name for i in ort.InferenceSession(str(p)).get_inputs()]
+        return Evaluable(ort_runner(str(p), names), names, None, spec)
+    loaded = load_model(spec, trust_pickle=trust_pickle)
+    module = loaded.module
+
+    def run(*args):
+        with torch.no_grad():
+            return module(*args)
+
+    return Evaluable(run, loaded.input_names, loaded.kind if loaded.kind != "custom" else None,
+                     spec, loaded.tokenizer, loaded.example_args)
+
+
+def evaluate(model: str, against: str | None = None, data: str | None = None, *,
+             onnx: bool = False, samples: int = 128, max_length: int = 256,
+             batch_size: int = 16) -> dict:
+    """Compare `model` with `against` (default: the original named in a build's report)."""
+    cand = resolve(model, onnx=onnx)
+    against = against or cand.original_source
+    if against is None:
+        raise UsageError("nothing to compare with", "pass --against ORIGINAL")
+    orig = resolve(against)
+    kind = cand.kind or orig.kind or "custom"
+    tokenizer = orig.tokenizer or cand.tokenizer
+    example = orig.example_args or cand.example_args
+    if example is None:
+        raise UsageError("cannot make inputs: neither model has example inputs")
+    if data is None and kind not in ("vision",):
+        raise UsageError(f"a {kind} model needs --data (JSONL text or token ids)")
+    vocab = getattr(getattr(tokenizer, "backend_tokenizer", None), "get_vocab_size", None)
+    cfg = CalibrationConfig(samples=samples, max_length=max_length, batch_size=batch_size,
+                            holdout=0.0)
+    ds = load_calibration(data, names=orig.input_names, example_args=example,
+                          tokenizer=tokenizer, vocab=vocab() if callable(vocab) else None, cfg=cfg)
+    batches = ds.calib
+    metrics = task_metrics(kind, cand.run, orig.run, batches, tokenizer)
+    return {"model": model, "against": against, "runtime": "onnxruntime" if onnx else "torch",
+            "kind": kind, "data": ds.source, "metrics": metrics}
