@@ -91,6 +91,10 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         calib, names=loaded.input_names, example_args=loaded.example_args,
         tokenizer=loaded.tokenizer, vocab=_vocab(loaded), cfg=recipe.calibration, extra=extra,
     )
+    from attnc.calibration import _pad_id, conform
+
+    data = conform(data, loaded.input_names, loaded.example_args, program.dynamic_dims,
+                   _pad_id(loaded.tokenizer))
     return loaded, program, data
 
 

@@ -240,6 +240,8 @@ def _tensor_batches(p: Path, names, cfg) -> list[Batch]:
 def _split(batches: list[Batch], cfg: CalibrationConfig, source: str) -> CalibrationData:
     if not batches:
         raise CalibrationError(f"no calibration batches from {source}")
+    if cfg.holdout <= 0:  # no held-out part: verification reuses the calibration batches
+        return CalibrationData(batches, batches, source)
     if len(batches) == 1:
         b = batches[0]
         n = b.args[0].shape[0]
@@ -346,3 +348,47 @@ def _index(graph, node: Node) -> int:
         if n is node:
             return i
     return -1
+
+
+def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: int = 0):
+    """Reshape batches to the program's static dims: a static batch size regroups rows (the last
+    group is filled by repeating rows), a static sequence length pads or truncates tokens."""
+
+    def static(axis: int, i: int) -> int | None:
+        name = names[i]
+        if axis in dynamic_dims.get(name, {}):
+            return None
+        return int(example_args[i].shape[axis]) if example_args[i].dim() > axis else None
+
+    def fix_seq(b: Batch) -> Batch:
+        args, mask = list(b.args), b.token_mask
+        for i, t in enumerate(args):
+            size = static(1, i) if not t.is_floating_point() and t.dim() == 2 else None
+            if size is None or t.shape[1] == size:
+                continue
+            if t.shape[1] > size:
+                args[i] = t[:, :size]
+            else:
+                fill = 0 if "mask" in names[i] else pad_id
+                pad = torch.full((t.shape[0], size - t.shape[1]), fill, dtype=t.dtype)
+                args[i] = torch.cat([t, pad], 1)
+        if mask is not None:
+            mask = next((a for n, a in zip(names, args, strict=True) if "mask" in n), mask)
+        return Batch(tuple(args), mask)
+
+    def regroup(batches: list[Batch]) -> list[Batch]:
+        size = static(0, 0)
+        if size is None or not batches:
+            return batches
+        cols = [torch.cat([b.args[i] for b in batches]) for i in range(len(names))]
+        masks = None if batches[0].token_mask is None else torch.cat([b.token_mask for b in batches])
+        n = cols[0].shape[0]
+        out = []
+        for start in range(0, n, size):
+            idx = torch.arange(start, start + size) % n
+            out.append(Batch(tuple(c[idx] for c in cols), None if masks is None else masks[idx]))
+        return out
+
+    calib = regroup([fix_seq(b) for b in data.calib])
+    hold = regroup([fix_seq(b) for b in data.holdout])
+    return CalibrationData(calib, hold, data.source)

@@ -1,0 +1,78 @@
+"""The architecture matrix: every supported architecture × every available pass at a small
+setting → capture → pass (through the pass manager and a recipe) → ONNX export → ONNX Runtime
+parity with the torch program, graph optimizations on and off, at a second shape where the export
+kept dims dynamic. A new pass joins by adding a line to PASS_SETTINGS."""
+
+from __future__ import annotations
+
+import hf_models
+import pytest
+import torch
+
+from attnc.calibration import CalibrationConfig, CalibrationData, conform, generated_batches
+from attnc.export import export_onnx
+from attnc.loading import load_model, wrap_hf
+from attnc.passes_api import PassContext, run_passes
+from attnc.program import capture
+from attnc.recipe import parse_recipe
+from attnc.verify import ort_runner
+
+HANDWRITTEN = ["nanogpt", "gpt_fast", "manual_gqa", "tiny_encoder", "tiny_vlm"]
+ARCHS = hf_models.ARCHS + HANDWRITTEN
+
+# (pass id, small config, how many attention sites it removes)
+PASS_SETTINGS = [
+    ("llm-drop", {"target": "attention", "count": 1}, 1),
+    ("llm-drop", {"target": "mlp", "count": 1}, 0),
+]
+
+
+def _load(arch, root):
+    if arch in HANDWRITTEN:
+        return load_model(f"{root / 'tests' / 'models.py'}:make_{arch}")
+    return wrap_hf(hf_models.build(arch), arch, None, None)
+
+
+def _other_shape(loaded, program):
+    """Inputs at a new batch and sequence size for text models exported with a dynamic seq."""
+    if "seq" not in str(program.dynamic_dims) or loaded.kind == "vlm":
+        return None
+    if any(t.is_floating_point() for t in loaded.example_args):
+        return None
+    seq = loaded.example_args[0].shape[1] + 5
+    return tuple(
+        torch.ones(3, seq, dtype=t.dtype) if "mask" in n else torch.randint(0, 100, (3, seq))
+        for n, t in zip(loaded.input_names, loaded.example_args, strict=True)
+    )
+
+
+@pytest.mark.parametrize("setting", PASS_SETTINGS, ids=lambda s: f"{s[0]}-{s[1].get('target')}")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matrix(arch, setting, root, tmp_path):
+    pass_id, config, removes = setting
+    loaded = _load(arch, root)
+    program = capture(loaded)
+    n_sites = len(program.sites)
+    recipe = parse_recipe({"version": 1, "passes": [{"id": pass_id, **config}]})
+    batches = generated_batches(loaded.example_args, loaded.input_names,
+                                CalibrationConfig(samples=8, batch_size=4))
+    data = conform(CalibrationData(batches, batches[:1], "generated"), loaded.input_names,
+                   loaded.example_args, program.dynamic_dims)
+    ctx = PassContext(calibration=data)
+    out, results = run_passes(program.clone(), recipe.passes, ctx)
+    assert sum(d.fired for d in results[0].decisions) >= 1  # the pass fired
+    assert len(out.sites) == n_sites - removes
+    info = export_onnx(out, tmp_path / "m.onnx")
+    assert info["attention_nodes"] == len(out.sites)
+    inputs = [loaded.example_args]
+    other = _other_shape(loaded, program)
+    if other is not None:
+        inputs.append(other)
+    for optimize in (True, False):
+        run = ort_runner(str(tmp_path / "m.onnx"), program.input_names, optimize=optimize)
+        for args in inputs:
+            with torch.no_grad():
+                ref = out(*args)
+            got = run(*args)
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max().item() <= 1e-4
