@@ -31,6 +31,11 @@ from attnc.errors import KernelError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# kernel variants (switches for A/B timing; both on by default): neighborhood attention with
+# dilation 1 checks only the window bounds that can cut each partial tile; a positive scale is
+# folded into one fma per score
+NA_FAST_MASK = True
+FOLD_SCALE = True
 
 
 # ------------------------------------------------------------------------------ host side
@@ -131,6 +136,24 @@ def _lists(pattern: Pattern, sq, skv, bm, bn, layout, tq, tk, causal, device):
 _LIST_CACHE: dict = {}
 
 
+def _na_fast(pattern: Pattern) -> bool:
+    return NA_FAST_MASK and pattern.kind == "natten" and all(d == 1 for d in pattern.dilation)
+
+
+def _na_fast_lists(pattern: Pattern, tq, tk, device):
+    """The natten lists with masks.natten_tile_flags in the top byte of each partial index."""
+    key = ("na-fast", pattern, tq, tk, str(device))
+    if key not in _LIST_CACHE:
+        fnum, fidx, pnum, pidx = _lists(pattern, 0, 0, 0, 0, None, tq, tk, False, device)
+        if pidx.shape[-1] >= 1 << 24:
+            raise KernelError(f"{pidx.shape[-1]} key tiles exceed the 24-bit tile index")
+        flags = masks.natten_tile_flags(pattern.grid, pattern.kernel_size, pattern.stride,
+                                        pattern.causal_axes, tq, tk, device)  # (NQ, NK)
+        fl = flags.gather(-1, pidx[0, 0].long()).to(torch.int32)
+        _LIST_CACHE[key] = (fnum, fidx, pnum, (pidx | (fl << 24)).contiguous())
+    return _LIST_CACHE[key]
+
+
 def _layout_tiles(layout, bs, sq, skv, bm, bn, causal):
     """Kernel-tile any/all of a block layout: upsample to the gcd unit, reduce to tiles."""
     u = math.gcd(bs, math.gcd(bm, bn))
@@ -223,9 +246,13 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
     if kind == 3:
         masks.check_layout(layout, pattern.block_size, SQ, SKV)
         lay, lsb = _layout_args(layout)
+    fast = _na_fast(pattern)
+    if fast:
+        fnum, fidx, pnum, pidx = _na_fast_lists(pattern, tq, tk, q.device)
     if kind != 0:
-        fnum, fidx, pnum, pidx = _lists(pattern, SQ, SKV, bm, bn, layout, tq, tk, causal,
-                                        q.device)
+        if not fast:
+            fnum, fidx, pnum, pidx = _lists(pattern, SQ, SKV, bm, bn, layout, tq, tk, causal,
+                                            q.device)
         nq_tiles, nkl = fidx.shape[2], fidx.shape[3]
         lst = (fnum.stride(0) if fnum.shape[0] > 1 else 0, fnum.stride(1) if fnum.shape[1] > 1
                else 0, fidx.stride(0) if fidx.shape[0] > 1 else 0,
@@ -247,6 +274,7 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         CA0=ca[0], CA1=ca[1], CA2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
         TK0=tk[0], TK1=tk[1], TK2=tk[2], BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=_ieee(q.dtype),
+        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

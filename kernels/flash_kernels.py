@@ -96,11 +96,22 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn, offs_d, dmask, SKV,
+def _na_cut(qk, fl, BIT: tl.constexpr, kc, start, end):
+    # the window bounds of one axis that can cut this tile (flags from masks.natten_tile_flags)
+    if (fl & BIT) != 0:
+        qk = tl.where(kc[None, :] >= start[:, None], qk, float("-inf"))
+    if (fl & (2 * BIT)) != 0:
+        qk = tl.where(kc[None, :] < end[:, None], qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_d, dmask, SKV,
             qk_scale, W, P, G, mbase, smm, smn, lbase, slq, slk,
             FULL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
             PATTERN: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
-            TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+            TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+            FASTNA: tl.constexpr, FOLD: tl.constexpr):
     if PATTERN == 1:
         NKT1, NKT2, L0, L1, L2 = G
         ktok, kvalid, kc0, kc1, kc2 = _tile_coords(n, NKT1, NKT2, L0, L1, L2, TK0, TK1, TK2)
@@ -112,18 +123,33 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn, offs_d, d
         kc2 = ktok
     k = tl.load(kbase + ktok[None, :] * skn + offs_d[:, None],
                 mask=kvalid[None, :] & dmask[:, None], other=0.0)  # (D, BLOCK_N)
-    qk = _dot(q, k, IEEE) * qk_scale
+    qk = _dot(q, k, IEEE)
+    if not FOLD:
+        qk = qk * qk_scale
     if not FULL:
-        vis = _visible(qtok, qvalid, ktok, kvalid, W, kc0, kc1, kc2, P, mbase, smm, smn, lbase,
-                       slq, slk, IS_CAUSAL, MASK_KIND, PATTERN, NDIM)
-        if MASK_KIND == 2:
-            bias = tl.load(mbase + qtok[:, None] * smm + ktok[None, :] * smn,
-                           mask=qvalid[:, None] & kvalid[None, :], other=0.0)
-            qk = qk + bias.to(tl.float32) * 1.4426950408889634
-        qk = tl.where(vis, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
+        if FASTNA:  # dilation 1: only the flagged window bounds, one compare each
+            g0, s0, e0, g1, s1, e1, g2, s2, e2 = W
+            qk = _na_cut(qk, fl, 1, kc2, s2, e2)
+            if NDIM >= 2:
+                qk = _na_cut(qk, fl, 4, kc1, s1, e1)
+            if NDIM >= 3:
+                qk = _na_cut(qk, fl, 16, kc0, s0, e0)
+        else:
+            vis = _visible(qtok, qvalid, ktok, kvalid, W, kc0, kc1, kc2, P, mbase, smm, smn,
+                           lbase, slq, slk, IS_CAUSAL, MASK_KIND, PATTERN, NDIM)
+            if MASK_KIND == 2:
+                bias = tl.load(mbase + qtok[:, None] * smm + ktok[None, :] * smn,
+                               mask=qvalid[:, None] & kvalid[None, :], other=0.0)
+                qk = qk + bias.to(tl.float32) * 1.4426950408889634
+            qk = tl.where(vis, qk, float("-inf"))
+    if FOLD:  # qk_scale > 0 folded into one fma per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])  # one fma (fp fusion)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -150,6 +176,7 @@ def _fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    FASTNA: tl.constexpr, FOLD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -192,31 +219,35 @@ def _fwd_kernel(
         if MASK_KIND != 0:
             n_full = 0
         for n in range(0, n_full):
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn,
-                                    offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
+                                    svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
         for n in range(n_full, tl.cdiv(hi, BLOCK_N)):
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn,
-                                    offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
+                                    svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
     else:
         lb = (bh // H) * snb + (bh % H) * snh + start_m
         ib = FIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
         for i in range(0, tl.load(FNUM + lb)):
             n = tl.load(ib + i)
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn,
-                                    offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
+                                    svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
         ib = PIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
         for i in range(0, tl.load(PNUM + lb)):
             n = tl.load(ib + i)
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, kbase, vbase, skn, svn,
-                                    offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
+            fl = 0
+            if FASTNA:  # flags of the bounds to check in the top byte (flash._na_fast_lists)
+                fl = n >> 24
+                n = n & 0xFFFFFF
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn,
+                                    svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + qtok[:, None] * som + offs_d[None, :],

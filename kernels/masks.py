@@ -255,6 +255,29 @@ def natten_tile_any_all(grid3, ks3, dil3, st3, ca3, tq3, tk3, device):
     return outer(anys), outer(alls)
 
 
+def natten_tile_flags(grid3, ks3, st3, ca3, tq3, tk3, device) -> torch.Tensor:
+    """(NQ, NK) int32 per tile pair, for dilation 1 on every axis: which window bounds can cut
+    the pair. Bit 2 * (2 - a) is set when the key tile starts before the last window start of the
+    query tile on axis a (`k >= start` must be checked), bit 2 * (2 - a) + 1 when it ends at or
+    past the first window end (`k < end`; this also covers keys past the extent, since
+    end <= L). A partial tile needs only the checks of its set bits."""
+    flags = None
+    for a in range(3):
+        L, K, s, c, tq, tk = grid3[a], ks3[a], st3[a], bool(ca3[a]), tq3[a], tk3[a]
+        nq, nk = -(-L // tq), -(-L // tk)
+        x = torch.arange(nq * tq, device=device).clamp(max=L - 1).reshape(nq, tq)
+        _, start, end = natten_window(x, L, K, 1, s, c)
+        k0 = torch.arange(nk, device=device) * tk
+        lo = (k0[None, :] < start.amax(1)[:, None]).int()
+        hi = ((k0 + tk - 1)[None, :] >= end.amin(1)[:, None]).int()
+        f = (lo | (hi << 1)) << (2 * (2 - a))  # (nq_a, nk_a)
+        f = f.view(*[nq if i == a else 1 for i in range(3)], *[nk if i == a else 1
+                                                                for i in range(3)])
+        flags = f if flags is None else flags | f
+    nq_all = flags.shape[0] * flags.shape[1] * flags.shape[2]
+    return flags.reshape(nq_all, -1).contiguous()
+
+
 def natten_tile_shape(block: int, grid3: Sequence[int], reach3: Sequence[int]) -> tuple[int, ...]:
     """A power-of-two tile (t0, t1, t2) with prod == block for a 3-D grid: grow the axis whose
     window reach (K * d) is largest relative to its tile size, never beyond the extent."""
