@@ -74,8 +74,13 @@ def _vocab(loaded: LoadedModel) -> int | None:
 def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
     say = opts.progress or (lambda s: None)
     say(f"loading {spec}")
-    loaded = load_model(spec, weights=opts.weights, trust_pickle=opts.trust_pickle,
-                        input_shape=opts.input_shape, dtype=opts.dtype)
+    loaded = load_model(
+        spec,
+        weights=opts.weights,
+        trust_pickle=opts.trust_pickle,
+        input_shape=opts.input_shape,
+        dtype=opts.dtype,
+    )
     say("capturing with torch.export")
     program = capture(loaded)
     if not program.sites:
@@ -88,18 +93,33 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         pix = loaded.example_args[loaded.input_names.index("pixel_values")]
         extra["pixel_values"] = lambda n: torch.randn(n, *pix.shape[1:])
     data = load_calibration(
-        calib, names=loaded.input_names, example_args=loaded.example_args,
-        tokenizer=loaded.tokenizer, vocab=_vocab(loaded), cfg=recipe.calibration, extra=extra,
+        calib,
+        names=loaded.input_names,
+        example_args=loaded.example_args,
+        tokenizer=loaded.tokenizer,
+        vocab=_vocab(loaded),
+        cfg=recipe.calibration,
+        extra=extra,
     )
     from attnc.calibration import _pad_id, conform
 
-    data = conform(data, loaded.input_names, loaded.example_args, program.dynamic_dims,
-                   _pad_id(loaded.tokenizer))
+    data = conform(
+        data,
+        loaded.input_names,
+        loaded.example_args,
+        program.dynamic_dims,
+        _pad_id(loaded.tokenizer),
+    )
     return loaded, program, data
 
 
-def build(spec: str, recipe_path: str, calib: str | None, out_dir: str | Path,
-          opts: BuildOptions | None = None) -> BuildResult:
+def build(
+    spec: str,
+    recipe_path: str,
+    calib: str | None,
+    out_dir: str | Path,
+    opts: BuildOptions | None = None,
+) -> BuildResult:
     opts = opts or BuildOptions()
     say = opts.progress or (lambda s: None)
     t0 = time.perf_counter()
@@ -119,7 +139,10 @@ def build(spec: str, recipe_path: str, calib: str | None, out_dir: str | Path,
         return compare(candidate, data.calib, ref_calib, top1)
 
     ctx = PassContext(
-        calibration=data, original=original, fidelity=recipe.fidelity, evaluate=evaluate,
+        calibration=data,
+        original=original,
+        fidelity=recipe.fidelity,
+        evaluate=evaluate,
         meets_bound=lambda m: meets(m, recipe.fidelity)[0],
     )
     say(f"running passes: {[s.id for s in recipe.passes]}")
@@ -149,19 +172,34 @@ def build(spec: str, recipe_path: str, calib: str | None, out_dir: str | Path,
         report = {
             "attnc_version": _version(),
             "model": {
-                "source": loaded.source, "kind": loaded.kind, "inputs": loaded.input_names,
-                "dynamic_dims": {k: {str(a): v for a, v in d.items()} for k, d in
-                                 program.dynamic_dims.items()},
-                "params_before": params_before, "params_after": param_count(program.gm),
+                "source": loaded.source,
+                "kind": loaded.kind,
+                "inputs": loaded.input_names,
+                "dynamic_dims": {
+                    k: {str(a): v for a, v in d.items()} for k, d in program.dynamic_dims.items()
+                },
+                "params_before": params_before,
+                "params_after": param_count(program.gm),
             },
             "recipe": recipe.raw,
-            "calibration": {"source": data.source, "calib_batches": len(data.calib),
-                            "holdout_batches": len(data.holdout), "samples": data.num_samples},
+            "calibration": {
+                "source": data.source,
+                "calib_batches": len(data.calib),
+                "holdout_batches": len(data.holdout),
+                "samples": data.num_samples,
+            },
             "sites_before": sites_before,
             "sites_after": [s.row() for s in program.sites],
             "candidates": [asdict(c) for c in original.candidates],
-            "passes": [{"pass_id": r.pass_id, "config": r.config, "seconds": r.seconds,
-                        "decisions": [vars(d) for d in r.decisions]} for r in results],
+            "passes": [
+                {
+                    "pass_id": r.pass_id,
+                    "config": r.config,
+                    "seconds": r.seconds,
+                    "decisions": [vars(d) for d in r.decisions],
+                }
+                for r in results
+            ],
             "lowered_dense_sites": lowered,
             "verification": {"comparisons": comparisons, "bound": vars(recipe.fidelity), "ok": ok},
             "fidelity": fidelity,
@@ -236,5 +274,9 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

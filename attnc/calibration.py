@@ -4,22 +4,19 @@ Data: JSONL text (tokenised with the model's tokenizer) or token ids, a tensor f
 inputs for vision models. Batches are split into calibration and held-out parts; passes read
 statistics from the first, verification uses the second.
 
-Statistics stream: a tap is a node inserted into a copy of the graph that hands two tensors to a
-`Stat` as the graph runs; nothing but running sums is kept between batches.
+Statistics over these batches stream through taps on the graph (`attnc.taps`).
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
 
 from attnc.errors import CalibrationError
 
@@ -204,7 +201,9 @@ def load_calibration(
     elif p.suffix in (".pt", ".safetensors"):
         batches = _tensor_batches(p, names, cfg)
     else:
-        raise CalibrationError(f"unknown calibration format {p.suffix!r}: use .jsonl, .pt or .safetensors")
+        raise CalibrationError(
+            f"unknown calibration format {p.suffix!r}: use .jsonl, .pt or .safetensors"
+        )
     return _split(batches, cfg, str(p))
 
 
@@ -217,7 +216,9 @@ def _tensor_batches(p: Path, names, cfg) -> list[Batch]:
         else:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CalibrationError(f"cannot read tensor file {p}: {str(exc).splitlines()[0][:200]}") from None
+        raise CalibrationError(
+            f"cannot read tensor file {p}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if isinstance(data, torch.Tensor):
         data = {names[0]: data}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -260,96 +261,6 @@ def _split(batches: list[Batch], cfg: CalibrationConfig, source: str) -> Calibra
     return CalibrationData(calib, hold, source)
 
 
-# ----------------------------------------------------------------------------------------------
-# streaming statistics through taps
-
-
-class Stat(abc.ABC):
-    """A running statistic fed (x, y, token_mask) by a tap."""
-
-    @abc.abstractmethod
-    def update(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None: ...
-
-    @abc.abstractmethod
-    def result(self) -> float: ...
-
-
-class CosineStat(Stat):
-    """Mean over (non-padding) tokens of cos(x_t, y_t), computed in float32."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0.0
-
-    def update(self, x, y, mask):
-        cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, S)
-        if mask is not None and mask.shape == cos.shape:
-            w = mask.to(cos.dtype)
-            self.total += float((cos * w).sum())
-            self.count += float(w.sum())
-        else:
-            self.total += float(cos.sum())
-            self.count += float(cos.numel())
-
-    def result(self) -> float:
-        return self.total / self.count if self.count else float("nan")
-
-
-class _Recorder:
-    def __init__(self, stats: dict[str, Stat]):
-        self.stats = stats
-        self.mask: torch.Tensor | None = None
-
-    def __call__(self, key: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.stats[key].update(x, y, self.mask)
-
-
-def _tap_fn(recorder: _Recorder):
-    def attnc_tap(key, x, y):
-        recorder(key, x, y)
-        return None
-
-    return attnc_tap
-
-
-def run_taps(
-    gm: GraphModule,
-    batches: Iterable[Batch],
-    taps: dict[str, tuple[str, str]],
-    make_stat: Callable[[], Stat] = CosineStat,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Run `batches` through a copy of `gm` with a tap per key on (x node, y node); return each
-    key's statistic. The graph `gm` itself is not modified."""
-    import copy
-
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    stats = {k: make_stat() for k in taps}
-    recorder = _Recorder(stats)
-    fn = _tap_fn(recorder)
-    for key, (xn, yn) in taps.items():
-        x, y = by_name[xn], by_name[yn]
-        later = y if _index(graph, y) > _index(graph, x) else x
-        with graph.inserting_after(later):
-            graph.call_function(fn, (key, x, y))
-    tapped = GraphModule(gm, graph)
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            recorder.mask = batch.token_mask
-            tapped(*batch.args)
-            if progress:
-                progress(i)
-    return {k: s.result() for k, s in stats.items()}
-
-
-def _index(graph, node: Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    return -1
-
-
 def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: int = 0):
     """Reshape batches to the program's static dims: a static batch size regroups rows (the last
     group is filled by repeating rows), a static sequence length pads or truncates tokens."""
@@ -381,7 +292,9 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
         if size is None or not batches:
             return batches
         cols = [torch.cat([b.args[i] for b in batches]) for i in range(len(names))]
-        masks = None if batches[0].token_mask is None else torch.cat([b.token_mask for b in batches])
+        masks = (
+            None if batches[0].token_mask is None else torch.cat([b.token_mask for b in batches])
+        )
         n = cols[0].shape[0]
         out = []
         for start in range(0, n, size):

@@ -32,8 +32,13 @@ aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout,
-          torch.ops.prims.convert_element_type.default}
+_CASTS = {
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.type_as.default,
+    aten.to.dtype_layout,
+    torch.ops.prims.convert_element_type.default,
+}
 _COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _ASSERTS = {aten._assert_tensor_metadata.default}
@@ -104,8 +109,12 @@ def _arg(n: Node, i: int, name: str, default=None):
 
 def _users(n: Node) -> list[Node]:
     """Users that read n's values (not asserts, not `x.type_as(n)` which reads only its dtype)."""
-    return [u for u in n.users if u.target not in _ASSERTS
-            and not (u.target == aten.type_as.default and u.args[0] is not n)]
+    return [
+        u
+        for u in n.users
+        if u.target not in _ASSERTS
+        and not (u.target == aten.type_as.default and u.args[0] is not n)
+    ]
 
 
 def _single_user(n: Node, what: str) -> Node:
@@ -128,8 +137,11 @@ def _const(gm: GraphModule, x) -> float | None:
         return _const(gm, x.args[0])
     if x.target == aten.full.default and all(_eq(s, 1) for s in x.args[0]):
         return _const(gm, x.args[1])
-    if x.target in _CASTS | _COPIES | {aten.lift_fresh_copy.default, aten.detach_.default,
-                                        aten.detach.default}:
+    if x.target in _CASTS | _COPIES | {
+        aten.lift_fresh_copy.default,
+        aten.detach_.default,
+        aten.detach.default,
+    }:
         return _const(gm, x.args[0])
     return None
 
@@ -151,8 +163,13 @@ def _flattens_batch(n: Node) -> bool:
     """A view that merges leading (batch, head) dims and keeps the last two."""
     src = n.args[0] if n.args else None
     a, b = _shape(n), _shape(src)
-    return (n.target in _VIEWS and isinstance(src, Node) and len(a) == 3 and len(b) > 3
-            and _same_shape(a[-2:], b[-2:]))
+    return (
+        n.target in _VIEWS
+        and isinstance(src, Node)
+        and len(a) == 3
+        and len(b) > 3
+        and _same_shape(a[-2:], b[-2:])
+    )
 
 
 def _peel_back(n: Node, chain: list[Node]) -> Node:
@@ -241,8 +258,9 @@ def _match_scores(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> Non
 def _tril_buffer(gm: GraphModule, n: Node) -> bool:
     """True if n is a slice [:L, :S] of a constant lower-triangular 0/1 buffer (nonzero: attend)."""
     while isinstance(n, Node) and (n.target in _CASTS or n.target == aten.slice.Tensor):
-        if n.target == aten.slice.Tensor and (_arg(n, 2, "start") not in (None, 0)
-                                              or _arg(n, 4, "step", 1) != 1):
+        if n.target == aten.slice.Tensor and (
+            _arg(n, 2, "start") not in (None, 0) or _arg(n, 4, "step", 1) != 1
+        ):
             return False
         n = n.args[0]
     t = _attr(gm, n) if isinstance(n, Node) and n.op == "get_attr" else None
@@ -272,9 +290,12 @@ def _causal_float(gm: GraphModule, n: Node, scores: tuple) -> bool:
     if n.target != aten.triu.default or (n.args[1:2] or [0])[0] != 1:
         return False
     full = n.args[0]
-    return (isinstance(full, Node) and full.target == aten.full.default
-            and (_const(gm, full.args[1]) or 0.0) <= _MASKED_VALUE
-            and _same_shape(_shape(n)[-2:], scores[-2:]))
+    return (
+        isinstance(full, Node)
+        and full.target == aten.full.default
+        and (_const(gm, full.args[1]) or 0.0) <= _MASKED_VALUE
+        and _same_shape(_shape(n)[-2:], scores[-2:])
+    )
 
 
 def _match_mask(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
@@ -457,9 +478,15 @@ def canonicalize_attention(gm: GraphModule) -> tuple[int, list[Candidate]]:
             candidates.append(cand)
             continue
         node = _rewrite(gm, match)
-        log.debug("rewrote %s in %r as %s (%s mask, scale %.4g, %s kv heads)", sm.name,
-                  module_name(node), node.name, match.mask_kind, match.scale,
-                  node.meta["attnc_num_kv_heads"])
+        log.debug(
+            "rewrote %s in %r as %s (%s mask, scale %.4g, %s kv heads)",
+            sm.name,
+            module_name(node),
+            node.name,
+            match.mask_kind,
+            match.scale,
+            node.meta["attnc_num_kv_heads"],
+        )
         count += 1
     if count:
         gm.graph.eliminate_dead_code()

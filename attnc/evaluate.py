@@ -51,8 +51,9 @@ def lm_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: An
             kl += float(kl_tok[valid].sum())
             agree += float((lo.argmax(-1) == lr.argmax(-1))[valid].sum())
             n_tok += float(valid.sum())
-            n_bytes += sum(_n_bytes(tokenizer, row[v].tolist()) for row, v in zip(tgt, valid,
-                                                                                  strict=True))
+            n_bytes += sum(
+                _n_bytes(tokenizer, row[v].tolist()) for row, v in zip(tgt, valid, strict=True)
+            )
     if n_tok == 0:
         raise UsageError("no tokens to evaluate")
     ln2 = math.log(2)
@@ -93,8 +94,11 @@ def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrie
             er.append(_pool(_out(ref(*b.args)), b.token_mask))
     eo_t, er_t = torch.cat(eo), torch.cat(er)  # (N, C)
     cos = (eo_t * er_t).sum(-1)
-    out = {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
-           "samples": int(eo_t.shape[0])}
+    out = {
+        "embedding_cosine": float(cos.mean()),
+        "embedding_cosine_min": float(cos.min()),
+        "samples": int(eo_t.shape[0]),
+    }
     if retrieval and eo_t.shape[0] > 2:
         eye = torch.eye(eo_t.shape[0], dtype=torch.bool)
         nn_o = (eo_t @ eo_t.T).masked_fill(eye, -2).argmax(-1)
@@ -103,8 +107,9 @@ def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrie
     return out
 
 
-def task_metrics(kind: str, run: Runner, ref: Runner, batches: Sequence[Batch],
-                 tokenizer: Any = None) -> dict:
+def task_metrics(
+    kind: str, run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: Any = None
+) -> dict:
     if kind in ("causal-lm", "vlm"):
         return lm_metrics(run, ref, batches, tokenizer)
     return embedding_metrics(run, ref, batches, retrieval=kind in ("encoder", "custom"))
@@ -156,13 +161,26 @@ def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Eva
         with torch.no_grad():
             return module(*args)
 
-    return Evaluable(run, loaded.input_names, loaded.kind if loaded.kind != "custom" else None,
-                     spec, loaded.tokenizer, loaded.example_args)
+    return Evaluable(
+        run,
+        loaded.input_names,
+        loaded.kind if loaded.kind != "custom" else None,
+        spec,
+        loaded.tokenizer,
+        loaded.example_args,
+    )
 
 
-def evaluate(model: str, against: str | None = None, data: str | None = None, *,
-             onnx: bool = False, samples: int = 128, max_length: int = 256,
-             batch_size: int = 16) -> dict:
+def evaluate(
+    model: str,
+    against: str | None = None,
+    data: str | None = None,
+    *,
+    onnx: bool = False,
+    samples: int = 128,
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> dict:
     """Compare `model` with `against` (default: the original named in a build's report)."""
     cand = resolve(model, onnx=onnx)
     against = against or cand.original_source
@@ -177,11 +195,24 @@ def evaluate(model: str, against: str | None = None, data: str | None = None, *,
     if data is None and kind not in ("vision",):
         raise UsageError(f"a {kind} model needs --data (JSONL text or token ids)")
     vocab = getattr(getattr(tokenizer, "backend_tokenizer", None), "get_vocab_size", None)
-    cfg = CalibrationConfig(samples=samples, max_length=max_length, batch_size=batch_size,
-                            holdout=0.0)
-    ds = load_calibration(data, names=orig.input_names, example_args=example,
-                          tokenizer=tokenizer, vocab=vocab() if callable(vocab) else None, cfg=cfg)
+    cfg = CalibrationConfig(
+        samples=samples, max_length=max_length, batch_size=batch_size, holdout=0.0
+    )
+    ds = load_calibration(
+        data,
+        names=orig.input_names,
+        example_args=example,
+        tokenizer=tokenizer,
+        vocab=vocab() if callable(vocab) else None,
+        cfg=cfg,
+    )
     batches = ds.calib
     metrics = task_metrics(kind, cand.run, orig.run, batches, tokenizer)
-    return {"model": model, "against": against, "runtime": "onnxruntime" if onnx else "torch",
-            "kind": kind, "data": ds.source, "metrics": metrics}
+    return {
+        "model": model,
+        "against": against,
+        "runtime": "onnxruntime" if onnx else "torch",
+        "kind": kind,
+        "data": ds.source,
+        "metrics": metrics,
+    }

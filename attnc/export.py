@@ -35,8 +35,14 @@ def lower_dense(program: Program) -> int:
         with graph.inserting_after(node):
             new = graph.call_function(
                 torch.ops.attnc.attention.default,
-                (a["query"], a["key"], a["value"], a.get("attn_mask"),
-                 bool(a.get("is_causal", False)), a.get("scale")),
+                (
+                    a["query"],
+                    a["key"],
+                    a["value"],
+                    a.get("attn_mask"),
+                    bool(a.get("is_causal", False)),
+                    a.get("scale"),
+                ),
             )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -51,13 +57,24 @@ def lower_dense(program: Program) -> int:
 def _quiet():
     """The exporter prints progress and constant-folding noise; keep it in the log."""
     buf = io.StringIO()
-    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                             "torch.onnx._internal.exporter._core", "onnxscript")]
+    noisy = [
+        logging.getLogger(n)
+        for n in (
+            "torch.onnx",
+            "torch.onnx._internal.exporter._registration",
+            "torch.onnx._internal.exporter._core",
+            "onnxscript",
+        )
+    ]
     levels = [lg.level for lg in noisy]
     for lg in noisy:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(buf),
+            contextlib.redirect_stderr(buf),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -81,7 +98,10 @@ def _expand_masks_for_ort(program: Program) -> Program:
     program = program.clone()
     graph = program.gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (SDPA, torch.ops.attnc.attention.default):
+        if node.op != "call_function" or node.target not in (
+            SDPA,
+            torch.ops.attnc.attention.default,
+        ):
             continue
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
@@ -128,12 +148,16 @@ def export_onnx(program: Program, path: Path, opset: int = 23) -> dict:
             onnx_program.save(str(path))
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export failed: {first[:300]}", "run with --debug for details") from exc
+        raise ExportError(
+            f"ONNX export failed: {first[:300]}", "run with --debug for details"
+        ) from exc
     model = onnx.load(str(path))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(
+            f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}"
+        ) from exc
     return onnx_summary(model)
 
 

@@ -19,7 +19,9 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def token_inputs(vocab: int, batch: int, seq: int, low: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_inputs(
+    vocab: int, batch: int, seq: int, low: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(low, max(vocab, low + 1), (batch, seq), generator=_gen())
     mask = torch.ones(batch, seq, dtype=torch.long)
     return ids, mask
@@ -54,7 +56,9 @@ def vlm_image_tokens(config: Any) -> int:
 
 def vlm_ids(config: Any, batch: int, prefix: int, suffix: int) -> torch.Tensor:
     vocab = config.text_config.vocab_size
-    image_id = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
+    image_id = (
+        config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
+    )
     n_img = vlm_image_tokens(config)
     ids = torch.randint(0, vocab, (batch, prefix + n_img + suffix), generator=_gen())
     ids[ids == image_id] = (image_id + 1) % vocab

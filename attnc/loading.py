@@ -113,7 +113,8 @@ def load_model(
         return _load_pickle(path, trust_pickle, input_shape)
     raise LoadError(
         f"don't know how to load {spec}",
-        "give a .pt2 file, a Hugging Face folder, file.py:factory, or a pickled .pt with --trust-pickle",
+        "give a .pt2 file, a Hugging Face folder, file.py:factory, "
+        "or a pickled .pt with --trust-pickle",
     )
 
 
@@ -157,8 +158,12 @@ def hf_model_class(config: Any, kind: ModelKind):
     return tf.AutoModel
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "auto": "auto"}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "auto": "auto",
+}
 
 
 def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float32") -> LoadedModel:
@@ -173,12 +178,16 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float3
     if not has_st:
         raise LoadError(
             f"{path} has no .safetensors weights",
-            "convert the checkpoint to safetensors; attnc does not unpickle Hugging Face .bin files",
+            "convert the checkpoint to safetensors; "
+            "attnc does not unpickle Hugging Face .bin files",
         )
     cls = hf_model_class(config, kind)
     try:
         model = cls.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="sdpa", use_safetensors=True,
+            str(path),
+            local_files_only=True,
+            attn_implementation="sdpa",
+            use_safetensors=True,
             dtype=DTYPES[dtype],
         )
     except Exception as exc:  # noqa: BLE001
@@ -274,7 +283,8 @@ def _wrap_plain(model, source, example, input_shape, tokenizer=None) -> LoadedMo
     from attnc.inputs import plain_example_inputs
 
     params = [
-        p for p in inspect.signature(model.forward).parameters.values()
+        p
+        for p in inspect.signature(model.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if example is None:

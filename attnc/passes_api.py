@@ -139,5 +139,7 @@ def run_passes(program: Any, steps, ctx: PassContext) -> tuple[Any, list[PassRes
         program.history.append(PassRecord(info.id, config_dict(step.config), changed, seconds))
         results.append(PassResult(info.id, config_dict(step.config), decisions, seconds))
         done.append(info.id)
-        log.info("%s: %d decision(s), %d fired, %.1fs", info.id, len(decisions), len(changed), seconds)
+        log.info(
+            "%s: %d decision(s), %d fired, %.1fs", info.id, len(decisions), len(changed), seconds
+        )
     return program, results

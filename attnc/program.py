@@ -55,8 +55,14 @@ class Program:
         gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
         gm.meta.update(self.gm.meta)
         return Program(
-            gm, self.example_args, list(self.input_names), self.kind,
-            dict(self.dynamic_dims), list(self.history), list(self.candidates), self.source,
+            gm,
+            self.example_args,
+            list(self.input_names),
+            self.kind,
+            dict(self.dynamic_dims),
+            list(self.history),
+            list(self.candidates),
+            self.source,
         )
 
     def dynamic_shapes(self) -> tuple[dict[int, Any] | None, ...]:
@@ -133,7 +139,9 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
     removed = prune(gm)  # dead attention (e.g. LLaVA's unused last vision layer) is no site
     if removed:
         log.info("capture: pruned %d unused weight tensor(s) of dead code", removed)
-    program = Program(gm, tuple(args), list(names), loaded.kind, used, [], candidates, loaded.source)
+    program = Program(
+        gm, tuple(args), list(names), loaded.kind, used, [], candidates, loaded.source
+    )
     return program
 
 
@@ -144,4 +152,6 @@ def reexport(program: Program) -> torch.export.ExportedProgram:
     except Exception as exc:  # noqa: BLE001
         from attnc.errors import ExportError
 
-        raise ExportError(f"re-export of the optimized graph failed: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(
+            f"re-export of the optimized graph failed: {str(exc).splitlines()[0]}"
+        ) from exc

@@ -176,7 +176,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     known = {"version", "passes", "fidelity", "calibration", "export", "name", "description"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise RecipeError(f"unknown key {unknown[0]!r} in {source}", f"known: {', '.join(sorted(known))}")
+        raise RecipeError(
+            f"unknown key {unknown[0]!r} in {source}", f"known: {', '.join(sorted(known))}"
+        )
     version = data.get("version")
     if version != RECIPE_VERSION:
         raise RecipeError(f"{source}: version must be {RECIPE_VERSION}, got {version!r}")
@@ -192,7 +194,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         item = dict(item)
         pid = item.pop("id")
         info = get_pass(str(pid))
-        steps.append(PassStep(info.id, config_from_dict(info.config_cls, item, f"passes[{i}] ({pid})")))
+        steps.append(
+            PassStep(info.id, config_from_dict(info.config_cls, item, f"passes[{i}] ({pid})"))
+        )
     return Recipe(
         passes=tuple(steps),
         fidelity=config_from_dict(FidelityBound, data.get("fidelity"), "fidelity"),

@@ -38,7 +38,9 @@ def similarity_svg(rows: list[tuple[str, float, bool]], title: str) -> str:
         w = max(1.0, frac * (width - left - right))
         color = "#d62728" if dropped else "#1f77b4"
         out.append(f'<text x="10" y="{y + 12}">{html.escape(label[:44])}</text>')
-        out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 4}" fill="{color}"/>')
+        out.append(
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 4}" fill="{color}"/>'
+        )
         out.append(f'<text x="{left + w + 5:.1f}" y="{y + 12}">{_fmt(v)}</text>')
     out.append(f'<text x="{left}" y="{height - 5}">red: dropped; axis from {lo:.2f} to 1.0</text>')
     out.append("</svg>")
@@ -78,7 +80,8 @@ def render_markdown(r: dict, has_plot: bool) -> str:
     out = [
         "# attnc build report",
         "",
-        f"- model: `{m['source']}` ({m['kind']}), inputs {m['inputs']}, dynamic dims {m['dynamic_dims']}",
+        f"- model: `{m['source']}` ({m['kind']}), inputs {m['inputs']}, "
+        f"dynamic dims {m['dynamic_dims']}",
         f"- parameters: {m['params_before']:,} → {m['params_after']:,}",
         f"- attention sites: {len(r['sites_before'])} → {len(r['sites_after'])}",
         f"- calibration: {r['calibration']['source']}, {r['calibration']['calib_batches']} "
@@ -90,31 +93,62 @@ def render_markdown(r: dict, has_plot: bool) -> str:
         "",
         _table(
             ["#", "layer", "module", "heads", "kv", "dim", "causal", "mask", "block", "pattern"],
-            [[s["index"], s["layer"], s["module"], s["num_heads"], s["num_kv_heads"],
-              s["head_dim"], s["causal"], s["mask"], s["block_style"], s["pattern"]]
-             for s in r["sites_before"]],
+            [
+                [
+                    s["index"],
+                    s["layer"],
+                    s["module"],
+                    s["num_heads"],
+                    s["num_kv_heads"],
+                    s["head_dim"],
+                    s["causal"],
+                    s["mask"],
+                    s["block_style"],
+                    s["pattern"],
+                ]
+                for s in r["sites_before"]
+            ],
         ),
     ]
     if r.get("candidates"):
         out += ["", "Hand-written attention candidates not matched:", ""]
         out += [f"- `{c['node']}` in `{c['module']}`: {c['reason']}" for c in r["candidates"]]
     for p in r.get("passes", []):
-        out += ["", f"## Pass `{p['pass_id']}` ({p['seconds']:.1f} s)", "", f"config: `{p['config']}`", ""]
-        out.append(_table(
-            ["site", "action", "reason"], [[d["site"], d["action"], d["reason"]] for d in p["decisions"]]
-        ))
-        trail = next((d["metrics"].get("auto_trail") for d in p["decisions"]
-                      if d["metrics"].get("auto_trail")), None)
+        out += [
+            "",
+            f"## Pass `{p['pass_id']}` ({p['seconds']:.1f} s)",
+            "",
+            f"config: `{p['config']}`",
+            "",
+        ]
+        out.append(
+            _table(
+                ["site", "action", "reason"],
+                [[d["site"], d["action"], d["reason"]] for d in p["decisions"]],
+            )
+        )
+        trail = next(
+            (
+                d["metrics"].get("auto_trail")
+                for d in p["decisions"]
+                if d["metrics"].get("auto_trail")
+            ),
+            None,
+        )
         if trail:
             keys = [k for k in trail[0] if k != "count"]
             out += ["", "automatic count search:", ""]
-            out.append(_table(["count", *keys], [[t["count"], *[t[k] for k in keys]] for t in trail]))
+            out.append(
+                _table(["count", *keys], [[t["count"], *[t[k] for k in keys]] for t in trail])
+            )
     if has_plot:
         out += ["", "![similarity per sublayer](similarity.svg)"]
     v = r["verification"]
     out += ["", "## Verification (held-out calibration batches)", ""]
-    rows = [[name, *[_fmt(res.get(k, "")) for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")]]
-            for name, res in v["comparisons"].items()]
+    rows = [
+        [name, *[_fmt(res.get(k, "")) for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")]]
+        for name, res in v["comparisons"].items()
+    ]
     out.append(_table(["comparison", "max abs diff", "cosine", "SQNR dB", "top-1"], rows))
     if r.get("fidelity"):
         out += ["", "Task-level fidelity (`attnc eval` metrics, held-out batches):", ""]
@@ -123,9 +157,13 @@ def render_markdown(r: dict, has_plot: bool) -> str:
     out += ["", f"fidelity bound: `{bound}` → **{'met' if v['ok'] else 'MISSED'}**"]
     if r.get("onnx"):
         o = r["onnx"]
-        out += ["", "## ONNX", "",
-                f"- opset {o['opset']}, {o['nodes']} nodes, {o['attention_nodes']} Attention nodes, "
-                f"{o['initializer_bytes'] / 1e6:.1f} MB of weights; inputs {o['inputs']}",
-                f"- ONNX Runtime providers: {o.get('providers')}"]
+        out += [
+            "",
+            "## ONNX",
+            "",
+            f"- opset {o['opset']}, {o['nodes']} nodes, {o['attention_nodes']} Attention nodes, "
+            f"{o['initializer_bytes'] / 1e6:.1f} MB of weights; inputs {o['inputs']}",
+            f"- ONNX Runtime providers: {o.get('providers')}",
+        ]
     out += ["", "## Artifacts", ""] + [f"- `{a}`" for a in r["artifacts"]]
     return "\n".join(out) + "\n"

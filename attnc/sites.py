@@ -24,8 +24,13 @@ PASSTHROUGH_OPS = {
 }
 
 Pattern = Literal[
-    "dense", "neighborhood", "sliding-window-sink", "block-sparse", "head-routed",
-    "sink-calibrated", "dropped",
+    "dense",
+    "neighborhood",
+    "sliding-window-sink",
+    "block-sparse",
+    "head-routed",
+    "sink-calibrated",
+    "dropped",
 ]
 
 
@@ -74,7 +79,7 @@ def module_path(node: Node) -> str:
 
 def _clean(path: str) -> str:
     path = re.sub(r"^L__self__[._]?", "", path)
-    return path[len("model."):] if path.startswith("model.") else path
+    return path[len("model.") :] if path.startswith("model.") else path
 
 
 def module_type(node: Node) -> str:
@@ -119,8 +124,10 @@ def _walk_back_linear(node: Node, depth: int = 30) -> Node | None:
         nxt = []
         for n in frontier:
             if n.op == "call_function" and n.target in (
-                torch.ops.aten.linear.default, torch.ops.aten.addmm.default,
-                torch.ops.aten.mm.default, torch.ops.aten.matmul.default,
+                torch.ops.aten.linear.default,
+                torch.ops.aten.addmm.default,
+                torch.ops.aten.mm.default,
+                torch.ops.aten.matmul.default,
             ):
                 return n
             nxt.extend(a for a in n.all_input_nodes if a.op == "call_function")
@@ -131,9 +138,14 @@ def _walk_back_linear(node: Node, depth: int = 30) -> Node | None:
 
 
 SHAPE_OPS = {
-    torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.expand.default,
-    torch.ops.aten.clone.default, torch.ops.aten.slice.Tensor, torch.ops.aten.unsqueeze.default,
-    torch.ops.aten.repeat_interleave.self_int, torch.ops.aten.contiguous.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.repeat_interleave.self_int,
+    torch.ops.aten.contiguous.default,
     torch.ops.aten._unsafe_view.default,
 }
 
@@ -160,7 +172,7 @@ def _kv_heads(k: Node) -> int:
 
 def sdpa_args(node: Node) -> dict:
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
-    out = dict(zip(names, node.args))
+    out = dict(zip(names, node.args, strict=False))  # trailing args may be defaulted
     out.update(node.kwargs)
     return out
 
@@ -199,8 +211,10 @@ def find_residual(start: Node, max_steps: int = 200) -> Residual | None:
                     a, b = u.args[0], u.args[1]
                     for branch, stream in ((a, b), (b, a)):
                         if (
-                            isinstance(stream, Node) and isinstance(branch, Node)
-                            and stream in anc and branch in seen
+                            isinstance(stream, Node)
+                            and isinstance(branch, Node)
+                            and stream in anc
+                            and branch in seen
                             and _shape(stream) == _shape(u)
                         ):
                             return _classify(u, stream, branch)
@@ -248,8 +262,11 @@ def _post_norm_output(add: Node) -> Node | None:
 
 
 ALIAS_OPS = {
-    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.to.dtype_layout,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.alias.default,
 }
 
 
@@ -260,7 +277,8 @@ def _aliases(node: Node) -> list[Node]:
         n = stack.pop()
         out.append(n)
         stack.extend(
-            u for u in _users(n)
+            u
+            for u in _users(n)
             if u.op == "call_function" and u.target in ALIAS_OPS and _shape(u) == _shape(node)
         )
     return out
@@ -314,7 +332,8 @@ def _site(index: int, node: Node) -> AttentionSite:
     scale = a.get("scale") or (1.0 / math.sqrt(head_dim) if head_dim else 0.0)
     q_lin, k_lin, v_lin = (_walk_back_linear(x) for x in (q, k, v))
     self_attn = (
-        q_lin is not None and k_lin is not None
+        q_lin is not None
+        and k_lin is not None
         and q_lin.all_input_nodes[:1] == k_lin.all_input_nodes[:1]
     )
     res = find_residual(node)
@@ -328,13 +347,24 @@ def _site(index: int, node: Node) -> AttentionSite:
     if res is not None:
         norm = res.out if res.style == "post-norm" else norm_before(q)
     return AttentionSite(
-        index=index, layer=layer_index(path), module=path, node=node.name,
+        index=index,
+        layer=layer_index(path),
+        module=path,
+        node=node.name,
         kind="self" if self_attn or q_lin is None else "cross",
-        num_heads=int(qs[1]) if qs else 0, num_kv_heads=_kv_heads(k), head_dim=head_dim,
-        causal=causal, mask=mask_kind, scale=float(scale), pattern=pattern,
-        q_proj=q_lin.name if q_lin else None, k_proj=k_lin.name if k_lin else None,
-        v_proj=v_lin.name if v_lin else None, o_proj=o_lin.name if o_lin else None,
-        residual_add=res.add.name if res else None, norm=norm.name if norm is not None else None,
+        num_heads=int(qs[1]) if qs else 0,
+        num_kv_heads=_kv_heads(k),
+        head_dim=head_dim,
+        causal=causal,
+        mask=mask_kind,
+        scale=float(scale),
+        pattern=pattern,
+        q_proj=q_lin.name if q_lin else None,
+        k_proj=k_lin.name if k_lin else None,
+        v_proj=v_lin.name if v_lin else None,
+        o_proj=o_lin.name if o_lin else None,
+        residual_add=res.add.name if res else None,
+        norm=norm.name if norm is not None else None,
         block_style=res.style if res else "unknown",
     )
 

@@ -39,7 +39,9 @@ class _Acc:
     def add(self, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, top1: bool):
         ref, out = ref.double(), out.double()
         if ref.shape != out.shape:
-            raise VerificationError(f"output shape {tuple(out.shape)} != original {tuple(ref.shape)}")
+            raise VerificationError(
+                f"output shape {tuple(out.shape)} != original {tuple(ref.shape)}"
+            )
         self.nonfinite += int((~torch.isfinite(out)).sum())
         w = None
         if mask is not None and ref.dim() >= 2 and tuple(mask.shape) == tuple(ref.shape[:2]):
@@ -84,8 +86,13 @@ class _Acc:
 
 
 def reference_outputs(run: Callable[..., Any], batches: Sequence[Batch]) -> list[torch.Tensor]:
+    from attnc.progress import track
+
     with torch.no_grad():
-        return [_first(run(*b.args)).detach() for b in batches]
+        return [
+            _first(run(*b.args)).detach()
+            for b in track(batches, "running the original", len(batches))
+        ]
 
 
 def compare(
@@ -133,12 +140,16 @@ def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in ort.get_available_providers()]
+    providers = [
+        p
+        for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+        if p in ort.get_available_providers()
+    ]
     sess = ort.InferenceSession(onnx_path, so, providers=providers)
     names = [i.name for i in sess.get_inputs()]
 

@@ -23,17 +23,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = [
     # name, spec, calibration file, eval file, max_length
-    ("attnc-tiny-llama", str(ROOT / "examples/models/attnc-tiny-llama"),
-     "examples/data/tiny_llm_calib.jsonl", "examples/data/tiny_llm_eval.jsonl", 256),
-    ("all-MiniLM-L6-v2", f"{ROOT / 'examples/minilm.py'}:load",
-     "examples/data/minilm_calib.jsonl", "examples/data/minilm_eval.jsonl", 64),
+    (
+        "attnc-tiny-llama",
+        str(ROOT / "examples/models/attnc-tiny-llama"),
+        "examples/data/tiny_llm_calib.jsonl",
+        "examples/data/tiny_llm_eval.jsonl",
+        256,
+    ),
+    (
+        "all-MiniLM-L6-v2",
+        f"{ROOT / 'examples/minilm.py'}:load",
+        "examples/data/minilm_calib.jsonl",
+        "examples/data/minilm_eval.jsonl",
+        64,
+    ),
 ]
 
 
 def run_model(name, spec, calib_file, eval_file, max_length, tmp: Path) -> dict:
-    import torch
 
     import attnc.passes.llm_drop as D
+
     from attnc.calibration import CalibrationConfig, load_calibration
     from attnc.evaluate import task_metrics
     from attnc.export import export_onnx
@@ -45,9 +55,13 @@ def run_model(name, spec, calib_file, eval_file, max_length, tmp: Path) -> dict:
     loaded = load_model(spec)
     program = capture(loaded)
     cfg = CalibrationConfig(samples=128, max_length=max_length, batch_size=16, holdout=0.0)
-    load = lambda f: load_calibration(str(ROOT / f), names=loaded.input_names,  # noqa: E731
-                                      example_args=loaded.example_args,
-                                      tokenizer=loaded.tokenizer, cfg=cfg)
+    load = lambda f: load_calibration(
+        str(ROOT / f),
+        names=loaded.input_names,  # noqa: E731
+        example_args=loaded.example_args,
+        tokenizer=loaded.tokenizer,
+        cfg=cfg,
+    )
     calib, held = load(calib_file), load(eval_file)
     n_max = len(program.sites)
     decisions = D.plan(program, D.LLMDropConfig(count=n_max), PassContext(calibration=calib))
@@ -59,14 +73,28 @@ def run_model(name, spec, calib_file, eval_file, max_length, tmp: Path) -> dict:
         torch_m = task_metrics(loaded.kind, cand, program, held.calib, loaded.tokenizer)
         path = tmp / f"{name}-{n}.onnx"
         export_onnx(cand, path)
-        onnx_m = task_metrics(loaded.kind, ort_runner(str(path), cand.input_names), program,
-                              held.calib, loaded.tokenizer)
+        onnx_m = task_metrics(
+            loaded.kind,
+            ort_runner(str(path), cand.input_names),
+            program,
+            held.calib,
+            loaded.tokenizer,
+        )
         rows.append({"dropped": n, "sites": order[:n], "torch": torch_m, "onnx": onnx_m})
         key = "bits_per_byte" if loaded.kind == "causal-lm" else "embedding_cosine"
-        print(f"{name:18s} drop {n}: {key} torch {torch_m[key]:.4f} onnx {onnx_m[key]:.4f} "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)
-    return {"model": name, "kind": loaded.kind, "ranking": order, "eval_data": eval_file,
-            "eval_samples": sum(b.args[0].shape[0] for b in held.calib), "rows": rows}
+        print(
+            f"{name:18s} drop {n}: {key} torch {torch_m[key]:.4f} onnx {onnx_m[key]:.4f} "
+            f"({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
+    return {
+        "model": name,
+        "kind": loaded.kind,
+        "ranking": order,
+        "eval_data": eval_file,
+        "eval_samples": sum(b.args[0].shape[0] for b in held.calib),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -78,8 +106,17 @@ def main() -> None:
         for m in MODELS:
             results.append(run_model(*m, Path(tmp)))
     out = ROOT / "benchmarks" / "results" / "fidelity_llm_drop.json"
-    out.write_text(json.dumps({"benchmark": "fidelity_llm_drop", "device": "cpu",
-                               "torch": torch.__version__, "models": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "fidelity_llm_drop",
+                "device": "cpu",
+                "torch": torch.__version__,
+                "models": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -72,9 +72,9 @@ def main() -> None:
     ap.add_argument("--max-drop", type=int, default=6)
     args = ap.parse_args()
 
+    import attnc.passes.llm_drop as D
     import torch
 
-    import attnc.passes.llm_drop as D
     from attnc.calibration import CalibrationConfig, load_calibration
     from attnc.export import export_onnx
     from attnc.loading import load_model
@@ -85,17 +85,25 @@ def main() -> None:
     loaded = load_model(f"{ROOT / 'examples' / 'minilm.py'}:load")
     program = capture(loaded)
     calib = load_calibration(
-        str(ROOT / "examples/data/minilm_calib.jsonl"), names=loaded.input_names,
-        example_args=loaded.example_args, tokenizer=loaded.tokenizer,
+        str(ROOT / "examples/data/minilm_calib.jsonl"),
+        names=loaded.input_names,
+        example_args=loaded.example_args,
+        tokenizer=loaded.tokenizer,
         cfg=CalibrationConfig(samples=192, max_length=args.max_length, batch_size=32, holdout=0.0),
     )
-    decisions = D.plan(program, D.LLMDropConfig(count=args.max_drop), PassContext(calibration=calib))
+    decisions = D.plan(
+        program, D.LLMDropConfig(count=args.max_drop), PassContext(calibration=calib)
+    )
     order = [d.site for d in sorted(decisions, key=lambda d: d.metrics["rank"])]
 
-    sents = [json.loads(x)["text"] for x in
-             (ROOT / "examples/data/minilm_eval.jsonl").read_text().splitlines() if x.strip()]
-    tok = loaded.tokenizer(sents[:128], padding=True, truncation=True,
-                           max_length=args.max_length, return_tensors="pt")
+    sents = [
+        json.loads(x)["text"]
+        for x in (ROOT / "examples/data/minilm_eval.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
+    tok = loaded.tokenizer(
+        sents[:128], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
+    )
     ids, mask = tok["input_ids"], tok["attention_mask"]
     bench = {"input_ids": ids[: args.batch].numpy(), "attention_mask": mask[: args.batch].numpy()}
 
@@ -104,15 +112,23 @@ def main() -> None:
         base_path = Path(tmp) / "orig.onnx"
         export_onnx(program, base_path)
         base = session(str(base_path), args.threads)
-        ref_emb = embed(torch.from_numpy(base.run(None, {"input_ids": ids.numpy(),
-                                                         "attention_mask": mask.numpy()})[0]), mask)
+        ref_emb = embed(
+            torch.from_numpy(
+                base.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            ),
+            mask,
+        )
         for n in range(0, args.max_drop + 1):
             cand = D.drop_units(program, order[:n])
             path = Path(tmp) / f"drop{n}.onnx"
             info = export_onnx(cand, path)
             sess = session(str(path), args.threads)
-            emb = embed(torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(),
-                                                         "attention_mask": mask.numpy()})[0]), mask)
+            emb = embed(
+                torch.from_numpy(
+                    sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+                ),
+                mask,
+            )
             cos = torch.nn.functional.cosine_similarity(emb, ref_emb, dim=-1)
             # interleave baseline and candidate timings so drift hits both alike
             t_base, t_cand = [], []
@@ -120,26 +136,41 @@ def main() -> None:
                 t_base.append(time_session(base, bench, args.runs // 3 or 1))
                 t_cand.append(time_session(sess, bench, args.runs // 3 or 1))
             tb, tc = statistics.median(t_base), statistics.median(t_cand)
-            rows.append({
-                "dropped": n, "sites": order[:n], "attention_nodes": info["attention_nodes"],
-                "ort_ms_original": round(tb, 3), "ort_ms_optimized": round(tc, 3),
-                "speedup": round(tb / tc, 4),
-                "embedding_cosine_mean": round(float(cos.mean()), 6),
-                "embedding_cosine_min": round(float(cos.min()), 6),
-            })
+            rows.append(
+                {
+                    "dropped": n,
+                    "sites": order[:n],
+                    "attention_nodes": info["attention_nodes"],
+                    "ort_ms_original": round(tb, 3),
+                    "ort_ms_optimized": round(tc, 3),
+                    "speedup": round(tb / tc, 4),
+                    "embedding_cosine_mean": round(float(cos.mean()), 6),
+                    "embedding_cosine_min": round(float(cos.min()), 6),
+                }
+            )
             r = rows[-1]
-            print(f"drop {n}: attention nodes {r['attention_nodes']}, ORT {tc:7.2f} ms vs "
-                  f"{tb:7.2f} ms original ({r['speedup']:.3f}x), embedding cosine "
-                  f"mean {r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}",
-                  flush=True)
+            print(
+                f"drop {n}: attention nodes {r['attention_nodes']}, ORT {tc:7.2f} ms vs "
+                f"{tb:7.2f} ms original ({r['speedup']:.3f}x), embedding cosine "
+                f"mean {r['embedding_cosine_mean']:.4f} min {r['embedding_cosine_min']:.4f}",
+                flush=True,
+            )
 
     device = f"cpu-{args.threads}threads"
     result = {
-        "benchmark": "llm_drop", "model": "all-MiniLM-L6-v2 (real weights)",
-        "device": device, "cpu": cpu_name(), "threads": args.threads,
-        "batch": args.batch, "seq_len": int(ids.shape[1]), "runs": args.runs,
-        "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
-        "ranking": order, "fidelity_sentences": int(ids.shape[0]), "rows": rows,
+        "benchmark": "llm_drop",
+        "model": "all-MiniLM-L6-v2 (real weights)",
+        "device": device,
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "batch": args.batch,
+        "seq_len": int(ids.shape[1]),
+        "runs": args.runs,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "torch": torch.__version__,
+        "ranking": order,
+        "fidelity_sentences": int(ids.shape[0]),
+        "rows": rows,
     }
     out = ROOT / "benchmarks" / "results" / f"llm_drop-{device}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -18,8 +18,12 @@ from rich.table import Table
 
 from attnc.errors import AttncError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="attnc: an attention compiler for PyTorch models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="attnc: an attention compiler for PyTorch models.",
+)
 err = Console(stderr=True)
 out = Console()
 STATE = {"debug": False}
@@ -73,16 +77,53 @@ def _shape(text: str | None) -> list[int] | None:
         raise UsageError(f"--input-shape must be integers like 2,16; got {text!r}") from None
 
 
+def _rich_track(enabled: bool):
+    """A progress renderer for attnc.progress: a transient rich bar on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    def render(items, description, total):
+        if not enabled:
+            yield from items
+            return
+        with Progress(
+            "  [dim]·[/dim] {task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            yield from bar.track(items, total=total, description=description)
+
+    return render
+
+
 @app.command()
 def optimize(
-    model: Annotated[str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")],
+    model: Annotated[
+        str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")
+    ],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML.")],
     out_dir: Annotated[str, typer.Option("-o", "--out", help="Output folder.")] = "build",
-    calib: Annotated[str | None, typer.Option("--calib", help="Calibration JSONL/.pt; omit for generated inputs.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights", help="State dict for a factory model.")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file).")] = False,
-    input_shape: Annotated[str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")] = "float32",
+    calib: Annotated[
+        str | None,
+        typer.Option("--calib", help="Calibration JSONL/.pt; omit for generated inputs."),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="State dict for a factory model.")
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file)."
+        ),
+    ] = False,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")
+    ] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Capture, rewrite, lower, export and verify MODEL as RECIPE says; write OUT."""
@@ -92,9 +133,22 @@ def optimize(
         if not as_json:
             err.print(f"[dim]·[/dim] {msg}")
 
-    res = build(model, recipe, calib, out_dir, BuildOptions(
-        weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape), dtype=dtype,
-        progress=say))
+    from attnc.progress import renderer
+
+    with renderer(_rich_track(enabled=not as_json)):
+        res = build(
+            model,
+            recipe,
+            calib,
+            out_dir,
+            BuildOptions(
+                weights=weights,
+                trust_pickle=trust_pickle,
+                input_shape=_shape(input_shape),
+                dtype=dtype,
+                progress=say,
+            ),
+        )
     if as_json:
         print(json.dumps(res.report, indent=2, default=str))
         return
@@ -104,17 +158,26 @@ def optimize(
     for col in ("comparison", "max abs diff", "cosine", "SQNR dB", "top-1"):
         t.add_column(col)
     for name, m in v.items():
-        t.add_row(name, *[f"{m.get(k, float('nan')):.6g}" if k in m else "" for k in
-                          ("max_abs_diff", "cosine", "sqnr_db", "top1")])
+        t.add_row(
+            name,
+            *[
+                f"{m.get(k, float('nan')):.6g}" if k in m else ""
+                for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")
+            ],
+        )
     out.print(t)
-    out.print(f"attention sites {len(r['sites_before'])} → {len(r['sites_after'])}, parameters "
-              f"{r['model']['params_before']:,} → {r['model']['params_after']:,}, "
-              f"{r['seconds']:.1f} s. Artifacts: {', '.join(r['artifacts'])}")
+    out.print(
+        f"attention sites {len(r['sites_before'])} → {len(r['sites_after'])}, parameters "
+        f"{r['model']['params_before']:,} → {r['model']['params_after']:,}, "
+        f"{r['seconds']:.1f} s. Artifacts: {', '.join(r['artifacts'])}"
+    )
 
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")],
+    model: Annotated[
+        str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")
+    ],
     weights: Annotated[str | None, typer.Option("--weights")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
     input_shape: Annotated[str | None, typer.Option("--input-shape")] = None,
@@ -124,19 +187,40 @@ def inspect(
     from attnc.loading import load_model
     from attnc.program import capture
 
-    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle,
-                        input_shape=_shape(input_shape))
+    loaded = load_model(
+        model, weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape)
+    )
     program = capture(loaded)
     sites = [s.row() for s in program.sites]
     cands = [dict(node=c.node, module=c.module, reason=c.reason) for c in program.candidates]
     if as_json:
-        print(json.dumps({"kind": loaded.kind, "inputs": loaded.input_names,
-                          "dynamic_dims": program.dynamic_dims, "sites": sites,
-                          "candidates": cands}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "kind": loaded.kind,
+                    "inputs": loaded.input_names,
+                    "dynamic_dims": program.dynamic_dims,
+                    "sites": sites,
+                    "candidates": cands,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return
     t = Table(title=f"{model}: {len(sites)} attention site(s), {loaded.kind}")
-    cols = ["index", "layer", "module", "num_heads", "num_kv_heads", "head_dim", "causal", "mask",
-            "block_style", "pattern"]
+    cols = [
+        "index",
+        "layer",
+        "module",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "causal",
+        "mask",
+        "block_style",
+        "pattern",
+    ]
     for c in cols:
         t.add_column(c)
     for s in sites:
@@ -148,10 +232,18 @@ def inspect(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="A build folder, .pt2, .onnx, HF folder or factory.")],
-    against: Annotated[str | None, typer.Option("--against", help="The original (default: the build's source).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Held-out JSONL text or token ids.")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Evaluate the build's model.onnx in ONNX Runtime.")] = False,
+    model: Annotated[
+        str, typer.Argument(help="A build folder, .pt2, .onnx, HF folder or factory.")
+    ],
+    against: Annotated[
+        str | None, typer.Option("--against", help="The original (default: the build's source).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Held-out JSONL text or token ids.")
+    ] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Evaluate the build's model.onnx in ONNX Runtime.")
+    ] = False,
     samples: Annotated[int, typer.Option("--samples")] = 128,
     max_length: Annotated[int, typer.Option("--max-length")] = 256,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -179,9 +271,18 @@ def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from attnc.recipe import config_fields
 
     infos = list_passes()
-    rows = [{"id": i.id, "exact": i.exact, "summary": i.summary, "paper": i.paper,
-             "config": [{"name": n, "type": t, "default": d} for n, t, d in
-                        config_fields(i.config_cls)]} for i in infos]
+    rows = [
+        {
+            "id": i.id,
+            "exact": i.exact,
+            "summary": i.summary,
+            "paper": i.paper,
+            "config": [
+                {"name": n, "type": t, "default": d} for n, t, d in config_fields(i.config_cls)
+            ],
+        }
+        for i in infos
+    ]
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
         return
@@ -217,8 +318,12 @@ def main() -> None:
         if STATE["debug"]:
             err.print_exception()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"error: internal error: {type(exc).__name__}: {first[:300]} "
-                  "(rerun with --debug for the traceback)", markup=False, highlight=False)
+        err.print(
+            f"error: internal error: {type(exc).__name__}: {first[:300]} "
+            "(rerun with --debug for the traceback)",
+            markup=False,
+            highlight=False,
+        )
         sys.exit(1)
 
 

@@ -19,8 +19,11 @@ HERE = Path(__file__).parent
 def sentences(limit_files: int = 4000) -> list[str]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out: list[str] = []
-    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts
-                   and "test" not in p.parts and "tests" not in p.parts)[:limit_files]
+    files = sorted(
+        p
+        for p in stdlib.rglob("*.py")
+        if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
+    )[:limit_files]
     for f in files:
         try:
             tree = ast.parse(f.read_text(encoding="utf-8", errors="ignore"))

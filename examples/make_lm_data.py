@@ -38,7 +38,8 @@ def main() -> None:
     val = {str(p) for p in split["val"]}
     val_files = [stdlib / p for p in sorted(val)]
     train_files = sorted(
-        p for p in stdlib.rglob("*.py")
+        p
+        for p in stdlib.rglob("*.py")
         if "site-packages" not in p.parts and str(p.relative_to(stdlib)) not in val
     )
     (HERE / "data").mkdir(exist_ok=True)

@@ -18,12 +18,12 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from attnc.calibration import run_taps
 from attnc.errors import PassError, RecipeError
 from attnc.graph_edit import prune, reroute
 from attnc.passes_api import Decision, PassInfo, register_pass
 from attnc.selectors import Selector
 from attnc.sites import find_mlp_residual, find_residual, is_attention, layer_index, module_path
+from attnc.taps import run_taps
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,54 @@ def find_units(gm) -> list[Unit]:
         path = module_path(node)
         block = _block_name(path)
         layer = layer_index(path)
-        units.append(Unit(f"attention@{block}", "attention", layer, block, res.stream.name,
-                          res.out.name, res.add.name, res.stream.name))
+        units.append(
+            Unit(
+                f"attention@{block}",
+                "attention",
+                layer,
+                block,
+                res.stream.name,
+                res.out.name,
+                res.add.name,
+                res.stream.name,
+            )
+        )
         mres = find_mlp_residual(res.out, res.style)
         if mres is None:
             continue
-        units.append(Unit(f"mlp@{block}", "mlp", layer, block, mres.stream.name, mres.out.name,
-                          mres.add.name, mres.stream.name))
-        units.append(Unit(f"block@{block}", "block", layer, block, res.stream.name,
-                          mres.out.name, mres.out.name, res.stream.name))
+        units.append(
+            Unit(
+                f"mlp@{block}",
+                "mlp",
+                layer,
+                block,
+                mres.stream.name,
+                mres.out.name,
+                mres.add.name,
+                mres.stream.name,
+            )
+        )
+        units.append(
+            Unit(
+                f"block@{block}",
+                "block",
+                layer,
+                block,
+                res.stream.name,
+                mres.out.name,
+                mres.out.name,
+                res.stream.name,
+            )
+        )
     return units
 
 
-_KINDS = {"attention": {"attention"}, "mlp": {"mlp"}, "block": {"block"},
-          "all": {"attention", "mlp"}}
+_KINDS = {
+    "attention": {"attention"},
+    "mlp": {"mlp"},
+    "block": {"block"},
+    "all": {"attention", "mlp"},
+}
 
 
 def _eligible(units: list[Unit], cfg: LLMDropConfig) -> list[Unit]:

@@ -6,8 +6,15 @@ import os
 
 import torch
 
-TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TEXT = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _cfg(name: str):
@@ -20,27 +27,60 @@ def _cfg(name: str):
     if name == "mistral":
         return tf.MistralConfig(**TEXT, sliding_window=8, architectures=["MistralForCausalLM"])
     if name == "gpt2":
-        return tf.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                             architectures=["GPT2LMHeadModel"])
+        return tf.GPT2Config(
+            vocab_size=512,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            architectures=["GPT2LMHeadModel"],
+        )
     if name == "bert":
-        return tf.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=128,
-                             architectures=["BertModel"])
+        return tf.BertConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            architectures=["BertModel"],
+        )
     if name == "vit":
-        return tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=128,
-                            architectures=["ViTModel"])
+        return tf.ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            architectures=["ViTModel"],
+        )
     if name == "clip":
-        return tf.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=128, architectures=["CLIPVisionModel"])
+        return tf.CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            architectures=["CLIPVisionModel"],
+        )
     if name == "llava":
-        vision = tf.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128)
+        vision = tf.CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
         text = tf.LlamaConfig(**TEXT)
-        return tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=511,
-                              image_seq_length=16, architectures=["LlavaForConditionalGeneration"])
+        return tf.LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=511,
+            image_seq_length=16,
+            architectures=["LlavaForConditionalGeneration"],
+        )
     raise KeyError(name)
 
 

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from attnc.calibration import (
-    Batch, CalibrationConfig, CalibrationData, conform, load_calibration,
+    Batch,
+    CalibrationConfig,
+    CalibrationData,
+    conform,
+    load_calibration,
 )
 from attnc.errors import CalibrationError
 
@@ -20,8 +24,13 @@ EXAMPLE = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.lon
 def test_jsonl_ids_pad_and_split(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps({"input_ids": list(range(1, n))}) for n in range(3, 13)))
-    data = load_calibration(str(f), names=NAMES, example_args=EXAMPLE, vocab=100,
-                            cfg=CalibrationConfig(samples=10, batch_size=4, holdout=0.25))
+    data = load_calibration(
+        str(f),
+        names=NAMES,
+        example_args=EXAMPLE,
+        vocab=100,
+        cfg=CalibrationConfig(samples=10, batch_size=4, holdout=0.25),
+    )
     assert len(data.calib) == 2 and len(data.holdout) == 1
     b = data.calib[0]
     assert b.args[0].shape == b.args[1].shape == (4, 5)
@@ -33,16 +42,24 @@ def test_jsonl_ids_pad_and_split(tmp_path):
 def test_packing_without_mask_input(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps({"input_ids": [1] * 7}) for _ in range(6)))
-    data = load_calibration(str(f), names=["idx"], example_args=(EXAMPLE[0],),
-                            cfg=CalibrationConfig(max_length=10, batch_size=8, holdout=0.0))
+    data = load_calibration(
+        str(f),
+        names=["idx"],
+        example_args=(EXAMPLE[0],),
+        cfg=CalibrationConfig(max_length=10, batch_size=8, holdout=0.0),
+    )
     assert data.calib[0].args[0].shape == (4, 10)  # 42 tokens packed into rows of 10
 
 
 def test_tensor_files(tmp_path):
     ids = torch.randint(0, 50, (6, 8))
     torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "c.pt")
-    data = load_calibration(str(tmp_path / "c.pt"), names=NAMES, example_args=EXAMPLE,
-                            cfg=CalibrationConfig(batch_size=3, holdout=0.5))
+    data = load_calibration(
+        str(tmp_path / "c.pt"),
+        names=NAMES,
+        example_args=EXAMPLE,
+        cfg=CalibrationConfig(batch_size=3, holdout=0.5),
+    )
     assert torch.equal(torch.cat([data.calib[0].args[0], data.holdout[0].args[0]]), ids)
     from safetensors.torch import save_file
 
@@ -52,12 +69,20 @@ def test_tensor_files(tmp_path):
 
 
 def test_conform_to_static_dims():
-    rows = [Batch((torch.arange(5)[None].repeat(3, 1), torch.ones(3, 5, dtype=torch.long)),
-                  torch.ones(3, 5, dtype=torch.long))]
+    rows = [
+        Batch(
+            (torch.arange(5)[None].repeat(3, 1), torch.ones(3, 5, dtype=torch.long)),
+            torch.ones(3, 5, dtype=torch.long),
+        )
+    ]
     data = conform(CalibrationData(rows, rows, "x"), NAMES, EXAMPLE, {}, pad_id=9)
     assert [b.args[0].shape for b in data.calib] == [(2, 8), (2, 8)]
     assert data.calib[0].args[0][0].tolist() == [0, 1, 2, 3, 4, 9, 9, 9]
     assert data.calib[0].token_mask[0].tolist() == [1] * 5 + [0] * 3
-    dyn = conform(CalibrationData(rows, rows, "x"), NAMES, EXAMPLE,
-                  {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+    dyn = conform(
+        CalibrationData(rows, rows, "x"),
+        NAMES,
+        EXAMPLE,
+        {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+    )
     assert dyn.calib[0].args[0].shape == (3, 5)

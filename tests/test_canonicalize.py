@@ -31,10 +31,18 @@ def _other_lengths(args: tuple) -> tuple:
 
 CASES = {  # factory, attention modules, mask kind, kv heads
     "nanogpt": (models.make_nanogpt, ["h.0.attn", "h.1.attn"], "causal", 4),
-    "manual_gqa": (models.make_manual_gqa, ["layers.0.attention", "layers.1.attention"],
-                   "causal", 2),
-    "encoder_div_float_mask": (models.make_tiny_encoder_manual,
-                               ["layers.0.attention", "layers.1.attention"], "float", 4),
+    "manual_gqa": (
+        models.make_manual_gqa,
+        ["layers.0.attention", "layers.1.attention"],
+        "causal",
+        2,
+    ),
+    "encoder_div_float_mask": (
+        models.make_tiny_encoder_manual,
+        ["layers.0.attention", "layers.1.attention"],
+        "float",
+        4,
+    ),
 }
 
 
@@ -144,8 +152,9 @@ def test_rewritten_module_reexports_to_torch_and_onnx(tmp_path):
         ref = model(*args)
         assert (again(*args) - ref).abs().max().item() <= 1e-5
     batch, seq = torch.export.Dim("batch", min=1, max=16), torch.export.Dim("seq", min=2, max=48)
-    prog = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=({0: batch, 1: seq},),
-                             verbose=False)
+    prog = torch.onnx.export(
+        gm, args, dynamo=True, dynamic_shapes=({0: batch, 1: seq},), verbose=False
+    )
     prog.save(str(tmp_path / "m.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for inputs in (args, _other_lengths(args)):

@@ -36,7 +36,7 @@ def test_hf_capture_sites(arch):
     assert sites[0].block_style == style
     assert all(s.residual_add and s.o_proj and s.q_proj for s in sites)
     assert sites[-1].num_kv_heads == kv_heads and sites[-1].num_heads == 4
-    assert [s.layer for s in sites][:2] == [0, 1]
+    assert [s.layer for s in sites][-2:] == [0, 1]
     # the exported graph computes what the model computes, at the example and another shape
     with torch.no_grad():
         ref = loaded.module(*loaded.example_args)
@@ -57,8 +57,9 @@ def test_hf_module_names_and_gqa():
     assert program.dynamic_dims["input_ids"] == {0: "batch", 1: "seq"}
 
 
-@pytest.mark.parametrize("name", ["nanogpt", "gpt_fast", "manual_gqa", "tiny_encoder",
-                                  "tiny_encoder_manual", "tiny_vlm"])
+@pytest.mark.parametrize(
+    "name", ["nanogpt", "gpt_fast", "manual_gqa", "tiny_encoder", "tiny_encoder_manual", "tiny_vlm"]
+)
 def test_handwritten_capture(name, root):
     loaded = load_model(f"{root / 'tests' / 'models.py'}:make_{name}")
     program = capture(loaded)
@@ -67,8 +68,9 @@ def test_handwritten_capture(name, root):
     assert len(program.sites) == n_layers >= 1
     assert all(s.residual_add is not None for s in program.sites)
     with torch.no_grad():
-        torch.testing.assert_close(program(*loaded.example_args),
-                                   loaded.module(*loaded.example_args), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            program(*loaded.example_args), loaded.module(*loaded.example_args), atol=1e-5, rtol=0
+        )
     if name in ("gpt_fast", "manual_gqa"):
         assert program.sites[0].num_kv_heads < program.sites[0].num_heads
 

@@ -35,7 +35,10 @@ def write_recipe(path, body):
     return path
 
 
-DROP1 = "version: 1\npasses:\n  - id: llm-drop\n    count: 1\ncalibration: {samples: 8, batch_size: 4}\n"
+DROP1 = (
+    "version: 1\npasses:\n  - id: llm-drop\n    count: 1\n"
+    "calibration: {samples: 8, batch_size: 4}\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,11 @@ def llama_dir(tmp_path_factory):
 def factory_file(tmp_path_factory, root):
     d = tmp_path_factory.mktemp("factory")
     f = d / "my_model.py"
+    tests_dir = str(root / "tests")
     f.write_text(
-        "import sys\nsys.path.insert(0, %r)\nimport models\n\n"
+        f"import sys\nsys.path.insert(0, {tests_dir!r})\nimport models\n\n"
         "def build():\n    return models.make_tiny_encoder()[0]\n\n"
-        "def build_with_inputs():\n    return models.make_tiny_encoder()\n" % str(root / "tests")
+        "def build_with_inputs():\n    return models.make_tiny_encoder()\n"
     )
     return f
 
@@ -68,10 +72,20 @@ def assert_one_line_error(code, err, expect_code=2, match=None):
 
 def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     out = tmp_path / "build"
-    code, stdout, err = run_cli([
-        "optimize", f"{root}/examples/minilm.py:load", "--recipe",
-        root / "examples/recipes/minilm_llm_drop.yaml", "--calib",
-        root / "examples/data/minilm_calib.jsonl", "-o", out, "--json"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "optimize",
+            f"{root}/examples/minilm.py:load",
+            "--recipe",
+            root / "examples/recipes/minilm_llm_drop.yaml",
+            "--calib",
+            root / "examples/data/minilm_calib.jsonl",
+            "-o",
+            out,
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads(stdout)
     for name in ("model.onnx", "model.pt2", "report.json", "report.md", "similarity.svg"):
@@ -92,13 +106,26 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
 
 
 def test_bound_missed_exits_3_and_writes_nothing(minilm, root, tmp_path, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", "version: 1\npasses:\n  - id: llm-drop\n"
-                          "    count: 3\nfidelity: {min_cosine: 0.999}\n"
-                          "calibration: {samples: 32, max_length: 32}\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "version: 1\npasses:\n  - id: llm-drop\n"
+        "    count: 3\nfidelity: {min_cosine: 0.999}\n"
+        "calibration: {samples: 32, max_length: 32}\n",
+    )
     out = tmp_path / "out"
-    code, _, err = run_cli(["optimize", f"{root}/examples/minilm.py:load", "-r", recipe,
-                            "--calib", root / "examples/data/minilm_calib.jsonl", "-o", out],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "optimize",
+            f"{root}/examples/minilm.py:load",
+            "-r",
+            recipe,
+            "--calib",
+            root / "examples/data/minilm_calib.jsonl",
+            "-o",
+            out,
+        ],
+        capsys,
+    )
     assert_one_line_error(code, err, 3, "fidelity bound")
     assert list(tmp_path.iterdir()) == [recipe]
 
@@ -221,6 +248,7 @@ def test_bad_input_one_line_error(case, llama_dir, factory_file, root, tmp_path,
 
 
 def test_debug_shows_traceback(tmp_path, capsys):
-    code, _, err = run_cli(["--debug", "optimize", tmp_path / "missing.pt2", "-r", "x.yaml"],
-                           capsys)
+    code, _, err = run_cli(
+        ["--debug", "optimize", tmp_path / "missing.pt2", "-r", "x.yaml"], capsys
+    )
     assert code == 2 and "Traceback" in err

@@ -4,11 +4,11 @@ iterative mode re-scores the dropped model, and 'auto' picks the largest count w
 
 from __future__ import annotations
 
+import attnc.passes.llm_drop as D
 import hf_models
 import pytest
 import torch
 
-import attnc.passes.llm_drop as D
 from attnc.calibration import CalibrationConfig, CalibrationData, generated_batches
 from attnc.errors import RecipeError
 from attnc.loading import load_model, wrap_hf
@@ -18,10 +18,15 @@ from attnc.verify import compare, meets, reference_outputs
 
 # where to zero a sublayer's output in the eager model: (attention suffix, mlp suffix)
 ZERO_AT = {
-    "llama": ("self_attn", "mlp"), "qwen2": ("self_attn", "mlp"), "mistral": ("self_attn", "mlp"),
-    "gpt2": ("attn", "mlp"), "bert": ("attention.output.dense", "output.dense"),
-    "vit": ("attention", "mlp"), "clip": ("self_attn", "mlp"),
-    "nanogpt": ("attn", "mlp"), "tiny_encoder": ("attention", "output"),
+    "llama": ("self_attn", "mlp"),
+    "qwen2": ("self_attn", "mlp"),
+    "mistral": ("self_attn", "mlp"),
+    "gpt2": ("attn", "mlp"),
+    "bert": ("attention.output.dense", "output.dense"),
+    "vit": ("attention", "mlp"),
+    "clip": ("self_attn", "mlp"),
+    "nanogpt": ("attn", "mlp"),
+    "tiny_encoder": ("attention", "output"),
 }
 
 
@@ -31,8 +36,9 @@ def _setup(arch, root=None):
     else:
         loaded = wrap_hf(hf_models.build(arch), arch, None, None)
     program = capture(loaded)
-    batches = generated_batches(loaded.example_args, loaded.input_names,
-                                CalibrationConfig(samples=8, batch_size=4))
+    batches = generated_batches(
+        loaded.example_args, loaded.input_names, CalibrationConfig(samples=8, batch_size=4)
+    )
     ctx = PassContext(calibration=CalibrationData(batches, batches[:1], "generated"))
     return loaded, program, ctx
 
@@ -185,14 +191,16 @@ def test_layer_selector_limits_candidates():
     assert acts == {"attention@model.layers.0": "skip", "attention@model.layers.1": "drop"}
 
 
-def test_minilm_scores_and_drop_fidelity(minilm):
+def test_minilm_scores_and_drop_fidelity(minilm, root):
     """Real weights: scores are true cosines, and fidelity falls as more is dropped."""
     from attnc.calibration import load_calibration
 
     program = capture(minilm)
     data = load_calibration(
-        str(__import__("conftest").ROOT / "examples/data/minilm_calib.jsonl"),
-        names=minilm.input_names, example_args=minilm.example_args, tokenizer=minilm.tokenizer,
+        str(root / "examples/data/minilm_calib.jsonl"),
+        names=minilm.input_names,
+        example_args=minilm.example_args,
+        tokenizer=minilm.tokenizer,
         cfg=CalibrationConfig(samples=64, max_length=48, batch_size=32),
     )
     ctx = PassContext(calibration=data)
@@ -200,7 +208,9 @@ def test_minilm_scores_and_drop_fidelity(minilm):
     order = [d.site for d in sorted(decisions, key=lambda d: d.metrics["rank"])]
     assert all(0.0 < d.metrics["cosine"] < 1.0 for d in decisions)
     refs = reference_outputs(program, data.holdout)
-    cos = [compare(D.drop_units(program, order[:n]), data.holdout, refs, False)["cosine"]
-           for n in (0, 1, 3, 6)]
+    cos = [
+        compare(D.drop_units(program, order[:n]), data.holdout, refs, False)["cosine"]
+        for n in (0, 1, 3, 6)
+    ]
     assert cos[0] == pytest.approx(1.0, abs=1e-6)
     assert cos[0] > cos[1] > cos[2] > cos[3]

@@ -54,10 +54,15 @@ def test_matrix(arch, setting, root, tmp_path):
     program = capture(loaded)
     n_sites = len(program.sites)
     recipe = parse_recipe({"version": 1, "passes": [{"id": pass_id, **config}]})
-    batches = generated_batches(loaded.example_args, loaded.input_names,
-                                CalibrationConfig(samples=8, batch_size=4))
-    data = conform(CalibrationData(batches, batches[:1], "generated"), loaded.input_names,
-                   loaded.example_args, program.dynamic_dims)
+    batches = generated_batches(
+        loaded.example_args, loaded.input_names, CalibrationConfig(samples=8, batch_size=4)
+    )
+    data = conform(
+        CalibrationData(batches, batches[:1], "generated"),
+        loaded.input_names,
+        loaded.example_args,
+        program.dynamic_dims,
+    )
     ctx = PassContext(calibration=data)
     out, results = run_passes(program.clone(), recipe.passes, ctx)
     assert sum(d.fired for d in results[0].decisions) >= 1  # the pass fired
