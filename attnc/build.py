@@ -167,6 +167,9 @@ def build(
 
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.attnc-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the build folder follows the umask
     try:
         artifacts, onnx_info = _write_artifacts(program, recipe, stage, data, comparisons, say)
         report = {
