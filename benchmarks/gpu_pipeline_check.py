@@ -20,6 +20,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     import attnc.kernels.flash as flash
+
     from attnc.export import lower_dense
     from attnc.loading import load_model
     from attnc.program import capture
