@@ -66,7 +66,7 @@ def candidates(d: int, dtype: torch.dtype, sq: int, skv: int) -> list[dict]:
     dp = max(16, 1 << (d - 1).bit_length())
     out = []
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-                         (128, 32, 4, 4), (64, 32, 4, 2)]:
+                         (64, 64, 4, 2), (128, 32, 4, 4), (64, 32, 4, 2)]:
         smem = (bm * dp + s * 2 * bn * dp) * elem
         if smem > 200_000 or (elem == 4 and bm * bn > 64 * 64):
             continue

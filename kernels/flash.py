@@ -31,11 +31,13 @@ from attnc.errors import KernelError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# kernel variants (switches for A/B timing; both on by default): neighborhood attention with
-# dilation 1 checks only the window bounds that can cut each partial tile; a positive scale is
-# folded into one fma per score
+# kernel variants (switches for A/B timing, all on by default): neighborhood attention with
+# dilation 1 checks only the window bounds that can cut each partial tile; in 1-D it walks its
+# key tiles as a box of per-axis ranges (no lists; slower in 2-D/3-D on the H100, so lists there);
+# a positive scale is folded into one fma per score
 NA_FAST_MASK = True
 FOLD_SCALE = True
+NA_BOX_LOOP = True
 
 
 # ------------------------------------------------------------------------------ host side
@@ -247,9 +249,12 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         masks.check_layout(layout, pattern.block_size, SQ, SKV)
         lay, lsb = _layout_args(layout)
     fast = _na_fast(pattern)
-    if fast:
+    box = fast and NA_BOX_LOOP and pattern.ndim == 1  # measured: lists win for 2-D/3-D
+    if box:
+        nq_tiles = math.prod(triton.cdiv(pattern.grid[a], tq[a]) for a in range(3))
+    elif fast:
         fnum, fidx, pnum, pidx = _na_fast_lists(pattern, tq, tk, q.device)
-    if kind != 0:
+    if kind != 0 and not box:
         if not fast:
             fnum, fidx, pnum, pidx = _lists(pattern, SQ, SKV, bm, bn, layout, tq, tk, causal,
                                             q.device)
@@ -274,7 +279,7 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         CA0=ca[0], CA1=ca[1], CA2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
         TK0=tk[0], TK1=tk[1], TK2=tk[2], BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=_ieee(q.dtype),
-        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2,
+        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2, NA_BOX=box,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

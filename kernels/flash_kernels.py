@@ -106,6 +106,22 @@ def _na_cut(qk, fl, BIT: tl.constexpr, kc, start, end):
 
 
 @triton.jit
+def _na_range(start, end, L, TK: tl.constexpr):
+    # key tiles [lo, lo + n) of one axis that the query tile's windows touch (dilation 1: the
+    # windows' union is an interval; a causal window of a query past the extent ends past it),
+    # and the bounds that decide which of them the windows cut
+    lo = tl.min(start, 0) // TK
+    hi = tl.minimum((tl.max(end, 0) + TK - 1) // TK, (L + TK - 1) // TK)
+    return lo, hi - lo, tl.max(start, 0), tl.min(end, 0)
+
+
+@triton.jit
+def _na_flags(a, TK: tl.constexpr, max_start, min_end):
+    # masks.natten_tile_flags for key tile a of one axis: bit 0 `k >= start`, bit 1 `k < end`
+    return (a * TK < max_start).to(tl.int32) | ((a * TK + TK - 1 >= min_end).to(tl.int32) << 1)
+
+
+@triton.jit
 def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_d, dmask, SKV,
             qk_scale, W, P, G, mbase, smm, smn, lbase, slq, slk,
             FULL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -176,7 +192,7 @@ def _fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    FASTNA: tl.constexpr, FOLD: tl.constexpr,
+    FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_BOX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -225,6 +241,21 @@ def _fwd_kernel(
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
         for n in range(n_full, tl.cdiv(hi, BLOCK_N)):
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
+                                    svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
+                                    lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+    elif NA_BOX:  # dilation-1 neighborhood: the key tiles are a box of per-axis ranges
+        lo0, n0, ms0, me0 = _na_range(s0, e0, L0, TK0)
+        lo1, n1, ms1, me1 = _na_range(s1, e1, L1, TK1)
+        lo2, n2, ms2, me2 = _na_range(s2, e2, L2, TK2)
+        for t in range(0, n0 * n1 * n2):
+            a0 = lo0 + t // (n1 * n2)
+            a1 = lo1 + (t // n2) % n1
+            a2 = lo2 + t % n2
+            fl = (_na_flags(a2, TK2, ms2, me2) | (_na_flags(a1, TK1, ms1, me1) << 2)
+                  | (_na_flags(a0, TK0, ms0, me0) << 4))
+            n = (a0 * NKT1 + a1) * NKT2 + a2
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)

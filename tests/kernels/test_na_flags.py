@@ -3,6 +3,8 @@ checking only the flagged bounds of a partial tile must give exactly the NATTEN 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from attnc.kernels import flash, masks
@@ -52,21 +54,27 @@ def test_flagged_bounds_reproduce_the_mask(grid, ks, st, ca, bm, bn):
             assert torch.equal(got[qok], want[qok]), (qt, kt, fl)
 
 
-def test_fast_path_matches_general_path():
-    """The dilation-1 fast path and the general per-element predicate give the same output."""
-    grid = (12, 20)
-    q, k, v = rand_qkv(1, 2, 2, 240, 240, 32, torch.float32)
-    pat = flash.natten_pattern(grid, (5, 9), (1, 1), (1, 2), (False, True))
+@pytest.mark.parametrize("grid,ks,st,ca", [((12, 20), (5, 9), (1, 2), (False, True)),
+                                         ((10, 13), (3, 7), (2, 3), (True, False)),
+                                         ((3, 5, 7), (3, 3, 5), (1, 2, 1), (True, False, True)),
+                                         ((50,), (9,), (3,), (True,)),
+                                         ((45,), (8,), (1,), (False,))])
+def test_fast_paths_match_general_path(grid, ks, st, ca):
+    """Dilation 1: the box loop and the flagged lists give the general predicate's output."""
+    s = math.prod(grid)
+    q, k, v = rand_qkv(1, 2, 2, s, s, 32, torch.float32)
+    pat = flash.natten_pattern(grid, ks, [1] * len(grid), st, ca)
     outs = []
-    for fast in (True, False):
-        old = flash.NA_FAST_MASK
-        flash.NA_FAST_MASK = fast
+    old = flash.NA_FAST_MASK, flash.NA_BOX_LOOP
+    for fast, box in ((False, False), (True, False), (True, True)):
+        flash.NA_FAST_MASK, flash.NA_BOX_LOOP = fast, box
         try:
             outs.append(flash.attention_fwd(q, k, v, scale=0.25, pattern=pat))
         finally:
-            flash.NA_FAST_MASK = old
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=0)
+            flash.NA_FAST_MASK, flash.NA_BOX_LOOP = old
+    for o, lse in outs[1:]:
+        torch.testing.assert_close(o, outs[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse, outs[0][1], atol=1e-5, rtol=0)
 
 
 def test_negative_scale_is_not_folded():
