@@ -99,6 +99,16 @@ def can_use_flash(q, k, v, mask=None) -> str | None:
     return None
 
 
+def can_use_flash_site(site) -> str | None:
+    """Why the Triton kernel cannot serve an `attnc.sites.AttentionSite` (head dim, head grouping;
+    the device and dtype are checked at run time by `can_use_flash`), or None."""
+    if not 16 <= site.head_dim <= 256:
+        return f"head dim {site.head_dim} outside 16..256"
+    if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
+        return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} kv heads"
+    return None
+
+
 def _ieee(dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpret())
 

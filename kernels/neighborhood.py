@@ -43,6 +43,19 @@ def can_use_neighborhood(seq_len: int, grid, kernel_size, dilation=None, stride=
     return None
 
 
+def can_use_neighborhood_site(site, seq_len: int, grid, kernel_size, dilation=None, stride=None,
+                              is_causal=None) -> str | None:
+    """`can_use_neighborhood` for an `attnc.sites.AttentionSite`: also None only for a
+    self-attention site without its own mask (the op has no mask input to carry one)."""
+    if site.kind != "self":
+        return f"site {site.index} is {site.kind}-attention; neighborhood attention needs Sq == Skv"
+    if site.mask != "none":
+        return f"site {site.index} has a {site.mask} mask, which neighborhood attention would drop"
+    if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
+        return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} kv heads"
+    return can_use_neighborhood(seq_len, grid, kernel_size, dilation, stride, is_causal)
+
+
 @torch.library.custom_op("attnc::neighborhood_attention", mutates_args=())
 def neighborhood_attention(
     q: torch.Tensor,
