@@ -135,10 +135,12 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
         if n:
             log.info("canonicalised %d hand-written attention pattern(s) into SDPA", n)
     from attnc.graph_edit import prune
+    from attnc.mask_analysis import annotate_masks
 
     removed = prune(gm)  # dead attention (e.g. LLaVA's unused last vision layer) is no site
     if removed:
         log.info("capture: pruned %d unused weight tensor(s) of dead code", removed)
+    annotate_masks(gm, list(names), tuple(args))
     program = Program(
         gm, tuple(args), list(names), loaded.kind, used, [], candidates, loaded.source
     )

@@ -92,7 +92,19 @@ def render_markdown(r: dict, has_plot: bool) -> str:
         "## Attention sites (before)",
         "",
         _table(
-            ["#", "layer", "module", "heads", "kv", "dim", "causal", "mask", "block", "pattern"],
+            [
+                "#",
+                "layer",
+                "module",
+                "heads",
+                "kv",
+                "dim",
+                "causal",
+                "window",
+                "mask",
+                "block",
+                "pattern",
+            ],
             [
                 [
                     s["index"],
@@ -102,6 +114,7 @@ def render_markdown(r: dict, has_plot: bool) -> str:
                     s["num_kv_heads"],
                     s["head_dim"],
                     s["causal"],
+                    s.get("window") or "",
                     s["mask"],
                     s["block_style"],
                     s["pattern"],

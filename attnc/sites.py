@@ -47,6 +47,7 @@ class AttentionSite:
     causal: bool
     mask: Literal["none", "bool", "float"]
     scale: float
+    window: int | None
     pattern: str
     q_proj: str | None
     k_proj: str | None
@@ -358,6 +359,7 @@ def _site(index: int, node: Node) -> AttentionSite:
         causal=causal,
         mask=mask_kind,
         scale=float(scale),
+        window=node.meta.get("attnc_window"),
         pattern=pattern,
         q_proj=q_lin.name if q_lin else None,
         k_proj=k_lin.name if k_lin else None,

@@ -99,5 +99,3 @@ def _index(graph, node: Node) -> int:
         if n is node:
             return i
     return -1
-
-

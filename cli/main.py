@@ -209,22 +209,23 @@ def inspect(
         )
         return
     t = Table(title=f"{model}: {len(sites)} attention site(s), {loaded.kind}")
-    cols = [
-        "index",
-        "layer",
-        "module",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "causal",
-        "mask",
-        "block_style",
-        "pattern",
-    ]
-    for c in cols:
-        t.add_column(c)
+    cols = {
+        "index": "#",
+        "layer": "layer",
+        "module": "module",
+        "num_heads": "heads",
+        "num_kv_heads": "kv",
+        "head_dim": "dim",
+        "causal": "causal",
+        "window": "window",
+        "mask": "mask",
+        "block_style": "block",
+        "pattern": "pattern",
+    }
+    for key, label in cols.items():
+        t.add_column(label, overflow="fold", min_width=24 if key == "module" else None)
     for s in sites:
-        t.add_row(*[str(s[c]) for c in cols])
+        t.add_row(*["" if s[c] is None else str(s[c]) for c in cols])
     out.print(t)
     for c in cands:
         out.print(f"[yellow]unmatched[/yellow] {c['node']} in {c['module']}: {c['reason']}")

@@ -48,6 +48,22 @@ def test_hf_capture_sites(arch):
             torch.testing.assert_close(program(*args), loaded.module(*args), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "arch,causal,window",
+    [
+        ("llama", True, None),
+        ("mistral", True, 8),
+        ("gpt2", True, None),
+        ("bert", False, None),
+        ("vit", False, None),
+    ],
+)
+def test_mask_analysis_finds_causal_and_windows(arch, causal, window):
+    """HF passes causality as an explicit mask: the site still says causal (and the window)."""
+    program = capture(wrap_hf(hf_models.build(arch), arch, None, None))
+    assert {(s.causal, s.window) for s in program.sites} == {(causal, window)}
+
+
 def test_hf_module_names_and_gqa():
     program = capture(wrap_hf(hf_models.build("llama"), "llama", None, None))
     s = program.sites[1]
