@@ -11,7 +11,8 @@ from attnc.sites import AttentionSite
 
 SITE = AttentionSite(index=0, layer=0, module="blocks.0.attn", node="sdpa", kind="self",
                      num_heads=8, num_kv_heads=2, head_dim=64, causal=False, mask="none",
-                     scale=0.125, pattern="dense", q_proj=None, k_proj=None, v_proj=None,
+                     scale=0.125, window=None, pattern="dense", q_proj=None, k_proj=None,
+                     v_proj=None,
                      o_proj=None, residual_add=None, norm=None, block_style="pre-norm")
 
 
