@@ -7,6 +7,7 @@ destination and moved into place only when the whole build succeeded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -230,7 +231,9 @@ def _write_artifacts(program, recipe, stage, data, comparisons, say):
     if recipe.export.pt2:
         say("saving model.pt2")
         save_pt2(program, stage / "model.pt2")
-        artifacts.append("model.pt2")
+        meta = {"kind": program.kind, "inputs": program.input_names, "source": program.source}
+        (stage / "model.attnc.json").write_text(json.dumps(meta, indent=2))
+        artifacts += ["model.pt2", "model.attnc.json"]
     onnx_info = None
     if recipe.export.onnx:
         say("exporting model.onnx")

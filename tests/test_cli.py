@@ -88,7 +88,8 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     )
     assert code == 0, err
     report = json.loads(stdout)
-    for name in ("model.onnx", "model.pt2", "report.json", "report.md", "similarity.svg"):
+    for name in ("model.onnx", "model.pt2", "model.attnc.json", "report.json", "report.md",
+                 "similarity.svg"):
         assert (out / name).exists(), name
     assert len(report["sites_before"]) == 6 and len(report["sites_after"]) == 4
     assert report["onnx"]["attention_nodes"] == 4 and report["verification"]["ok"]
