@@ -35,6 +35,7 @@ class _Acc:
     top1_hit: float = 0.0
     top1_n: float = 0.0
     nonfinite: int = 0
+    want_top1: bool = False
 
     def add(self, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None, top1: bool):
         ref, out = ref.double(), out.double()
@@ -80,7 +81,7 @@ class _Acc:
             "sqnr_db": sqnr,
             "nonfinite": self.nonfinite,
         }
-        if getattr(self, "want_top1", False):
+        if self.want_top1:
             m["top1"] = self.top1_hit / self.top1_n if self.top1_n else float("nan")
         return m
 
