@@ -37,6 +37,7 @@ from attnc.canonicalize_match import (  # noqa: F401
     _unexpand,
     _val,
 )
+from attnc.sites import kv_heads
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -67,7 +68,7 @@ def _rewrite(gm: GraphModule, m: _Match) -> Node:
         (k0, rk), (v0, rv) = _unexpand(k), _unexpand(v)
         if rk == rv > 1:
             k, v, gqa = k0, v0, True
-        n_kv = _kv_heads(k0)
+        n_kv = kv_heads(k0)
         mask = m.mask
         if mask is not None and m.invert_mask:
             mask = g.call_function(aten.logical_not.default, (mask,))
@@ -98,17 +99,11 @@ def _rewrite(gm: GraphModule, m: _Match) -> Node:
     return node
 
 
-def _kv_heads(k: Node) -> int:
-    """Heads of k before any GQA expansion (1 for 2-D keys)."""
-    shape = _shape(_unexpand(k)[0])
-    return int(shape[-3]) if len(shape) >= 3 else 1
-
-
 def annotate_sdpa(gm: GraphModule) -> None:
     """Record `attnc_num_kv_heads` on SDPA nodes that were SDPA from the start."""
     for n in gm.graph.nodes:
         if n.target == SDPA and "attnc_num_kv_heads" not in n.meta:
-            n.meta["attnc_num_kv_heads"] = _kv_heads(n.args[1])
+            n.meta["attnc_num_kv_heads"] = kv_heads(n.args[1])
 
 
 def canonicalize_attention(gm: GraphModule) -> tuple[int, list[Candidate]]:

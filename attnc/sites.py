@@ -151,9 +151,10 @@ SHAPE_OPS = {
 }
 
 
-def _kv_heads(k: Node) -> int:
+def kv_heads(k: Node) -> int:
     """Heads of k before a GQA expand (unsqueeze → expand → reshape, or repeat_interleave):
-    the fewest heads among the 4-D (B, H, S, D) tensors on the shape-only path back from k."""
+    the fewest heads among the 4-D (B, H, S, D) tensors on the shape-only path back from k.
+    The one implementation: the canonicaliser records it on SDPA nodes too."""
     shp = _shape(k)
     if not shp or len(shp) != 4:
         return 0
@@ -354,7 +355,7 @@ def _site(index: int, node: Node) -> AttentionSite:
         node=node.name,
         kind="self" if self_attn or q_lin is None else "cross",
         num_heads=int(qs[1]) if qs else 0,
-        num_kv_heads=_kv_heads(k),
+        num_kv_heads=kv_heads(k),
         head_dim=head_dim,
         causal=causal,
         mask=mask_kind,
