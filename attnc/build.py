@@ -27,7 +27,7 @@ from attnc.loading import LoadedModel, load_model
 from attnc.passes_api import PassContext, run_passes
 from attnc.program import Program, capture
 from attnc.recipe import Recipe, load_recipe
-from attnc.verify import compare, meets, ort_runner, reference_outputs
+from attnc.verify import Memo, compare, meets, ort_runner, reference_outputs
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,11 @@ def build(
     top1 = loaded.kind in ("causal-lm", "vlm")
 
     say("running the original on calibration data")
-    ref_calib = reference_outputs(original, data.calib)
-    ref_hold = reference_outputs(original, data.holdout)
+    orig_run = Memo(original)
+    ref_hold = reference_outputs(orig_run, data.holdout)
 
-    def evaluate(candidate: Program) -> dict[str, float]:
-        return compare(candidate, data.calib, ref_calib, top1)
+    def evaluate(candidate: Program) -> dict[str, float]:  # only 'auto' counts need this
+        return compare(candidate, data.calib, reference_outputs(orig_run, data.calib), top1)
 
     ctx = PassContext(
         calibration=data,
@@ -155,10 +155,11 @@ def build(
         lowered = lower_dense(program)
 
     say("verifying the optimized program against the original")
-    comparisons = {"torch optimized vs original": compare(program, data.holdout, ref_hold, top1)}
+    opt_run = Memo(program)
+    comparisons = {"torch optimized vs original": compare(opt_run, data.holdout, ref_hold, top1)}
     from attnc.evaluate import task_metrics
 
-    fidelity = task_metrics(loaded.kind, program, original, data.holdout, loaded.tokenizer)
+    fidelity = task_metrics(loaded.kind, opt_run, orig_run, data.holdout, loaded.tokenizer)
     ok, fails = meets({**comparisons["torch optimized vs original"], **fidelity}, recipe.fidelity)
     if not ok:
         raise VerificationError(
@@ -172,7 +173,9 @@ def build(
     os.umask(umask)
     stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the build folder follows the umask
     try:
-        artifacts, onnx_info = _write_artifacts(program, recipe, stage, data, comparisons, say)
+        artifacts, onnx_info = _write_artifacts(
+            program, opt_run, recipe, stage, data, comparisons, say
+        )
         report = {
             "attnc_version": _version(),
             "model": {
@@ -224,7 +227,7 @@ def build(
     return BuildResult(out, report, program)
 
 
-def _write_artifacts(program, recipe, stage, data, comparisons, say):
+def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say):
     from attnc.export import export_onnx, save_pt2
 
     artifacts = []
@@ -242,7 +245,7 @@ def _write_artifacts(program, recipe, stage, data, comparisons, say):
         say("verifying ONNX Runtime against the optimized program")
         run = ort_runner(str(stage / "model.onnx"), program.input_names)
         onnx_info["providers"] = run.providers
-        ref = reference_outputs(program, data.holdout)
+        ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised
         m = compare(run, data.holdout, ref, top1=False)
         comparisons["ONNX Runtime vs torch optimized"] = m
         if not m["max_abs_diff"] <= recipe.export.onnx_max_abs_diff:
