@@ -208,13 +208,10 @@ def load_calibration(
 
 
 def _tensor_batches(p: Path, names, cfg) -> list[Batch]:
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from attnc.loading import read_tensor_file
 
-            data = load_file(str(p))
-        else:
-            data = torch.load(str(p), map_location="cpu", weights_only=True)
+    try:
+        data = read_tensor_file(p)
     except Exception as exc:  # noqa: BLE001
         raise CalibrationError(
             f"cannot read tensor file {p}: {str(exc).splitlines()[0][:200]}"

@@ -296,16 +296,20 @@ def _wrap_plain(model, source, example, input_shape, tokenizer=None) -> LoadedMo
     return LoadedModel(adapter, tuple(example), names, "custom", source, tokenizer, None)
 
 
+def read_tensor_file(path: Path) -> Any:
+    """Tensors from a .safetensors or torch file, never running pickled code (weights_only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def _load_state_dict(model: nn.Module, path: Path) -> None:
     if not path.exists():
         raise LoadError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = read_tensor_file(path)
     except Exception as exc:  # noqa: BLE001
         raise LoadError(f"cannot read state dict {path}: {_short(exc)}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

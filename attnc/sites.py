@@ -258,9 +258,7 @@ def _post_norm_output(add: Node) -> Node | None:
     outs = [n for n in region if any(module_path(u) != path for u in _users(n)) or not _users(n)]
     if len(outs) != 1:
         return None
-    out = outs[0]
-    # layer_norm may return a tuple in some IRs: step through a lone getitem
-    return out
+    return outs[0]
 
 
 ALIAS_OPS = {
