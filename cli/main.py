@@ -208,7 +208,10 @@ def inspect(
             )
         )
         return
-    t = Table(title=f"{model}: {len(sites)} attention site(s), {loaded.kind}")
+    # the summary is its own unwrapped line: a long model path must not split it
+    out.print(f"{model}: {len(sites)} attention site(s), {loaded.kind}", soft_wrap=True,
+              markup=False, highlight=False)
+    t = Table()
     cols = {
         "index": "#",
         "layer": "layer",
