@@ -96,21 +96,25 @@ def _dense_mask(mask_mod, s, device):
 
 def run_cpu(out_path: Path) -> list[dict]:
     import torch
-    from attnc.kernels import flash, reference
+    from attnc.kernels import autotune, flash, reference
 
     rows = []
     for c in _cases("cpu"):
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v, pat, causal, layout, mod = _setup(c, "cpu", dtype)
             allowed = _dense_mask(mod, c["s"], "cpu")
-            out, lse = flash.attention_fwd(q, k, v, causal=causal, scale=c["d"] ** -0.5,
-                                           pattern=pat, layout=layout)
             ref, _ = reference.masked_attention(q, k, v, allowed, c["d"] ** -0.5)
-            err = (out.float() - ref.float()).abs().max().item()
-            rows.append(dict(case=c["name"], dtype=str(dtype), max_abs_err=err,
-                             density=allowed.float().mean().item()))
-            print(f"{c['name']:<16} {str(dtype):<15} max|err| {err:.2e}  "
-                  f"density {rows[-1]['density']:.3f}")
+            loops = flash.NA_LOOPS if flash.na_loop(pat) else (None,)
+            for loop in loops:
+                cfg = {**autotune.INTERPRETER_CONFIG, "na_loop": loop} if loop else None
+                out, lse = flash.attention_fwd(q, k, v, causal=causal, scale=c["d"] ** -0.5,
+                                               pattern=pat, layout=layout, config=cfg)
+                err = (out.float() - ref.float()).abs().max().item()
+                name = c["name"] + (f" ({loop} loop)" if loop else "")
+                rows.append(dict(case=name, dtype=str(dtype), max_abs_err=err,
+                                 density=allowed.float().mean().item()))
+                print(f"{name:<26} {str(dtype):<15} max|err| {err:.2e}  "
+                      f"density {rows[-1]['density']:.3f}")
     return rows
 
 
@@ -185,6 +189,16 @@ def _gpu_case(c, dev, flex, peak, create_block_mask):
     cfg = autotune.choose(f"flash-{pat.kind}", q, k, causal, False, None, extra=repr(pat))
     row["config"] = cfg
     row["ms_attnc"] = _bench(ours)
+    if flash.na_loop(pat) is not None:  # A/B of the neighborhood key-tile loops, same tiles
+        row["ms_by_na_loop"] = {}
+        for loop in flash.NA_LOOPS:
+            c2 = {**cfg, "na_loop": loop}
+            got = flash.attention_fwd(q, k, v, scale=scale, pattern=pat, config=c2)[0]
+            row["ms_by_na_loop"][loop] = _bench(lambda c2=c2: flash.attention_fwd(
+                q, k, v, scale=scale, pattern=pat, config=c2)[0])
+            row.setdefault("max_diff_between_loops", 0.0)
+            row["max_diff_between_loops"] = max(row["max_diff_between_loops"],
+                                                (got.float() - out.float()).abs().max().item())
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         row["ms_sdpa_dense"] = _bench(lambda: F.scaled_dot_product_attention(
             q, k, v, is_causal=False, scale=scale, enable_gqa=gqa))

@@ -4,7 +4,8 @@
   pruned by shared-memory need; under `TRITON_INTERPRET=1` exactly one config (the interpreter
   cannot autotune several, and small tiles keep it fast).
 - `choose(...)`: a pinned config if any (`ATTNC_PIN_CONFIG="BLOCK_M=128,BLOCK_N=64,num_warps=8,
-  num_stages=3"` or `pin_config(...)`), else the persistent cache, else time every candidate with
+  num_stages=3"`, optionally `,na_loop=class`, or `pin_config(...)`), else the persistent
+  cache, else time every candidate (tile configs x kernel variants) with
   `triton.testing.do_bench` (clears L2 between runs, median) and store the winner.
 - The cache is JSON at `$ATTNC_CACHE_DIR/autotune.json` (default `~/.cache/attnc`), keyed on op,
   shape bucket, dtype, GPU name, Triton version and a hash of the kernel sources.
@@ -19,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,10 +46,11 @@ def _env_pin() -> dict | None:
     text = os.environ.get("ATTNC_PIN_CONFIG", "").strip()
     if not text:
         return None
-    cfg = {}
+    cfg: dict = {}
     for part in text.split(","):
         name, _, val = part.partition("=")
-        cfg[name.strip()] = int(val)
+        val = val.strip()
+        cfg[name.strip()] = int(val) if val.lstrip("-").isdigit() else val
     missing = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} - cfg.keys()
     if missing:
         from attnc.errors import KernelError
@@ -142,12 +144,16 @@ def time_config(fn: Callable[[], object]) -> float:
 
 
 def choose(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, masked: bool,
-           bench: Callable[[dict], Callable[[], object]], extra: str = "") -> dict:
-    """The config to launch: pinned, cached, or the fastest candidate (then cached)."""
+           bench: Callable[[dict], Callable[[], object]], extra: str = "",
+           variants: Sequence[dict] = ({},)) -> dict:
+    """The config to launch: pinned, cached, or the fastest candidate (then cached).
+    `variants` are kernel-variant keys (e.g. {"na_loop": "class"}) crossed with the tile configs;
+    the first is the default, the one a pinned config or the interpreter gets."""
     pinned = _PINNED or _env_pin()
     if pinned is not None:
-        return pinned
-    cands = candidates(q.shape[-1], q.dtype, q.shape[2], k.shape[2])
+        return {**variants[0], **pinned}
+    cands = [{**c, **v} for c in candidates(q.shape[-1], q.dtype, q.shape[2], k.shape[2])
+             for v in variants]
     if len(cands) == 1 or not q.is_cuda:
         return cands[0]
     key = cache_key(op, q, k, causal, masked, extra)
@@ -157,6 +163,12 @@ def choose(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, masked: bool
     if disk is not None:
         _MEMORY[key] = disk
         return disk
+    return tune(key, cands, bench)
+
+
+def tune(key: str, cands: Sequence[dict], bench: Callable[[dict], Callable[[], object]]) -> dict:
+    """Time every candidate (one that fails to compile or launch is skipped), keep the fastest
+    in memory and on disk under `key`, and return it."""
     best, best_ms = cands[0], float("inf")
     for cfg in cands:
         try:
@@ -164,7 +176,7 @@ def choose(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, masked: bool
         except Exception as e:  # out of resources and the like: skip the config
             log.info("config %s failed: %s", cfg, e)
             continue
-        log.debug("%s %s: %.4f ms", op, cfg, ms)
+        log.debug("%s %s: %.4f ms", key.split("|")[0], cfg, ms)
         if ms < best_ms:
             best, best_ms = cfg, ms
     _MEMORY[key] = best

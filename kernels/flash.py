@@ -31,13 +31,21 @@ from attnc.errors import KernelError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# kernel variants (switches for A/B timing, all on by default): neighborhood attention with
-# dilation 1 checks only the window bounds that can cut each partial tile; in 1-D it walks its
-# key tiles as a box of per-axis ranges (no lists; slower in 2-D/3-D on the H100, so lists there);
-# a positive scale is folded into one fma per score
+# kernel variants (switches for A/B timing): neighborhood attention with dilation 1 checks only
+# the window bounds that can cut a tile; a positive scale is folded into one fma per score
 NA_FAST_MASK = True
 FOLD_SCALE = True
-NA_BOX_LOOP = True
+# how dilation-1 neighborhood attention walks its key tiles (a config's "na_loop" picks one;
+# autotuning times the default against "class"):
+#   "lists"  host-built full/partial tile lists, the partial ones with per-tile bound flags;
+#   "box"    the tiles as a box of per-axis ranges, flags computed per tile (no lists);
+#   "class"  one branch-free loop per cut class (whole tiles unmasked, then tiles cut on one axis,
+#            on two, ...), each checking only its cut axes (no lists, no per-tile flags).
+# Measured on the H100 (round 2): box beats lists in 1-D, lists beat box in 2-D/3-D; NA_LOOP
+# None takes that default, a name forces one loop everywhere.
+NA_LOOPS = ("lists", "box", "class")
+NA_LOOP: str | None = None
+_NA_LOOP_ID = {"lists": 0, "box": 1, "class": 2}
 
 
 # ------------------------------------------------------------------------------ host side
@@ -152,6 +160,16 @@ def _na_fast(pattern: Pattern) -> bool:
     return NA_FAST_MASK and pattern.kind == "natten" and all(d == 1 for d in pattern.dilation)
 
 
+def na_loop(pattern: Pattern, cfg: dict | None = None) -> str | None:
+    """The key-tile loop a neighborhood launch uses (None: not the dilation-1 fast path)."""
+    if not _na_fast(pattern):
+        return None
+    name = (cfg or {}).get("na_loop") or NA_LOOP or ("box" if pattern.ndim == 1 else "lists")
+    if name not in NA_LOOPS:
+        raise KernelError(f"unknown neighborhood loop {name!r}; expected one of {NA_LOOPS}")
+    return name
+
+
 def _na_fast_lists(pattern: Pattern, tq, tk, device):
     """The natten lists with masks.natten_tile_flags in the top byte of each partial index."""
     key = ("na-fast", pattern, tq, tk, str(device))
@@ -191,8 +209,12 @@ def _config(pattern: Pattern, q, k, v, causal, mask, layout) -> dict:
     def bench(cfg):
         return lambda: _launch(q, k, v, pattern, cfg, mask, causal, 1.0, layout)[0]
 
+    variants = [{}]
+    default = na_loop(pattern)
+    if default is not None:  # the measured default loop first, then the class loops
+        variants = [{"na_loop": n} for n in dict.fromkeys((default, "class"))]
     return autotune.choose(f"flash-{pattern.kind}", q, k, causal, mask is not None, bench,
-                           extra=repr(pattern))
+                           extra=repr(pattern), variants=variants)
 
 
 def attention_fwd(q, k, v, *, mask=None, causal=False, scale, pattern: Pattern | None = None,
@@ -258,8 +280,9 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
     if kind == 3:
         masks.check_layout(layout, pattern.block_size, SQ, SKV)
         lay, lsb = _layout_args(layout)
-    fast = _na_fast(pattern)
-    box = fast and NA_BOX_LOOP and pattern.ndim == 1  # measured: lists win for 2-D/3-D
+    loop = na_loop(pattern, cfg)
+    fast = loop is not None
+    box = loop in ("box", "class")  # no lists: the kernel derives its key tiles
     if box:
         nq_tiles = math.prod(triton.cdiv(pattern.grid[a], tq[a]) for a in range(3))
     elif fast:
@@ -289,7 +312,7 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         CA0=ca[0], CA1=ca[1], CA2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
         TK0=tk[0], TK1=tk[1], TK2=tk[2], BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=_ieee(q.dtype),
-        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2, NA_BOX=box,
+        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2, NA_LOOP=_NA_LOOP_ID[loop] if fast else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

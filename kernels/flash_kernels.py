@@ -116,6 +116,59 @@ def _na_range(start, end, L, TK: tl.constexpr):
 
 
 @triton.jit
+def _na_split(start, end, L, TK: tl.constexpr):
+    # key tiles [lo, hi) of one axis that the windows touch, and [ilo, ihi) among them that every
+    # row's window covers whole (dilation 1); the rest, [lo, ilo) and [ihi, hi), are cut
+    lo, n, ms, me = _na_range(start, end, L, TK)
+    hi = lo + n
+    ilo = tl.minimum(tl.maximum((ms + TK - 1) // TK, lo), hi)
+    ihi = tl.minimum(tl.maximum(me // TK, ilo), hi)
+    return lo, ilo, ihi, hi
+
+
+@triton.jit
+def _na_axis_count(R, C: tl.constexpr):
+    lo, ilo, ihi, hi = R
+    n = ihi - ilo
+    if C:
+        n = (ilo - lo) + (hi - ihi)
+    return n
+
+
+@triton.jit
+def _na_axis_tile(u, R, C: tl.constexpr):
+    lo, ilo, ihi, hi = R
+    a = ilo + u
+    if C:
+        a = tl.where(u < ilo - lo, lo + u, ihi + u - (ilo - lo))
+    return a
+
+
+@triton.jit
+def _na_class_loop(acc, l_i, m_i, q, qtok, qvalid, R0, R1, R2, kbase, vbase, skn, svn, offs_d,
+                   dmask, SKV, qk_scale, W, P, G, C0: tl.constexpr, C1: tl.constexpr,
+                   C2: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
+                   TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                   FOLD: tl.constexpr):
+    # one branch-free loop over the key tiles of one cut class: Ci = 1 walks axis i's cut tiles
+    # (and checks that axis's window bounds), Ci = 0 its whole-covered ones (no check)
+    NKT1, NKT2, L0, L1, L2 = G
+    n0 = _na_axis_count(R0, C0)
+    n1 = _na_axis_count(R1, C1)
+    n2 = _na_axis_count(R2, C2)
+    for t in range(0, n0 * n1 * n2):
+        a0 = _na_axis_tile(t // (n1 * n2), R0, C0)
+        a1 = _na_axis_tile((t // n2) % n1, R1, C1)
+        a2 = _na_axis_tile(t % n2, R2, C2)
+        n = (a0 * NKT1 + a1) * NKT2 + a2
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn, svn,
+                                offs_d, dmask, SKV, qk_scale, W, P, G, kbase, 0, 0, kbase, 0, 0,
+                                C0 + C1 + C2 == 0, False, 0, 1, NDIM, TK0, TK1, TK2, BLOCK_N,
+                                IEEE, True, FOLD, C0 * 4 + C1 * 2 + C2)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _na_flags(a, TK: tl.constexpr, max_start, min_end):
     # masks.natten_tile_flags for key tile a of one axis: bit 0 `k >= start`, bit 1 `k < end`
     return (a * TK < max_start).to(tl.int32) | ((a * TK + TK - 1 >= min_end).to(tl.int32) << 1)
@@ -127,7 +180,7 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
             FULL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
             PATTERN: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
             TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-            FASTNA: tl.constexpr, FOLD: tl.constexpr):
+            FASTNA: tl.constexpr, FOLD: tl.constexpr, CUT: tl.constexpr = 0):
     if PATTERN == 1:
         NKT1, NKT2, L0, L1, L2 = G
         ktok, kvalid, kc0, kc1, kc2 = _tile_coords(n, NKT1, NKT2, L0, L1, L2, TK0, TK1, TK2)
@@ -143,7 +196,18 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
     if not FOLD:
         qk = qk * qk_scale
     if not FULL:
-        if FASTNA:  # dilation 1: only the flagged window bounds, one compare each
+        if CUT != 0:  # class loops: both window bounds of the cut axes (bits 1/2/4 = axis 2/1/0)
+            g0, s0, e0, g1, s1, e1, g2, s2, e2 = W
+            if (CUT & 1) != 0:
+                qk = tl.where((kc2[None, :] >= s2[:, None]) & (kc2[None, :] < e2[:, None]), qk,
+                              float("-inf"))
+            if (CUT & 2) != 0:
+                qk = tl.where((kc1[None, :] >= s1[:, None]) & (kc1[None, :] < e1[:, None]), qk,
+                              float("-inf"))
+            if (CUT & 4) != 0:
+                qk = tl.where((kc0[None, :] >= s0[:, None]) & (kc0[None, :] < e0[:, None]), qk,
+                              float("-inf"))
+        elif FASTNA:  # dilation 1: only the flagged window bounds, one compare each
             g0, s0, e0, g1, s1, e1, g2, s2, e2 = W
             qk = _na_cut(qk, fl, 1, kc2, s2, e2)
             if NDIM >= 2:
@@ -192,7 +256,7 @@ def _fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_BOX: tl.constexpr,
+    FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_LOOP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -244,7 +308,18 @@ def _fwd_kernel(
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
-    elif NA_BOX:  # dilation-1 neighborhood: the key tiles are a box of per-axis ranges
+    elif NA_LOOP == 2:  # dilation-1 neighborhood: one branch-free loop per cut class
+        R0 = _na_split(s0, e0, L0, TK0)
+        R1 = _na_split(s1, e1, L1, TK1)
+        R2 = _na_split(s2, e2, L2, TK2)
+        for cls in tl.static_range(0, 8):  # class 0 (whole tiles, no mask) first
+            if (cls >> NDIM) == 0:  # axes beyond NDIM have one tile, never cut
+                acc, l_i, m_i = _na_class_loop(acc, l_i, m_i, q, qtok, qvalid, R0, R1, R2,
+                                               kbase, vbase, skn, svn, offs_d, dmask, SKV,
+                                               qk_scale, W, P, G, (cls >> 2) & 1,
+                                               (cls >> 1) & 1, cls & 1, NDIM, TK0, TK1, TK2,
+                                               BLOCK_N, IEEE, FOLD)
+    elif NA_LOOP == 1:  # dilation-1 neighborhood: the key tiles are a box of per-axis ranges
         lo0, n0, ms0, me0 = _na_range(s0, e0, L0, TK0)
         lo1, n1, ms1, me1 = _na_range(s1, e1, L1, TK1)
         lo2, n2, ms2, me2 = _na_range(s2, e2, L2, TK2)

@@ -47,6 +47,36 @@ def test_pin_config(monkeypatch):
         autotune.pin_config(None)
 
 
+def test_variants_are_crossed_with_configs_and_pinned_gets_the_first(monkeypatch):
+    q, k = _q()
+    variants = [{"na_loop": "lists"}, {"na_loop": "class"}]
+    monkeypatch.setenv("ATTNC_PIN_CONFIG", "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2")
+    assert autotune.choose("x", q, k, False, False, None, variants=variants)["na_loop"] == "lists"
+    monkeypatch.setenv("ATTNC_PIN_CONFIG",
+                       "BLOCK_M=64,BLOCK_N=32,num_warps=4,num_stages=2,na_loop=class")
+    cfg = autotune.choose("x", q, k, False, False, None, variants=variants)
+    assert cfg == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2,
+                   "na_loop": "class"}
+
+
+def test_tune_keeps_the_fastest_and_skips_failures(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "time_config", lambda fn: fn())
+    cost = {("a", "lists"): 3.0, ("a", "class"): 1.5, ("b", "lists"): 2.0}
+
+    def bench(cfg):
+        def run():
+            if (cfg["t"], cfg["na_loop"]) not in cost:
+                raise RuntimeError("out of resources")
+            return cost[cfg["t"], cfg["na_loop"]]
+        return run
+
+    cands = [{"t": t, "na_loop": n} for t in "ab" for n in ("lists", "class")]
+    best = autotune.tune("op|k", cands, bench)
+    assert best == {"t": "a", "na_loop": "class"}
+    assert autotune._load()["op|k"] == best
+
+
 def test_cache_key_and_persistence(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     q, k = _q(1000)

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from attnc.kernels import flash, masks
+from attnc.errors import KernelError
+from attnc.kernels import autotune, flash, masks
 
-from tests.kernels.conftest import DEVICE, rand_qkv
+from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 
 def _coords(t, tile, grid3):
@@ -58,23 +59,48 @@ def test_flagged_bounds_reproduce_the_mask(grid, ks, st, ca, bm, bn):
                                          ((10, 13), (3, 7), (2, 3), (True, False)),
                                          ((3, 5, 7), (3, 3, 5), (1, 2, 1), (True, False, True)),
                                          ((50,), (9,), (3,), (True,)),
-                                         ((45,), (8,), (1,), (False,))])
+                                         ((45,), (8,), (1,), (False,)),
+                                         ((47,), (47,), (1,), (False,)),
+                                         ((9, 23), (9, 4), (1, 1), (False, False)),
+                                         ((6, 7, 9), (5, 7, 2), (1, 1, 3), (False, True, False))])
 def test_fast_paths_match_general_path(grid, ks, st, ca):
-    """Dilation 1: the box loop and the flagged lists give the general predicate's output."""
+    """Dilation 1: every key-tile loop (lists with flags, box, class loops) gives the general
+    predicate's output; the shapes give every cut class tiles (and windows spanning the grid)."""
     s = math.prod(grid)
     q, k, v = rand_qkv(1, 2, 2, s, s, 32, torch.float32)
     pat = flash.natten_pattern(grid, ks, [1] * len(grid), st, ca)
-    outs = []
-    old = flash.NA_FAST_MASK, flash.NA_BOX_LOOP
-    for fast, box in ((False, False), (True, False), (True, True)):
-        flash.NA_FAST_MASK, flash.NA_BOX_LOOP = fast, box
-        try:
-            outs.append(flash.attention_fwd(q, k, v, scale=0.25, pattern=pat))
-        finally:
-            flash.NA_FAST_MASK, flash.NA_BOX_LOOP = old
-    for o, lse in outs[1:]:
-        torch.testing.assert_close(o, outs[0][0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(lse, outs[0][1], atol=1e-5, rtol=0)
+    cfg = autotune.candidates(32, torch.float32, s, s)[-1]
+    old = flash.NA_FAST_MASK
+    flash.NA_FAST_MASK = False
+    try:
+        assert flash.na_loop(pat) is None
+        want = flash.attention_fwd(q, k, v, scale=0.25, pattern=pat, config=cfg)
+    finally:
+        flash.NA_FAST_MASK = old
+    for loop in flash.NA_LOOPS:
+        got = flash.attention_fwd(q, k, v, scale=0.25, pattern=pat, config={**cfg, "na_loop": loop})
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0, msg=loop)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0, msg=loop)
+
+
+def test_class_loop_on_odd_shapes_matches_reference():
+    """The class loops in low precision and GQA against the plain-PyTorch NATTEN reference."""
+    from attnc.kernels import reference
+
+    grid = (11, 13)
+    q, k, v = rand_qkv(2, 4, 2, 143, 143, 80, torch.bfloat16, seed=5)
+    pat = flash.natten_pattern(grid, (5, 7), (1, 1), (1, 2), (True, False))
+    cfg = {**autotune.candidates(80, torch.bfloat16, 143, 143)[-1], "na_loop": "class"}
+    out, lse = flash.attention_fwd(q, k, v, scale=0.2, pattern=pat, config=cfg)
+    allowed = masks.natten_mask(grid, (5, 7), (1, 1), (1, 2), (True, False), DEVICE)
+    ref_out, ref_lse = reference.masked_attention(q, k, v, allowed, scale=0.2)
+    assert_close_attention(out, lse, ref_out, ref_lse, q, k, v, allowed, 0.2)
+
+
+def test_unknown_loop_is_an_error():
+    pat = flash.natten_pattern((8,), (3,), (1,), (1,), (False,))
+    with pytest.raises(KernelError, match="neighborhood loop"):
+        flash.na_loop(pat, {"na_loop": "spiral"})
 
 
 def test_negative_scale_is_not_folded():
