@@ -167,12 +167,22 @@ def choose(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, masked: bool
 
 
 def tune(key: str, cands: Sequence[dict], bench: Callable[[dict], Callable[[], object]]) -> dict:
-    """Time every candidate (one that fails to compile or launch is skipped), keep the fastest
-    in memory and on disk under `key`, and return it."""
-    best, best_ms = cands[0], float("inf")
+    """Time every candidate, keep the fastest in memory and on disk under `key`, and return it.
+    A candidate that fails to compile or launch is skipped, and so is one whose output differs
+    from the first working candidate's (the default): a kernel variant is only ever picked if it
+    computes the same attention on this machine."""
+    best, best_ms, ref = cands[0], float("inf"), None
     for cfg in cands:
         try:
-            ms = time_config(bench(cfg))
+            fn = bench(cfg)
+            out = fn()  # compiles; checked against the reference before it is timed
+            if ref is None:
+                ref = out
+            elif not agrees(out, ref):
+                log.warning("%s: config %s disagrees with %s; skipped", key.split("|")[0], cfg,
+                            cands[0])
+                continue
+            ms = time_config(fn)
         except Exception as e:  # out of resources and the like: skip the config
             log.info("config %s failed: %s", cfg, e)
             continue
@@ -182,6 +192,23 @@ def tune(key: str, cands: Sequence[dict], bench: Callable[[dict], Callable[[], o
     _MEMORY[key] = best
     _store(key, best)
     return best
+
+
+def agrees(out, ref) -> bool:
+    """Whether two candidates' outputs are the same attention up to accumulation order (relative
+    to the output's scale: 1e-4 in fp32, 2e-2 in fp16/bf16); non-tensors always agree."""
+    if not (isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor)):
+        return True
+    if out.shape != ref.shape:
+        return False
+    a, b = out.float(), ref.float()
+    if not bool(torch.isfinite(a).eq(torch.isfinite(b)).all()):
+        return False
+    fin = torch.isfinite(b)
+    if not bool(fin.any()):
+        return True
+    tol = (1e-4 if ref.dtype == torch.float32 else 2e-2) * max(b[fin].abs().max().item(), 1e-6)
+    return (a[fin] - b[fin]).abs().max().item() <= tol
 
 
 def dense_is_cheaper(sq: int, skv: int, density: float) -> bool:

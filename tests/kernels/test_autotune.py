@@ -77,6 +77,35 @@ def test_tune_keeps_the_fastest_and_skips_failures(tmp_path, monkeypatch):
     assert autotune._load()["op|k"] == best
 
 
+def test_tune_never_picks_a_candidate_that_computes_something_else(tmp_path, monkeypatch):
+    """The fastest candidate is dropped when its output is not the default's."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    timing = {"default": 2.0, "wrong": 0.5, "right": 1.0}
+    monkeypatch.setattr(autotune, "time_config", lambda fn: timing[fn.name])
+    ref = torch.randn(2, 3, 5, 8, dtype=torch.bfloat16)
+    outs = {"default": ref, "wrong": ref * 1.1, "right": ref.float().add(1e-3).bfloat16()}
+
+    def bench(cfg):
+        def run():
+            return outs[cfg["v"]]
+        run.name = cfg["v"]
+        return run
+
+    best = autotune.tune("op|k2", [{"v": "default"}, {"v": "wrong"}, {"v": "right"}], bench)
+    assert best == {"v": "right"}
+
+
+def test_agrees():
+    x = torch.randn(4, 8)
+    assert autotune.agrees(x, x.clone())
+    assert not autotune.agrees(x + 0.01, x)
+    assert not autotune.agrees(x[:2], x)
+    y = x.clone()
+    y[0, 0] = float("-inf")
+    assert not autotune.agrees(y, x)
+    assert autotune.agrees(x.bfloat16(), x.bfloat16().float().add(1e-3).bfloat16())
+
+
 def test_cache_key_and_persistence(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     q, k = _q(1000)
