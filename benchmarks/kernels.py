@@ -189,16 +189,8 @@ def _gpu_case(c, dev, flex, peak, create_block_mask):
     cfg = autotune.choose(f"flash-{pat.kind}", q, k, causal, False, None, extra=repr(pat))
     row["config"] = cfg
     row["ms_attnc"] = _bench(ours)
-    if flash.na_loop(pat) is not None:  # A/B of the neighborhood key-tile loops, same tiles
-        row["ms_by_na_loop"] = {}
-        for loop in flash.NA_LOOPS:
-            c2 = {**cfg, "na_loop": loop}
-            got = flash.attention_fwd(q, k, v, scale=scale, pattern=pat, config=c2)[0]
-            row["ms_by_na_loop"][loop] = _bench(lambda c2=c2: flash.attention_fwd(
-                q, k, v, scale=scale, pattern=pat, config=c2)[0])
-            row.setdefault("max_diff_between_loops", 0.0)
-            row["max_diff_between_loops"] = max(row["max_diff_between_loops"],
-                                                (got.float() - out.float()).abs().max().item())
+    row["ms_by_variant"], row["variant_max_abs_diff"] = _variants_ab(q, k, v, pat, causal,
+                                                                     layout, scale, cfg, out)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         row["ms_sdpa_dense"] = _bench(lambda: F.scaled_dot_product_attention(
             q, k, v, is_causal=False, scale=scale, enable_gqa=gqa))
@@ -243,6 +235,33 @@ def _gpu_case(c, dev, flex, peak, create_block_mask):
     row["pct_peak"] = 100 * row["tflops_visible"] / peak if peak else None
     row["target_met"] = _target_met(row)
     return row
+
+
+def _variants_ab(q, k, v, pat, causal, layout, scale, cfg, out):
+    """Every kernel variant (neighborhood loops; pointer vs tensor-descriptor K/V loads) at the
+    autotuned tile config: median ms each (or the error it raised), and how far its output is
+    from the autotuned one's."""
+    from attnc.kernels import flash
+
+    base = {kk: cfg[kk] for kk in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    loops = [{"na_loop": n} for n in flash.NA_LOOPS] if flash.na_loop(pat) else [{}]
+    tma = [{}, {"kv_tma": 1}] if flash._tma_ok(q, k, v) else [{}]
+    ms, diff = {}, 0.0
+    for lp in loops:
+        for t in tma:
+            c2 = {**base, **lp, **t}
+            name = ",".join(f"{kk}={vv}" for kk, vv in {**lp, **t}.items()) or "default"
+
+            def fn(c2=c2):
+                return flash.attention_fwd(q, k, v, causal=causal, scale=scale, pattern=pat,
+                                           layout=layout, config=c2)[0]
+
+            try:
+                diff = max(diff, (fn().float() - out.float()).abs().max().item())
+                ms[name] = _bench(fn)
+            except Exception as e:  # noqa: BLE001  (a variant failing is a result too)
+                ms[name] = f"{type(e).__name__}: {e}"[:200]
+    return ms, diff
 
 
 def _target_met(row) -> bool | None:

@@ -16,9 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from onnxscript import opset23 as op23
-
 from attnc.kernels.onnx import register_translation
+from onnxscript import opset23 as op23
 
 
 def _sdpa(q, k, v, attn_mask, is_causal, scale):

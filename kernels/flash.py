@@ -44,6 +44,8 @@ FOLD_SCALE = True
 # Measured on the H100 (round 2): box beats lists in 1-D, lists beat box in 2-D/3-D; NA_LOOP
 # None takes that default, a name forces one loop everywhere.
 NA_LOOPS = ("lists", "box", "class")
+# a config's "kv_tma": 1 loads K/V tiles through tensor descriptors (TMA bulk copies on Hopper)
+# instead of pointer gathers; offered to autotuning where _tma_ok holds, unmeasured so far
 NA_LOOP: str | None = None
 _NA_LOOP_ID = {"lists": 0, "box": 1, "class": 2}
 
@@ -213,6 +215,8 @@ def _config(pattern: Pattern, q, k, v, causal, mask, layout) -> dict:
     default = na_loop(pattern)
     if default is not None:  # the measured default loop first, then the class loops
         variants = [{"na_loop": n} for n in dict.fromkeys((default, "class"))]
+    if _tma_ok(q, k, v):
+        variants += [{**variants[-1], "kv_tma": 1}]
     return autotune.choose(f"flash-{pattern.kind}", q, k, causal, mask is not None, bench,
                            extra=repr(pattern), variants=variants)
 
@@ -228,6 +232,39 @@ def attention_fwd(q, k, v, *, mask=None, causal=False, scale, pattern: Pattern |
         raise KernelError("a block-sparse pattern needs a layout")
     cfg = config or _config(pattern, q, k, v, causal, mask, layout)
     return _launch(q, k, v, pattern, cfg, mask, causal, scale, layout)
+
+
+def _tma_ok(q, k, v) -> bool:
+    """Whether K/V can be read through tensor descriptors: a GPU with TMA (Hopper or newer) or
+    the interpreter, and 16-byte aligned head bases and rows."""
+    if q.is_cuda:
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            return False
+    elif not _interpret():
+        return False
+    for t in (k, v):
+        e = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((t.stride(i) * e) % 16 for i in (0, 1, 2)):
+            return False
+    return True
+
+
+def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not _interpret() else "cpu")
+
+
+def _ensure_allocator() -> None:
+    """In-kernel tensor descriptors need Triton's scratch allocator; install a torch one unless
+    the caller has set their own."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_tma_alloc)
 
 
 def _prep(t):
@@ -282,6 +319,9 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         lay, lsb = _layout_args(layout)
     loop = na_loop(pattern, cfg)
     fast = loop is not None
+    tma = bool(cfg.get("kv_tma")) and _tma_ok(q, k, v)
+    if tma:
+        _ensure_allocator()
     box = loop in ("box", "class")  # no lists: the kernel derives its key tiles
     if box:
         nq_tiles = math.prod(triton.cdiv(pattern.grid[a], tq[a]) for a in range(3))
@@ -312,7 +352,8 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         CA0=ca[0], CA1=ca[1], CA2=ca[2], TQ0=tq[0], TQ1=tq[1], TQ2=tq[2],
         TK0=tk[0], TK1=tk[1], TK2=tk[2], BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=_ieee(q.dtype),
-        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2, NA_LOOP=_NA_LOOP_ID[loop] if fast else 0,
+        FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2,
+        NA_LOOP=_NA_LOOP_ID[loop] if fast else 0, KV_TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

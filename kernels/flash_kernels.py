@@ -149,7 +149,7 @@ def _na_class_loop(acc, l_i, m_i, q, qtok, qvalid, R0, R1, R2, kbase, vbase, skn
                    dmask, SKV, qk_scale, W, P, G, C0: tl.constexpr, C1: tl.constexpr,
                    C2: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
                    TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                   FOLD: tl.constexpr):
+                   FOLD: tl.constexpr, KV_TMA: tl.constexpr):
     # one branch-free loop over the key tiles of one cut class: Ci = 1 walks axis i's cut tiles
     # (and checks that axis's window bounds), Ci = 0 its whole-covered ones (no check)
     NKT1, NKT2, L0, L1, L2 = G
@@ -164,7 +164,7 @@ def _na_class_loop(acc, l_i, m_i, q, qtok, qvalid, R0, R1, R2, kbase, vbase, skn
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn, svn,
                                 offs_d, dmask, SKV, qk_scale, W, P, G, kbase, 0, 0, kbase, 0, 0,
                                 C0 + C1 + C2 == 0, False, 0, 1, NDIM, TK0, TK1, TK2, BLOCK_N,
-                                IEEE, True, FOLD, C0 * 4 + C1 * 2 + C2)
+                                IEEE, True, FOLD, C0 * 4 + C1 * 2 + C2, KV_TMA)
     return acc, l_i, m_i
 
 
@@ -180,7 +180,9 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
             FULL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
             PATTERN: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
             TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-            FASTNA: tl.constexpr, FOLD: tl.constexpr, CUT: tl.constexpr = 0):
+            FASTNA: tl.constexpr, FOLD: tl.constexpr, CUT: tl.constexpr = 0,
+            KV_TMA: tl.constexpr = False):
+    # kbase/vbase: pointers to this head's K/V, or (KV_TMA) tensor descriptors over them
     if PATTERN == 1:
         NKT1, NKT2, L0, L1, L2 = G
         ktok, kvalid, kc0, kc1, kc2 = _tile_coords(n, NKT1, NKT2, L0, L1, L2, TK0, TK1, TK2)
@@ -190,8 +192,18 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
         kc0 = ktok
         kc1 = ktok
         kc2 = ktok
-    k = tl.load(kbase + ktok[None, :] * skn + offs_d[:, None],
-                mask=kvalid[None, :] & dmask[:, None], other=0.0)  # (D, BLOCK_N)
+    if KV_TMA:  # bulk tensor copies; out-of-range rows/dims read as zeros
+        if PATTERN == 1:
+            NKT1_, NKT2_, L0_, L1_, L2_ = G
+            at = [(n // (NKT1_ * NKT2_)) * TK0, ((n // NKT2_) % NKT1_) * TK1, (n % NKT2_) * TK2,
+                  0]
+            k = tl.trans(tl.reshape(kbase.load(at), [BLOCK_N, q.shape[1]]))
+        else:
+            at = [n * BLOCK_N, 0]
+            k = tl.trans(kbase.load(at))
+    else:
+        k = tl.load(kbase + ktok[None, :] * skn + offs_d[:, None],
+                    mask=kvalid[None, :] & dmask[:, None], other=0.0)  # (D, BLOCK_N)
     qk = _dot(q, k, IEEE)
     if not FOLD:
         qk = qk * qk_scale
@@ -233,8 +245,11 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(vbase + ktok[:, None] * svn + offs_d[None, :],
-                mask=kvalid[:, None] & dmask[None, :], other=0.0)  # (BLOCK_N, D)
+    if KV_TMA:
+        v = tl.reshape(vbase.load(at), [BLOCK_N, q.shape[1]])
+    else:
+        v = tl.load(vbase + ktok[:, None] * svn + offs_d[None, :],
+                    mask=kvalid[:, None] & dmask[None, :], other=0.0)  # (BLOCK_N, D)
     if IEEE:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is broken): exact
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc,
                      input_precision="ieee")
@@ -256,7 +271,7 @@ def _fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_LOOP: tl.constexpr,
+    FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_LOOP: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -285,6 +300,19 @@ def _fwd_kernel(
                 mask=qvalid[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, D)
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
+    if KV_TMA:  # descriptors over this head's keys/values (flash._tma_ok checked the alignment)
+        if PATTERN == 1:
+            kbase = tl.make_tensor_descriptor(kbase, shape=[L0, L1, L2, HEAD_D],
+                                              strides=[L1 * L2 * skn, L2 * skn, skn, 1],
+                                              block_shape=[TK0, TK1, TK2, BLOCK_D])
+            vbase = tl.make_tensor_descriptor(vbase, shape=[L0, L1, L2, HEAD_D],
+                                              strides=[L1 * L2 * svn, L2 * svn, svn, 1],
+                                              block_shape=[TK0, TK1, TK2, BLOCK_D])
+        else:
+            kbase = tl.make_tensor_descriptor(kbase, shape=[SKV, HEAD_D], strides=[skn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
+            vbase = tl.make_tensor_descriptor(vbase, shape=[SKV, HEAD_D], strides=[svn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_D])
     mbase = MASK + b * smb + h * smh
     lbase = LAY + b * slb + h * slh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -302,12 +330,14 @@ def _fwd_kernel(
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
+                                    KV_TMA)
         for n in range(n_full, tl.cdiv(hi, BLOCK_N)):
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
+                                    KV_TMA)
     elif NA_LOOP == 2:  # dilation-1 neighborhood: one branch-free loop per cut class
         R0 = _na_split(s0, e0, L0, TK0)
         R1 = _na_split(s1, e1, L1, TK1)
@@ -318,7 +348,7 @@ def _fwd_kernel(
                                                kbase, vbase, skn, svn, offs_d, dmask, SKV,
                                                qk_scale, W, P, G, (cls >> 2) & 1,
                                                (cls >> 1) & 1, cls & 1, NDIM, TK0, TK1, TK2,
-                                               BLOCK_N, IEEE, FOLD)
+                                               BLOCK_N, IEEE, FOLD, KV_TMA)
     elif NA_LOOP == 1:  # dilation-1 neighborhood: the key tiles are a box of per-axis ranges
         lo0, n0, ms0, me0 = _na_range(s0, e0, L0, TK0)
         lo1, n1, ms1, me1 = _na_range(s1, e1, L1, TK1)
@@ -333,7 +363,8 @@ def _fwd_kernel(
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
+                                    KV_TMA)
     else:
         lb = (bh // H) * snb + (bh % H) * snh + start_m
         ib = FIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
@@ -342,7 +373,8 @@ def _fwd_kernel(
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
+                                    KV_TMA)
         ib = PIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
         for i in range(0, tl.load(PNUM + lb)):
             n = tl.load(ib + i)
@@ -353,7 +385,8 @@ def _fwd_kernel(
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD)
+                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
+                                    KV_TMA)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + qtok[:, None] * som + offs_d[None, :],
