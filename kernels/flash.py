@@ -19,6 +19,8 @@ materialising the attention matrix).
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -131,31 +133,54 @@ def _interpret() -> bool:
 
 def _lists(pattern: Pattern, sq, skv, bm, bn, layout, tq, tk, causal, device):
     if pattern.kind == "natten":
-        key = (pattern, tq, tk, str(device))
-        if key not in _LIST_CACHE:
+        def build():
             a, b = masks.natten_tile_any_all(pattern.grid, pattern.kernel_size, pattern.dilation,
                                              pattern.stride, pattern.causal_axes, tq, tk, device)
-            _LIST_CACHE[key] = masks.compact_lists(a[None, None], b[None, None])
-        return _LIST_CACHE[key]
+            return masks.compact_lists(a[None, None], b[None, None])
+
+        return _cached((pattern, tq, tk, str(device)), build)
     if pattern.kind == "sliding":
-        key = (pattern, causal, sq, skv, bm, bn, str(device))
-        if key not in _LIST_CACHE:
+        def build():
             def pred(i, j):
                 return masks.sliding_window_visible(i, j, pattern.window, pattern.num_sinks,
                                                     causal)
 
             a, b = masks.tile_any_all(pred, sq, skv, bm, bn, device)
-            _LIST_CACHE[key] = masks.compact_lists(a[None, None], b[None, None])
+            return masks.compact_lists(a[None, None], b[None, None])
+
+        return _cached((pattern, causal, sq, skv, bm, bn, str(device)), build)
+    # a layout is data: its lists are reused only for the same live tensor, unmodified (an
+    # address and a version alone can belong to a new layout once the old one is freed)
+    key = ("block", id(layout), pattern.block_size, causal, sq, skv, bm, bn, str(device))
+    hit = _LIST_CACHE.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        _LIST_CACHE.move_to_end(key)
+        return hit[2]
+    lists = masks.compact_lists(*_layout_tiles(layout, pattern.block_size, sq, skv, bm, bn,
+                                               causal))
+    _remember(key, (weakref.ref(layout), layout._version, lists))
+    return lists
+
+
+# tile lists by pattern and tiles, least recently used dropped past _LIST_CACHE_SIZE entries
+_LIST_CACHE: OrderedDict = OrderedDict()
+_LIST_CACHE_SIZE = 256
+
+
+def _cached(key, build):
+    if key in _LIST_CACHE:
+        _LIST_CACHE.move_to_end(key)
         return _LIST_CACHE[key]
-    key = ("block", layout.data_ptr(), layout._version, tuple(layout.shape),
-           tuple(layout.stride()), pattern.block_size, causal, sq, skv, bm, bn, str(device))
-    if key not in _LIST_CACHE:
-        _LIST_CACHE[key] = masks.compact_lists(*_layout_tiles(layout, pattern.block_size, sq, skv,
-                                                              bm, bn, causal))
-    return _LIST_CACHE[key]
+    value = build()
+    _remember(key, value)
+    return value
 
 
-_LIST_CACHE: dict = {}
+def _remember(key, value) -> None:
+    _LIST_CACHE[key] = value
+    _LIST_CACHE.move_to_end(key)
+    while len(_LIST_CACHE) > _LIST_CACHE_SIZE:
+        _LIST_CACHE.popitem(last=False)
 
 
 def _na_fast(pattern: Pattern) -> bool:
@@ -174,16 +199,16 @@ def na_loop(pattern: Pattern, cfg: dict | None = None) -> str | None:
 
 def _na_fast_lists(pattern: Pattern, tq, tk, device):
     """The natten lists with masks.natten_tile_flags in the top byte of each partial index."""
-    key = ("na-fast", pattern, tq, tk, str(device))
-    if key not in _LIST_CACHE:
+    def build():
         fnum, fidx, pnum, pidx = _lists(pattern, 0, 0, 0, 0, None, tq, tk, False, device)
         if pidx.shape[-1] >= 1 << 24:
             raise KernelError(f"{pidx.shape[-1]} key tiles exceed the 24-bit tile index")
         flags = masks.natten_tile_flags(pattern.grid, pattern.kernel_size, pattern.stride,
                                         pattern.causal_axes, tq, tk, device)  # (NQ, NK)
         fl = flags.gather(-1, pidx[0, 0].long()).to(torch.int32)
-        _LIST_CACHE[key] = (fnum, fidx, pnum, (pidx | (fl << 24)).contiguous())
-    return _LIST_CACHE[key]
+        return fnum, fidx, pnum, (pidx | (fl << 24)).contiguous()
+
+    return _cached(("na-fast", pattern, tq, tk, str(device)), build)
 
 
 def _layout_tiles(layout, bs, sq, skv, bm, bn, causal):

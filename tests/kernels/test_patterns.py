@@ -184,3 +184,37 @@ def test_op_argument_errors():
     assert can_use_neighborhood(48, [-1], [49]) is not None
     assert can_use_sliding_window(0) is not None
     assert can_use_block_sparse(torch.ones(1, 1, 3, 3, dtype=torch.bool), 16, 48, 48) is None
+
+
+def test_block_lists_are_not_reused_for_a_new_layout_at_the_same_address():
+    """A freed layout's address and version can come back with other contents: the cached
+    tile lists must belong to the same live tensor."""
+    q, k, v = rand_qkv(1, 1, 1, 64, 64, 32, torch.float32, seed=9)
+    pat = flash.Pattern("block", block_size=16)
+    store = torch.zeros(16, dtype=torch.bool, device=DEVICE)
+
+    def alias():  # a new tensor (own version counter) over the same memory
+        return torch.empty(0, dtype=torch.bool, device=DEVICE).set_(
+            store.untyped_storage(), 0, (1, 1, 4, 4), (16, 16, 4, 1))
+
+    store.copy_(torch.eye(4, dtype=torch.bool, device=DEVICE).flatten())
+    first = alias()
+    flash.attention_fwd(q, k, v, scale=0.2, pattern=pat, layout=first)
+    ptr, version = first.data_ptr(), first._version
+    del first
+    store.fill_(True)
+    second = alias()
+    assert (second.data_ptr(), second._version) == (ptr, version)
+    out, lse = flash.attention_fwd(q, k, v, scale=0.2, pattern=pat, layout=second)
+    allowed = masks.block_layout_mask(second, 16, 64, 64, False)
+    ref_out, ref_lse = reference.masked_attention(q, k, v, allowed, 0.2)
+    assert_close_attention(out, lse, ref_out, ref_lse, q, k, v, allowed, 0.2)
+
+
+def test_list_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(flash, "_LIST_CACHE_SIZE", 3)
+    monkeypatch.setattr(flash, "_LIST_CACHE", flash.OrderedDict())
+    q, k, v = rand_qkv(1, 1, 1, 40, 40, 32, torch.float32)
+    for w in range(1, 7):
+        flash.attention_fwd(q, k, v, scale=0.2, pattern=flash.Pattern("sliding", window=w))
+    assert len(flash._LIST_CACHE) == 3
