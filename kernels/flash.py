@@ -379,6 +379,7 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
         BLOCK_D=max(16, triton.next_power_of_2(D)), IEEE=_ieee(q.dtype),
         FASTNA=fast, FOLD=FOLD_SCALE and scale > 0 and mask_kind != 2,
         NA_LOOP=_NA_LOOP_ID[loop] if fast else 0, KV_TMA=tma,
+        LAY_TILED=kind == 3 and pattern.block_size % bm == 0 and pattern.block_size % bn == 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

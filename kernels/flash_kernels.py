@@ -58,7 +58,7 @@ def _na_vis(g, start, end, xk, DIL):
 @triton.jit
 def _visible(qtok, qvalid, ktok, kvalid, W, kc0, kc1, kc2, P, mbase, smm, smn, lbase, slq, slk,
              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PATTERN: tl.constexpr,
-             NDIM: tl.constexpr):
+             NDIM: tl.constexpr, LAY_TILED: tl.constexpr = False):
     # W: the query windows of pattern 1 (g, start, end per axis); P: the scalar parameters
     g0, s0, e0, g1, s1, e1, g2, s2, e2 = W
     DL0, DL1, DL2, WINDOW, NSINK, LBS = P
@@ -76,7 +76,8 @@ def _visible(qtok, qvalid, ktok, kvalid, W, kc0, kc1, kc2, P, mbase, smm, smn, l
         if not IS_CAUSAL:
             dist = tl.abs(dist)
         vis = vis & ((dist < WINDOW) | (ktok[None, :] < NSINK))
-    if PATTERN == 3:
+    if PATTERN == 3 and not LAY_TILED:  # LAY_TILED: each kernel tile lies in one layout block,
+        # so a listed tile's block is visible and the (register-hungry) gather is not needed
         lay = tl.load(lbase + (qtok // LBS)[:, None] * slq + (ktok // LBS)[None, :] * slk,
                       mask=vis & qvalid[:, None], other=0)
         vis = vis & (lay != 0)
@@ -181,7 +182,7 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
             PATTERN: tl.constexpr, NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr,
             TK2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
             FASTNA: tl.constexpr, FOLD: tl.constexpr, CUT: tl.constexpr = 0,
-            KV_TMA: tl.constexpr = False):
+            KV_TMA: tl.constexpr = False, LAY_TILED: tl.constexpr = False):
     # kbase/vbase: pointers to this head's K/V, or (KV_TMA) tensor descriptors over them
     if PATTERN == 1:
         NKT1, NKT2, L0, L1, L2 = G
@@ -228,7 +229,7 @@ def _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn, svn, offs_
                 qk = _na_cut(qk, fl, 16, kc0, s0, e0)
         else:
             vis = _visible(qtok, qvalid, ktok, kvalid, W, kc0, kc1, kc2, P, mbase, smm, smn,
-                           lbase, slq, slk, IS_CAUSAL, MASK_KIND, PATTERN, NDIM)
+                           lbase, slq, slk, IS_CAUSAL, MASK_KIND, PATTERN, NDIM, LAY_TILED)
             if MASK_KIND == 2:
                 bias = tl.load(mbase + qtok[:, None] * smm + ktok[None, :] * smn,
                                mask=qvalid[:, None] & kvalid[None, :], other=0.0)
@@ -272,6 +273,7 @@ def _fwd_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     FASTNA: tl.constexpr, FOLD: tl.constexpr, NA_LOOP: tl.constexpr, KV_TMA: tl.constexpr,
+    LAY_TILED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -331,13 +333,13 @@ def _fwd_kernel(
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA)
+                                    KV_TMA, LAY_TILED)
         for n in range(n_full, tl.cdiv(hi, BLOCK_N)):
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA)
+                                    KV_TMA, LAY_TILED)
     elif NA_LOOP == 2:  # dilation-1 neighborhood: one branch-free loop per cut class
         R0 = _na_split(s0, e0, L0, TK0)
         R1 = _na_split(s1, e1, L1, TK1)
@@ -364,7 +366,7 @@ def _fwd_kernel(
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA)
+                                    KV_TMA, LAY_TILED)
     else:
         lb = (bh // H) * snb + (bh % H) * snh + start_m
         ib = FIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
@@ -374,7 +376,7 @@ def _fwd_kernel(
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA)
+                                    KV_TMA, LAY_TILED)
         ib = PIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
         for i in range(0, tl.load(PNUM + lb)):
             n = tl.load(ib + i)
@@ -386,7 +388,7 @@ def _fwd_kernel(
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
                                     lbase, slq, slk, False, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
                                     TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA)
+                                    KV_TMA, LAY_TILED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + qtok[:, None] * som + offs_d[None, :],
