@@ -140,6 +140,8 @@ def test_no_softmax_no_candidates():
     assert canonicalize_attention(_export(model, args)) == (0, [])
 
 
+# an exported graph is already fixed in eval mode; its module refuses .eval()
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")
 def test_rewritten_module_reexports_to_torch_and_onnx(tmp_path):
     import onnxruntime as ort
 
