@@ -139,7 +139,8 @@ def compile_variant(case, cfg) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=None, help="comma-separated substrings of case names")
-    ap.add_argument("--out", default=str(HERE / "results" / "sm90_compile.json"))
+    ap.add_argument("--out", default=None,
+                    help="default: results/sm90_compile-triton<version>.json")
     ap.add_argument("--quick", action="store_true", help="one tile config (64x64, 4 warps)")
     a = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -166,9 +167,10 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     meta = dict(target="cuda sm_90a (compiled offline, no GPU)", triton=triton.__version__)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    print(f"wrote {a.out}")
+    out = Path(a.out or HERE / "results" / f"sm90_compile-triton{triton.__version__}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
+    print(f"wrote {out}")
     return 0
 
 
