@@ -4,7 +4,9 @@ spills (ptxas -v), and the ops that matter in the Triton GPU IR (wgmma dots, TMA
 copies, layout conversions). This is static evidence, not timing: it says whether a variant can
 run on Hopper and whether its loads and dots took the fast forms.
 
-    python benchmarks/sm90_compile.py [--cases na2d,dense] [--quick] [--out FILE.json]
+    python benchmarks/sm90_compile.py [--cases na2d,dense] [--quick] [--cc 80] [--out FILE.json]
+
+`--cc 80` compiles for an A100 instead (sm_80: mma.sync dots, no TMA, so no descriptor variant).
 
 The launch arguments are those `flash._launch` passes for the benchmark cases of
 `benchmarks/kernels.py` (captured, not launched), specialised the way Triton's JIT does (ints
@@ -25,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 COUNT = {
     "wgmma": r"ttng\.warp_group_dot ",
-    "mma_v2": r"tt\.dot .*#ttg\.nvidia_mma<\{versionMajor = 2",
+    "mma_sync": r"= tt\.dot ",  # left as tt.dot: mma.sync (pre-Hopper) or FMA
     "tma_load": r"ttng\.async_tma_copy_global_to_local",
     "cp_async": r"ttg\.async_copy_global_to_local",
     "plain_load": r"= tt\.load ",
@@ -97,10 +99,11 @@ def _source(kernel, args, kw):
     return ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
 
 
-def _ptxas(ptx: str, arch: str) -> dict:
+def _ptxas(ptx: str, cc: int) -> dict:
     from triton.backends.nvidia import compiler as nv
 
-    exe = nv.get_ptxas(arch=90).path if hasattr(nv, "get_ptxas") else "ptxas"
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    exe = nv.get_ptxas(arch=cc).path if hasattr(nv, "get_ptxas") else "ptxas"
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "k.ptx"
         p.write_text(ptx)
@@ -115,7 +118,7 @@ def _ptxas(ptx: str, arch: str) -> dict:
     return out
 
 
-def compile_variant(case, cfg) -> dict:
+def compile_variant(case, cfg, cc: int = 90) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -123,7 +126,7 @@ def compile_variant(case, cfg) -> dict:
     src = _source(kernel, args, kw)
     row = dict(case=case["name"], config=cfg)
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                             options=dict(num_warps=cfg["num_warps"],
                                          num_stages=cfg["num_stages"]))
     except Exception as e:  # noqa: BLE001  (a variant that does not compile is a result)
@@ -132,7 +135,7 @@ def compile_variant(case, cfg) -> dict:
     ttgir = ck.asm["ttgir"]
     row["ops"] = {kk: len(re.findall(p, ttgir)) for kk, p in COUNT.items()}
     row["shared_bytes"] = ck.metadata.shared
-    row.update(_ptxas(ck.asm["ptx"], "sm_90a"))
+    row.update(_ptxas(ck.asm["ptx"], cc))
     return row
 
 
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="default: results/sm90_compile-triton<version>.json")
     ap.add_argument("--quick", action="store_true", help="one tile config (64x64, 4 warps)")
+    ap.add_argument("--cc", type=int, default=90, choices=[80, 86, 89, 90],
+                    help="compute capability to compile for (90: H100/H200, 80: A100)")
     a = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -162,12 +167,14 @@ def main(argv=None) -> int:
         loops = [{"na_loop": n} for n in flash.NA_LOOPS] if natten else [{}]
         for t in tiles:
             for lp in loops:
-                for tma in ({}, {"kv_tma": 1}):
-                    row = compile_variant(case, {**t, **lp, **tma})
+                for tma in ({}, {"kv_tma": 1}) if a.cc >= 90 else ({},):
+                    row = compile_variant(case, {**t, **lp, **tma}, a.cc)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    meta = dict(target="cuda sm_90a (compiled offline, no GPU)", triton=triton.__version__)
-    out = Path(a.out or HERE / "results" / f"sm90_compile-triton{triton.__version__}.json")
+    arch = "sm_90a" if a.cc == 90 else f"sm_{a.cc}"
+    meta = dict(target=f"cuda {arch} (compiled offline, no GPU)", triton=triton.__version__)
+    name = "sm90_compile" if a.cc == 90 else f"sm{a.cc}_compile"
+    out = Path(a.out or HERE / "results" / f"{name}-triton{triton.__version__}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     print(f"wrote {out}")

@@ -30,7 +30,7 @@ def test_every_variant_compiles_for_sm90(root, tmp_path):
     for row in rows:
         assert "error" not in row, row
         ops = row["ops"]
-        assert ops["wgmma"] >= 2 and ops["mma_v2"] == 0, row
+        assert ops["wgmma"] >= 2 and ops["mma_sync"] == 0, row
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
         if row["config"].get("kv_tma"):
             assert ops["tma_load"] > 0 and ops["cp_async"] == 0, row
