@@ -292,6 +292,12 @@ def _table(rows) -> str:
             f"{f(r.get('speedup_vs_flex'), 8, 2)}{f(r['tflops_visible'], 8, 0)}"
             f"{f(r.get('pct_peak'), 7, 1)}  {r.get('target') or ''} "
             f"{'met' if r['target_met'] else 'MISSED'}")
+    for r in rows:  # the variant A/B at the tuned tiles
+        ms = {kk: vv for kk, vv in (r.get("ms_by_variant") or {}).items() if isinstance(vv, float)}
+        if len(ms) > 1:
+            best = min(ms, key=ms.get)
+            parts = ", ".join(f"{kk} {vv:.3f}" for kk, vv in ms.items())
+            lines.append(f"  {r['case']}: {parts} ms; best {best}")
     return "\n".join(lines)
 
 
