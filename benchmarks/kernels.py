@@ -126,7 +126,7 @@ def _bench(fn):
 
 def _visible_flops(c, pat, causal, layout, cfg, device):
     """4 * BM * BN * D per visible (b, h, tile) at attnc's tile sizes."""
-    from attnc.kernels import flash, masks
+    from attnc.kernels import masks, tile_lists
 
     bm, bn, s = cfg["BLOCK_M"], cfg["BLOCK_N"], c["s"]
     if pat.kind == "dense":
@@ -140,7 +140,7 @@ def _visible_flops(c, pat, causal, layout, cfg, device):
             reach = [a * b for a, b in zip(pat.kernel_size, pat.dilation, strict=True)]
             tq = masks.natten_tile_shape(bm, pat.grid, reach)
             tk = masks.natten_tile_shape(bn, pat.grid, reach)
-        fnum, _, pnum, _ = flash._lists(pat, s, s, bm, bn, layout, tq, tk, causal, device)
+        fnum, _, pnum, _ = tile_lists.lists(pat, s, s, bm, bn, layout, tq, tk, causal, device)
         tiles = int(fnum.sum() + pnum.sum())
         heads = fnum.shape[0] * fnum.shape[1]
     per_head = tiles / heads

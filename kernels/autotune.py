@@ -85,7 +85,8 @@ def _bucket(n: int) -> int:
 def _sources_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha1()
-    for name in ("flash.py", "flash_kernels.py", "colsum.py", "masks.py", "autotune.py"):
+    for name in ("flash.py", "flash_kernels.py", "colsum.py", "masks.py", "autotune.py",
+                 "tile_lists.py"):
         p = here / name
         if p.exists():
             h.update(p.read_bytes())

@@ -10,7 +10,7 @@ A row that sees no key returns zeros and lse = -inf.
 
 This module is the host side (public API: `Pattern`, `natten_pattern`, `can_use_flash`,
 `attention_fwd`, `column_sums`): argument checks, FlexAttention-style full/partial block lists
-built on the host and cached (masks.compact_lists), config choice (autotune.py) and launches.
+built on the host and cached (tile_lists.py), config choice (autotune.py) and launches.
 The kernel bodies live in `flash_kernels.py` (forward, patterns 0-3) and `colsum.py` (column
 sums: probabilities recomputed from the lse and summed per key over chosen query rows, without
 materialising the attention matrix).
@@ -19,13 +19,11 @@ materialising the attention matrix).
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import triton
-from attnc.kernels import autotune, masks
+from attnc.kernels import autotune, masks, tile_lists
 from attnc.kernels.colsum import _colsum_kernel
 from attnc.kernels.flash_kernels import _fwd_kernel
 
@@ -46,10 +44,10 @@ FOLD_SCALE = True
 # Measured on the H100 (round 2): box beats lists in 1-D, lists beat box in 2-D/3-D; NA_LOOP
 # None takes that default, a name forces one loop everywhere.
 NA_LOOPS = ("lists", "box", "class")
-# a config's "kv_tma": 1 loads K/V tiles through tensor descriptors (TMA bulk copies on Hopper)
-# instead of pointer gathers; offered to autotuning where _tma_ok holds, unmeasured so far
 NA_LOOP: str | None = None
 _NA_LOOP_ID = {"lists": 0, "box": 1, "class": 2}
+# a config's "kv_tma": 1 loads K/V tiles through tensor descriptors (TMA bulk copies on Hopper)
+# instead of pointer gathers; offered to autotuning where _tma_ok holds
 
 
 # ------------------------------------------------------------------------------ host side
@@ -131,58 +129,6 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _lists(pattern: Pattern, sq, skv, bm, bn, layout, tq, tk, causal, device):
-    if pattern.kind == "natten":
-        def build():
-            a, b = masks.natten_tile_any_all(pattern.grid, pattern.kernel_size, pattern.dilation,
-                                             pattern.stride, pattern.causal_axes, tq, tk, device)
-            return masks.compact_lists(a[None, None], b[None, None])
-
-        return _cached((pattern, tq, tk, str(device)), build)
-    if pattern.kind == "sliding":
-        def build():
-            def pred(i, j):
-                return masks.sliding_window_visible(i, j, pattern.window, pattern.num_sinks,
-                                                    causal)
-
-            a, b = masks.tile_any_all(pred, sq, skv, bm, bn, device)
-            return masks.compact_lists(a[None, None], b[None, None])
-
-        return _cached((pattern, causal, sq, skv, bm, bn, str(device)), build)
-    # a layout is data: its lists are reused only for the same live tensor, unmodified (an
-    # address and a version alone can belong to a new layout once the old one is freed)
-    key = ("block", id(layout), pattern.block_size, causal, sq, skv, bm, bn, str(device))
-    hit = _LIST_CACHE.get(key)
-    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
-        _LIST_CACHE.move_to_end(key)
-        return hit[2]
-    lists = masks.compact_lists(*_layout_tiles(layout, pattern.block_size, sq, skv, bm, bn,
-                                               causal))
-    _remember(key, (weakref.ref(layout), layout._version, lists))
-    return lists
-
-
-# tile lists by pattern and tiles, least recently used dropped past _LIST_CACHE_SIZE entries
-_LIST_CACHE: OrderedDict = OrderedDict()
-_LIST_CACHE_SIZE = 256
-
-
-def _cached(key, build):
-    if key in _LIST_CACHE:
-        _LIST_CACHE.move_to_end(key)
-        return _LIST_CACHE[key]
-    value = build()
-    _remember(key, value)
-    return value
-
-
-def _remember(key, value) -> None:
-    _LIST_CACHE[key] = value
-    _LIST_CACHE.move_to_end(key)
-    while len(_LIST_CACHE) > _LIST_CACHE_SIZE:
-        _LIST_CACHE.popitem(last=False)
-
-
 def _na_fast(pattern: Pattern) -> bool:
     return NA_FAST_MASK and pattern.kind == "natten" and all(d == 1 for d in pattern.dilation)
 
@@ -195,41 +141,6 @@ def na_loop(pattern: Pattern, cfg: dict | None = None) -> str | None:
     if name not in NA_LOOPS:
         raise KernelError(f"unknown neighborhood loop {name!r}; expected one of {NA_LOOPS}")
     return name
-
-
-def _na_fast_lists(pattern: Pattern, tq, tk, device):
-    """The natten lists with masks.natten_tile_flags in the top byte of each partial index."""
-    def build():
-        fnum, fidx, pnum, pidx = _lists(pattern, 0, 0, 0, 0, None, tq, tk, False, device)
-        if pidx.shape[-1] >= 1 << 24:
-            raise KernelError(f"{pidx.shape[-1]} key tiles exceed the 24-bit tile index")
-        flags = masks.natten_tile_flags(pattern.grid, pattern.kernel_size, pattern.stride,
-                                        pattern.causal_axes, tq, tk, device)  # (NQ, NK)
-        fl = flags.gather(-1, pidx[0, 0].long()).to(torch.int32)
-        return fnum, fidx, pnum, (pidx | (fl << 24)).contiguous()
-
-    return _cached(("na-fast", pattern, tq, tk, str(device)), build)
-
-
-def _layout_tiles(layout, bs, sq, skv, bm, bn, causal):
-    """Kernel-tile any/all of a block layout: upsample to the gcd unit, reduce to tiles."""
-    u = math.gcd(bs, math.gcd(bm, bn))
-    r = bs // u
-    lay = layout.repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)  # (B, H, units, units)
-    nq, nk = -(-sq // bm), -(-skv // bn)
-    lay = lay[:, :, : nq * bm // u][:, :, :, : nk * bn // u]
-    pq, pk = nq * bm // u - lay.shape[2], nk * bn // u - lay.shape[3]
-    lay = torch.nn.functional.pad(lay, (0, pk, 0, pq))  # (B, H, nq*bm/u, nk*bn/u)
-    t = lay.reshape(*lay.shape[:2], nq, bm // u, nk, bn // u)  # (B, H, nq, tq, nk, tk)
-    any_, all_ = t.any(-1).any(-2), t.all(-1).all(-2)
-    if skv % bn:
-        all_[..., -1] = False
-    if causal:
-        qt = torch.arange(nq, device=layout.device)[:, None]
-        kt = torch.arange(nk, device=layout.device)[None, :]
-        any_ = any_ & (kt * bn <= torch.clamp((qt + 1) * bm, max=sq) - 1)
-        all_ = all_ & ((kt + 1) * bn - 1 <= qt * bm)
-    return any_, all_
 
 
 def _config(pattern: Pattern, q, k, v, causal, mask, layout) -> dict:
@@ -351,11 +262,11 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
     if box:
         nq_tiles = math.prod(triton.cdiv(pattern.grid[a], tq[a]) for a in range(3))
     elif fast:
-        fnum, fidx, pnum, pidx = _na_fast_lists(pattern, tq, tk, q.device)
+        fnum, fidx, pnum, pidx = tile_lists.na_fast_lists(pattern, tq, tk, q.device)
     if kind != 0 and not box:
         if not fast:
-            fnum, fidx, pnum, pidx = _lists(pattern, SQ, SKV, bm, bn, layout, tq, tk, causal,
-                                            q.device)
+            fnum, fidx, pnum, pidx = tile_lists.lists(pattern, SQ, SKV, bm, bn, layout, tq, tk,
+                                                      causal, q.device)
         nq_tiles, nkl = fidx.shape[2], fidx.shape[3]
         lst = (fnum.stride(0) if fnum.shape[0] > 1 else 0, fnum.stride(1) if fnum.shape[1] > 1
                else 0, fidx.stride(0) if fidx.shape[0] > 1 else 0,

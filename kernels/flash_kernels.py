@@ -381,7 +381,7 @@ def _fwd_kernel(
         for i in range(0, tl.load(PNUM + lb)):
             n = tl.load(ib + i)
             fl = 0
-            if FASTNA:  # flags of the bounds to check in the top byte (flash._na_fast_lists)
+            if FASTNA:  # flags of the bounds to check in the top byte (tile_lists.na_fast_lists)
                 fl = n >> 24
                 n = n & 0xFFFFFF
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, fl, kbase, vbase, skn,

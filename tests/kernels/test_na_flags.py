@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from attnc.kernels import autotune, flash, masks
+from attnc.kernels import autotune, flash, masks, tile_lists
 
 from attnc.errors import KernelError
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
@@ -32,7 +32,7 @@ def test_flagged_bounds_reproduce_the_mask(grid, ks, st, ca, bm, bn):
     reach = list(pat.kernel_size)
     tq = masks.natten_tile_shape(bm, pat.grid, reach)
     tk = masks.natten_tile_shape(bn, pat.grid, reach)
-    _, _, pnum, pidx = flash._na_fast_lists(pat, tq, tk, "cpu")
+    _, _, pnum, pidx = tile_lists.na_fast_lists(pat, tq, tk, "cpu")
     g3 = pat.grid
     for qt in range(pidx.shape[2]):
         qc = _coords(qt, tq, g3)

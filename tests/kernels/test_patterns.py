@@ -4,10 +4,11 @@ against the references; block skipping; op dispatch and argument errors."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
-from attnc.kernels import flash, masks, reference
+from attnc.kernels import flash, masks, reference, tile_lists
 
 from attnc.errors import KernelError
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
@@ -80,7 +81,7 @@ def test_block_skipping_lists_are_exact():
     pat = flash.natten_pattern(grid, ks, dl, st, ca)
     tq = masks.natten_tile_shape(32, pat.grid, [1, 5, 7])
     tk = masks.natten_tile_shape(16, pat.grid, [1, 5, 7])
-    fnum, fidx, pnum, pidx = flash._lists(pat, 480, 480, 32, 16, None, tq, tk, False, "cpu")
+    fnum, fidx, pnum, pidx = tile_lists.lists(pat, 480, 480, 32, 16, None, tq, tk, False, "cpu")
     dense = masks.natten_mask(grid, ks, dl, st, ca)
     # tile-space token ids of each query / key tile
     def tokens(t, tile):
@@ -104,7 +105,7 @@ def test_block_skipping_lists_are_exact():
 
 def test_sliding_lists_skip_far_tiles():
     pat = flash.Pattern("sliding", window=64, num_sinks=4)
-    lists = flash._lists(pat, 1024, 1024, 32, 16, None, None, None, True, "cpu")
+    lists = tile_lists.lists(pat, 1024, 1024, 32, 16, None, None, None, True, "cpu")
     nf, np_ = _listed_tiles(lists)
     assert nf > 0 and nf + np_ < 32 * 64 * 0.2
 
@@ -212,9 +213,9 @@ def test_block_lists_are_not_reused_for_a_new_layout_at_the_same_address():
 
 
 def test_list_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(flash, "_LIST_CACHE_SIZE", 3)
-    monkeypatch.setattr(flash, "_LIST_CACHE", flash.OrderedDict())
+    monkeypatch.setattr(tile_lists, "CACHE_SIZE", 3)
+    monkeypatch.setattr(tile_lists, "CACHE", OrderedDict())
     q, k, v = rand_qkv(1, 1, 1, 40, 40, 32, torch.float32)
     for w in range(1, 7):
         flash.attention_fwd(q, k, v, scale=0.2, pattern=flash.Pattern("sliding", window=w))
-    assert len(flash._LIST_CACHE) == 3
+    assert len(tile_lists.CACHE) == 3
