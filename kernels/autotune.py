@@ -16,6 +16,7 @@ We never use `@triton.autotune` with several configs: our own loop picks one and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,6 +83,7 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.cache  # read once per process: every tuned launch builds a cache key
 def _sources_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha1()
