@@ -52,6 +52,22 @@ def causal_allowed(sq: int, skv: int, device: torch.device | str = "cpu") -> tor
     return j <= i  # (Sq, Skv)
 
 
+def sdpa_mask(attn_mask: torch.Tensor | None, is_causal: bool, sq: int, skv: int,
+              device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDPA's mask arguments as (allowed, bias): a bool mask is True = attend, a float mask is
+    added to the scores, and causality ANDs the lower triangle into `allowed`."""
+    allowed, bias = None, None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            bias = attn_mask
+    if is_causal:
+        c = causal_allowed(sq, skv, device)
+        allowed = c if allowed is None else (allowed & c)
+    return allowed, bias
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,15 +77,7 @@ def attention_ref(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Dense attention, the semantics of torch SDPA (bool mask True = attend, float mask added)."""
-    allowed, bias = None, None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = attn_mask
-        else:
-            bias = attn_mask
-    if is_causal:
-        c = causal_allowed(q.shape[-2], k.shape[-2], q.device)
-        allowed = c if allowed is None else (allowed & c)
+    allowed, bias = sdpa_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
     out, _ = masked_attention(q, k, v, allowed, scale, bias)
     return out
 
@@ -146,15 +154,7 @@ def attention_colsum_ref(
     rows `rows` (bool (Sq,) or int indices): (out, colsum (B, Hq, Skv) float32)."""
     hq, d = q.shape[1], q.shape[-1]
     s = 1.0 / math.sqrt(d) if scale is None else scale
-    allowed, bias = None, None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = attn_mask
-        else:
-            bias = attn_mask
-    if is_causal:
-        c = causal_allowed(q.shape[-2], k.shape[-2], q.device)
-        allowed = c if allowed is None else (allowed & c)
+    allowed, bias = sdpa_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
     out, lse = masked_attention(q, k, v, allowed, s, bias)
     scores = (q.float() @ expand_kv(k, hq).float().transpose(-1, -2)) * s  # (B, Hq, Sq, Skv)
     if bias is not None:
