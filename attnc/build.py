@@ -14,20 +14,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from attnc.calibration import load_calibration
+from attnc.capture.program import Program, capture
+from attnc.check.fidelity import Memo, compare, meets, ort_runner, reference_outputs
 from attnc.errors import CaptureError, UsageError, VerificationError
-from attnc.graph_edit import param_count
-from attnc.loading import LoadedModel, load_model
-from attnc.passes_api import PassContext, run_passes
-from attnc.program import Program, capture
-from attnc.recipe import Recipe, load_recipe
-from attnc.verify import Memo, compare, meets, ort_runner, reference_outputs
+from attnc.graph.edit import param_count
+from attnc.load.calibration import load_calibration
+from attnc.load.models import LoadedModel, load_model
+from attnc.recipe.manager import PassContext, run_passes
+from attnc.recipe.schema import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,6 @@ class BuildOptions:
     input_shape: list[int] | None = None
     dtype: str = "float32"
     progress: Callable[[str], None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +100,7 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         cfg=recipe.calibration,
         extra=extra,
     )
-    from attnc.calibration import _pad_id, conform
+    from attnc.load.calibration import _pad_id, conform
 
     data = conform(
         data,
@@ -150,14 +148,14 @@ def build(
     program, results = run_passes(original.clone(), recipe.passes, ctx)
     lowered = 0
     if recipe.export.lower_dense:
-        from attnc.export import lower_dense
+        from attnc.export.artifacts import lower_dense
 
         lowered = lower_dense(program)
 
     say("verifying the optimized program against the original")
     opt_run = Memo(program)
     comparisons = {"torch optimized vs original": compare(opt_run, data.holdout, ref_hold, top1)}
-    from attnc.evaluate import task_metrics
+    from attnc.check.task import task_metrics
 
     fidelity = task_metrics(loaded.kind, opt_run, orig_run, data.holdout, loaded.tokenizer)
     ok, fails = meets({**comparisons["torch optimized vs original"], **fidelity}, recipe.fidelity)
@@ -215,7 +213,7 @@ def build(
             "versions": _versions(),
             "seconds": time.perf_counter() - t0,
         }
-        from attnc.report import write_report
+        from attnc.report.write import write_report
 
         write_report(report, stage)
         report["artifacts"] = sorted(p.name for p in stage.iterdir())
@@ -228,7 +226,7 @@ def build(
 
 
 def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say):
-    from attnc.export import export_onnx, save_pt2
+    from attnc.export.artifacts import export_onnx, save_pt2
 
     artifacts = []
     if recipe.export.pt2:

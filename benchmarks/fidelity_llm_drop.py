@@ -44,13 +44,13 @@ def run_model(name, spec, calib_file, eval_file, max_length, tmp: Path) -> dict:
 
     import attnc.passes.llm_drop as D
 
-    from attnc.calibration import CalibrationConfig, load_calibration
-    from attnc.evaluate import task_metrics
-    from attnc.export import export_onnx
-    from attnc.loading import load_model
-    from attnc.passes_api import PassContext
-    from attnc.program import capture
-    from attnc.verify import ort_runner
+    from attnc.capture.program import capture
+    from attnc.check.fidelity import ort_runner
+    from attnc.check.task import task_metrics
+    from attnc.export.artifacts import export_onnx
+    from attnc.load.calibration import CalibrationConfig, load_calibration
+    from attnc.load.models import load_model
+    from attnc.recipe.manager import PassContext
 
     loaded = load_model(spec)
     program = capture(loaded)

@@ -21,9 +21,9 @@ def main() -> None:
         sys.exit("needs a CUDA device")
     import attnc.kernels.flash as flash
 
-    from attnc.export import lower_dense
-    from attnc.loading import load_model
-    from attnc.program import capture
+    from attnc.capture.program import capture
+    from attnc.export.artifacts import lower_dense
+    from attnc.load.models import load_model
 
     calls = {"n": 0}
     real = flash.attention_fwd

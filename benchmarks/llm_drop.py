@@ -76,11 +76,11 @@ def main() -> None:
     import attnc.passes.llm_drop as D
     import torch
 
-    from attnc.calibration import CalibrationConfig, load_calibration
-    from attnc.export import export_onnx
-    from attnc.loading import load_model
-    from attnc.passes_api import PassContext
-    from attnc.program import capture
+    from attnc.capture.program import capture
+    from attnc.export.artifacts import export_onnx
+    from attnc.load.calibration import CalibrationConfig, load_calibration
+    from attnc.load.models import load_model
+    from attnc.recipe.manager import PassContext
 
     torch.set_num_threads(args.threads)
     loaded = load_model(f"{ROOT / 'examples' / 'minilm.py'}:load")

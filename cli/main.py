@@ -184,8 +184,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List MODEL's attention sites, and hand-written candidates that did not match (and why)."""
-    from attnc.loading import load_model
-    from attnc.program import capture
+    from attnc.capture.program import capture
+    from attnc.load.models import load_model
 
     loaded = load_model(
         model, weights=weights, trust_pickle=trust_pickle, input_shape=_shape(input_shape)
@@ -254,7 +254,7 @@ def eval_cmd(
 ) -> None:
     """Task-level fidelity of MODEL against the original: bits/byte, top-1, KL for LMs; embedding
     cosine and retrieval agreement for encoders; pooled-feature cosine for vision models."""
-    from attnc.evaluate import evaluate
+    from attnc.check.task import evaluate
 
     res = evaluate(model, against, data, onnx=onnx, samples=samples, max_length=max_length)
     if as_json:
@@ -271,8 +271,8 @@ def eval_cmd(
 @app.command()
 def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the available passes: id, exact or approximate, config fields and defaults."""
-    from attnc.passes_api import list_passes
-    from attnc.recipe import config_fields
+    from attnc.recipe.manager import list_passes
+    from attnc.recipe.schema import config_fields
 
     infos = list_passes()
     rows = [

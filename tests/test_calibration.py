@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from attnc.calibration import (
+from attnc.errors import CalibrationError
+from attnc.load.calibration import (
     Batch,
     CalibrationConfig,
     CalibrationData,
     conform,
     load_calibration,
 )
-from attnc.errors import CalibrationError
 
 NAMES = ["input_ids", "attention_mask"]
 EXAMPLE = (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnc.canonicalize import SDPA, Candidate, canonicalize_attention, module_name
+from attnc.capture.canonicalize import SDPA, Candidate, canonicalize_attention, module_name
 
 SOFTMAX = {torch.ops.aten.softmax.int, torch.ops.aten._softmax.default}
 

@@ -8,8 +8,8 @@ import models
 import pytest
 import torch
 
-from attnc.loading import load_model, wrap_hf
-from attnc.program import capture
+from attnc.capture.program import capture
+from attnc.load.models import load_model, wrap_hf
 
 # (kind, expected sites, block style of the first site, causal-lm?)
 HF_EXPECT = {

@@ -148,7 +148,7 @@ def test_inspect_and_passes(llama_dir, root, capsys):
 
 
 def test_loading_forms(llama_dir, factory_file, tmp_path, capsys):
-    from attnc.loading import load_model
+    from attnc.load.models import load_model
 
     assert load_model(str(llama_dir)).kind == "causal-lm"
     assert load_model(f"{factory_file}:build").kind == "custom"

@@ -9,11 +9,11 @@ import attnc.passes.llm_drop as D
 import hf_models
 import pytest
 
-from attnc.calibration import CalibrationConfig, load_calibration
-from attnc.evaluate import evaluate, task_metrics
-from attnc.loading import load_model, wrap_hf
-from attnc.passes_api import PassContext
-from attnc.program import capture
+from attnc.capture.program import capture
+from attnc.check.task import evaluate, task_metrics
+from attnc.load.calibration import CalibrationConfig, load_calibration
+from attnc.load.models import load_model, wrap_hf
+from attnc.recipe.manager import PassContext
 
 TINY = "examples/models/attnc-tiny-llama"
 

@@ -8,10 +8,10 @@ import attnc.passes.llm_drop as D
 import hf_models
 import torch
 
-from attnc.export import export_onnx, lower_dense, save_pt2
-from attnc.loading import wrap_hf
-from attnc.program import capture
-from attnc.verify import ort_runner
+from attnc.capture.program import capture
+from attnc.check.fidelity import ort_runner
+from attnc.export.artifacts import export_onnx, lower_dense, save_pt2
+from attnc.load.models import wrap_hf
 
 
 def test_original_export_has_more_attention_nodes(tmp_path):

@@ -9,12 +9,12 @@ import hf_models
 import pytest
 import torch
 
-from attnc.calibration import CalibrationConfig, CalibrationData, generated_batches
+from attnc.capture.program import capture
+from attnc.check.fidelity import compare, meets, reference_outputs
 from attnc.errors import RecipeError
-from attnc.loading import load_model, wrap_hf
-from attnc.passes_api import PassContext
-from attnc.program import capture
-from attnc.verify import compare, meets, reference_outputs
+from attnc.load.calibration import CalibrationConfig, CalibrationData, generated_batches
+from attnc.load.models import load_model, wrap_hf
+from attnc.recipe.manager import PassContext
 
 # where to zero a sublayer's output in the eager model: (attention suffix, mlp suffix)
 ZERO_AT = {
@@ -161,7 +161,7 @@ def test_iterative_rescores_the_dropped_model():
 
 
 def test_auto_count_is_largest_within_bound():
-    from attnc.recipe import FidelityBound
+    from attnc.recipe.schema import FidelityBound
 
     loaded, program, ctx = _setup("bert")
     refs = reference_outputs(program, ctx.calibration.calib)
@@ -193,7 +193,7 @@ def test_layer_selector_limits_candidates():
 
 def test_minilm_scores_and_drop_fidelity(minilm, root):
     """Real weights: scores are true cosines, and fidelity falls as more is dropped."""
-    from attnc.calibration import load_calibration
+    from attnc.load.calibration import load_calibration
 
     program = capture(minilm)
     data = load_calibration(

@@ -9,13 +9,13 @@ import hf_models
 import pytest
 import torch
 
-from attnc.calibration import CalibrationConfig, CalibrationData, conform, generated_batches
-from attnc.export import export_onnx
-from attnc.loading import load_model, wrap_hf
-from attnc.passes_api import PassContext, run_passes
-from attnc.program import capture
-from attnc.recipe import parse_recipe
-from attnc.verify import ort_runner
+from attnc.capture.program import capture
+from attnc.check.fidelity import ort_runner
+from attnc.export.artifacts import export_onnx
+from attnc.load.calibration import CalibrationConfig, CalibrationData, conform, generated_batches
+from attnc.load.models import load_model, wrap_hf
+from attnc.recipe.manager import PassContext, run_passes
+from attnc.recipe.schema import parse_recipe
 
 HANDWRITTEN = ["nanogpt", "gpt_fast", "manual_gqa", "tiny_encoder", "tiny_vlm"]
 ARCHS = hf_models.ARCHS + HANDWRITTEN

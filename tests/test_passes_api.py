@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import hf_models
 import pytest
 
+from attnc.capture.program import capture
 from attnc.errors import PassError, RecipeError
-from attnc.loading import wrap_hf
-from attnc.passes_api import (
+from attnc.load.models import wrap_hf
+from attnc.recipe.manager import (
     Decision,
     PassContext,
     PassInfo,
@@ -19,8 +20,7 @@ from attnc.passes_api import (
     register_pass,
     run_passes,
 )
-from attnc.program import capture
-from attnc.recipe import PassStep, parse_recipe
+from attnc.recipe.schema import PassStep, parse_recipe
 
 
 @dataclass(frozen=True)

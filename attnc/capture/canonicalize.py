@@ -25,19 +25,17 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from attnc.canonicalize_match import (  # noqa: F401
-    _ASSERTS,
-    _SOFTMAX,
+from attnc.capture.attention_match import (
+    ASSERT_OPS,
     SDPA,
-    MaskKind,
-    _Match,
-    _match,
-    _NoMatch,
-    _shape,
-    _unexpand,
-    _val,
+    SOFTMAX_OPS,
+    Match,
+    NoMatch,
+    match_softmax,
+    unexpand,
+    value_of,
 )
-from attnc.sites import kv_heads
+from attnc.graph.sites import kv_heads
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -58,40 +56,41 @@ def module_name(node: Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _rewrite(gm: GraphModule, m: _Match) -> Node:
+def _rewrite(gm: GraphModule, m: Match) -> Node:
     g = gm.graph
     k, v, gqa = m.k, m.v, False
     with g.inserting_before(m.out):
         if k is None:
             k = g.call_function(aten.transpose.int, (m.kt, -2, -1))
-            k.meta["val"] = _val(m.kt).transpose(-2, -1)
-        (k0, rk), (v0, rv) = _unexpand(k), _unexpand(v)
+            k.meta["val"] = value_of(m.kt).transpose(-2, -1)
+        (k0, rk), (v0, rv) = unexpand(k), unexpand(v)
         if rk == rv > 1:
             k, v, gqa = k0, v0, True
         n_kv = kv_heads(k0)
         mask = m.mask
         if mask is not None and m.invert_mask:
             mask = g.call_function(aten.logical_not.default, (mask,))
-            mask.meta["val"] = _val(m.mask).logical_not()
-        qdt = _val(m.q).dtype
-        if mask is not None and m.mask_kind == "float" and _val(mask).dtype != qdt:
+            mask.meta["val"] = value_of(m.mask).logical_not()
+        qdt = value_of(m.q).dtype
+        if mask is not None and m.mask_kind == "float" and value_of(mask).dtype != qdt:
             cast = g.call_function(aten.to.dtype, (mask, qdt))
-            cast.meta["val"] = _val(mask).to(qdt)
+            cast.meta["val"] = value_of(mask).to(qdt)
             mask = cast
         kwargs = {"scale": m.scale, "enable_gqa": gqa} if gqa else {"scale": m.scale}
         args = (m.q, k, v, mask, 0.0, m.mask_kind == "causal")
         node = g.call_function(SDPA, args, kwargs)
     node.meta.update({key: val for key, val in m.out.meta.items() if key != "val"})
     try:
-        node.meta["val"] = SDPA(*[_val(a) if isinstance(a, Node) else a for a in args], **kwargs)
+        vals = [value_of(a) if isinstance(a, Node) else a for a in args]
+        node.meta["val"] = SDPA(*vals, **kwargs)
     except Exception:  # fake propagation is best effort; the replaced matmul has the same meta
-        node.meta["val"] = _val(m.out)
+        node.meta["val"] = value_of(m.out)
     node.meta["attnc_num_kv_heads"] = n_kv
     node.meta["attnc_mask_kind"] = m.mask_kind
     node.meta["attnc_scale"] = m.scale
     m.out.replace_all_uses_with(node)
     dead = {*m.chain, m.out}
-    for a in {u for c in dead for u in c.users if u.target in _ASSERTS}:
+    for a in {u for c in dead for u in c.users if u.target in ASSERT_OPS}:
         g.erase_node(a)
     for c in reversed([n for n in g.nodes if n in dead]):
         if not c.users:  # dropout counts as impure for eliminate_dead_code; erase it here
@@ -108,12 +107,12 @@ def annotate_sdpa(gm: GraphModule) -> None:
 
 def canonicalize_attention(gm: GraphModule) -> tuple[int, list[Candidate]]:
     """Rewrite in place; return (number rewritten, unmatched candidates with reasons)."""
-    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SOFTMAX]
+    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS]
     count, candidates = 0, []
     for sm in softmaxes:
         try:
-            match = _match(gm, sm)
-        except _NoMatch as e:
+            match = match_softmax(gm, sm)
+        except NoMatch as e:
             cand = Candidate(sm.name, module_name(sm), str(e))
             log.info("not attention: %s in %r: %s", cand.node, cand.module, cand.reason)
             candidates.append(cand)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.fx import GraphModule, Node
 
-from attnc.calibration import Batch
+from attnc.load.calibration import Batch
 
 
 class Stat(abc.ABC):

@@ -23,17 +23,6 @@ PASSTHROUGH_OPS = {
     torch.ops.aten._assert_tensor_metadata.default,
 }
 
-Pattern = Literal[
-    "dense",
-    "neighborhood",
-    "sliding-window-sink",
-    "block-sparse",
-    "head-routed",
-    "sink-calibrated",
-    "dropped",
-]
-
-
 @dataclass(frozen=True)
 class AttentionSite:
     index: int
@@ -342,7 +331,8 @@ def _site(index: int, node: Node) -> AttentionSite:
         o_lin = _walk_back_linear(res.branch)
     path = module_path(node)
     causal = bool(a.get("is_causal", False)) or bool(node.meta.get("attnc_causal", False))
-    pattern = node.meta.get("attnc_pattern", "dense")
+    sdpa = node.target is torch.ops.aten.scaled_dot_product_attention.default
+    pattern = "dense" if sdpa else str(getattr(node.target, "__name__", node.target)).split(".")[0]
     norm = None
     if res is not None:
         norm = res.out if res.style == "post-norm" else norm_before(q)

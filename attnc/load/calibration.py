@@ -4,7 +4,7 @@ Data: JSONL text (tokenised with the model's tokenizer) or token ids, a tensor f
 inputs for vision models. Batches are split into calibration and held-out parts; passes read
 statistics from the first, verification uses the second.
 
-Statistics over these batches stream through taps on the graph (`attnc.taps`).
+Statistics over these batches stream through taps on the graph (`attnc.graph.taps`).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def load_calibration(
 
 
 def _tensor_batches(p: Path, names, cfg) -> list[Batch]:
-    from attnc.loading import read_tensor_file
+    from attnc.load.models import read_tensor_file
 
     try:
         data = read_tensor_file(p)

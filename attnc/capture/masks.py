@@ -9,7 +9,7 @@ import logging
 import torch
 from torch.fx import Interpreter, Node
 
-from attnc.sites import is_attention, sdpa_args
+from attnc.graph.sites import is_attention, sdpa_args
 
 log = logging.getLogger(__name__)
 

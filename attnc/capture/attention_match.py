@@ -1,4 +1,4 @@
-"""Pattern matching for `attnc.canonicalize`: from a softmax outward to the q/k/v, scale and
+"""Pattern matching for `attnc.capture.canonicalize`: from a softmax outward to the q/k/v, scale and
 mask of a hand-written attention (see that module's docstring for the forms matched)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 aten = torch.ops.aten
 
 SDPA = aten.scaled_dot_product_attention.default
-_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 _CASTS = {
     aten.to.dtype,
     aten._to_copy.default,
@@ -23,17 +23,17 @@ _CASTS = {
 }
 _COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-_ASSERTS = {aten._assert_tensor_metadata.default}
+ASSERT_OPS = {aten._assert_tensor_metadata.default}
 MaskKind = Literal["none", "causal", "bool", "float"]
 _MASKED_VALUE = -1e4  # a fill at or below this is "masked out" after softmax in fp32/fp16
 
 
-class _NoMatch(Exception):
+class NoMatch(Exception):
     pass
 
 
 @dataclass
-class _Match:
+class Match:
     q: Node
     k: Node | None  # None: build kᵀ.transpose(-2, -1) from `kt`
     kt: Node
@@ -46,12 +46,12 @@ class _Match:
     chain: list[Node] = field(default_factory=list)
 
 
-def _val(n):
+def value_of(n):
     return n.meta.get("val") if isinstance(n, Node) else None
 
 
 def _shape(n) -> tuple:
-    v = _val(n)
+    v = value_of(n)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
@@ -79,7 +79,7 @@ def _users(n: Node) -> list[Node]:
     return [
         u
         for u in n.users
-        if u.target not in _ASSERTS
+        if u.target not in ASSERT_OPS
         and not (u.target == aten.type_as.default and u.args[0] is not n)
     ]
 
@@ -87,7 +87,7 @@ def _users(n: Node) -> list[Node]:
 def _single_user(n: Node, what: str) -> Node:
     users = _users(n)
     if len(users) != 1:
-        raise _NoMatch(f"{what} has {len(users)} users (e.g. attention weights are returned)")
+        raise NoMatch(f"{what} has {len(users)} users (e.g. attention weights are returned)")
     return users[0]
 
 
@@ -198,15 +198,15 @@ def _untranspose(n: Node) -> Node | None:
     return None
 
 
-def _match_scores(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
+def _match_scores(gm: GraphModule, x: Node, m: Match, chain: list[Node]) -> None:
     """Fill q, k/kt and scale of `m` from the (mask-free) scores node `x`."""
     x = _peel_back(x, chain) if _is_noop(x) else x
     x, scale = _peel_scale(gm, x, chain)
     if not isinstance(x, Node):
-        raise _NoMatch("softmax input is not a q @ kᵀ matmul")
+        raise NoMatch("softmax input is not a q @ kᵀ matmul")
     ops = _matmul_operands(x, chain)
     if ops is None:
-        raise _NoMatch(f"softmax input comes from {x.target}, not a q @ kᵀ matmul")
+        raise NoMatch(f"softmax input comes from {x.target}, not a q @ kᵀ matmul")
     chain.append(x)
     q, sq = _peel_scale(gm, ops[0], chain)
     kt, sk = _peel_scale(gm, ops[1], chain)
@@ -216,9 +216,9 @@ def _match_scores(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> Non
         chain.append(kt)
         k, sk2 = _peel_scale(gm, k, chain)
     if not (isinstance(q, Node) and isinstance(kt, Node)):
-        raise _NoMatch("q or k is not a tensor")
+        raise NoMatch("q or k is not a tensor")
     if len(_shape(q)) < 3:
-        raise _NoMatch(f"scores have rank {len(_shape(x))}, attention needs at least 3")
+        raise NoMatch(f"scores have rank {len(_shape(x))}, attention needs at least 3")
     m.q, m.kt, m.k, m.scale = q, kt, k, scale * sq * sk * sk2
 
 
@@ -265,7 +265,7 @@ def _causal_float(gm: GraphModule, n: Node, scores: tuple) -> bool:
     )
 
 
-def _match_mask(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
+def _match_mask(gm: GraphModule, x: Node, m: Match, chain: list[Node]) -> None:
     """Peel an optional mask off the pre-softmax scores, then match the scores."""
     scores = _shape(x)
     if x.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self):
@@ -276,12 +276,12 @@ def _match_mask(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
             elif (_const(gm, a) or 0.0) <= _MASKED_VALUE and _const(gm, a) is not None:
                 src, mask, masked = b, cond, True
             else:
-                raise _NoMatch("where() before softmax does not fill with a large negative value")
+                raise NoMatch("where() before softmax does not fill with a large negative value")
         else:
             src, mask, masked = x.args[0], x.args[1], True
             fill = _const(gm, x.args[2])
             if fill is None or fill > _MASKED_VALUE:
-                raise _NoMatch(f"masked_fill value {fill} does not mask out")
+                raise NoMatch(f"masked_fill value {fill} does not mask out")
         chain.append(x)
         if _causal_bool(gm, mask, masked, scores):
             m.mask_kind = "causal"
@@ -295,26 +295,26 @@ def _match_mask(gm: GraphModule, x: Node, m: _Match, chain: list[Node]) -> None:
             trial: list[Node] = []
             try:
                 _match_scores(gm, src, m, trial)
-            except _NoMatch as e:
+            except NoMatch as e:
                 errors.append(str(e))
                 continue
             chain += [x, *trial]
-            if not _val(mask).dtype.is_floating_point:
-                raise _NoMatch("additive mask is not floating point")
+            if not value_of(mask).dtype.is_floating_point:
+                raise NoMatch("additive mask is not floating point")
             if _causal_float(gm, mask, scores):
                 m.mask_kind = "causal"
             else:
                 m.mask, m.mask_kind = mask, "float"
             return
-        raise _NoMatch(errors[0])
+        raise NoMatch(errors[0])
     _match_scores(gm, x, m, chain)
 
 
-def _match(gm: GraphModule, sm: Node) -> _Match:
+def match_softmax(gm: GraphModule, sm: Node) -> Match:
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
     nd = len(_shape(sm))
     if not isinstance(dim, int) or nd == 0 or dim % nd != nd - 1:
-        raise _NoMatch(f"softmax over dim {dim}, not the last one")
+        raise NoMatch(f"softmax over dim {dim}, not the last one")
     chain: list[Node] = [sm]
     n = sm
     while True:  # forward: probs -> casts/dropout/flatten -> matmul with v
@@ -329,12 +329,12 @@ def _match(gm: GraphModule, sm: Node) -> _Match:
         chain.append(u)
         v, out = _peel_back(u.args[1], chain), _single_user(u, "the attention bmm")
         if out.target not in _VIEWS:
-            raise _NoMatch("the attention bmm is not reshaped back to (B, H, S, D)")
+            raise NoMatch("the attention bmm is not reshaped back to (B, H, S, D)")
     else:
-        raise _NoMatch(f"softmax output feeds {u.target}, not a matmul with values")
+        raise NoMatch(f"softmax output feeds {u.target}, not a matmul with values")
     if not isinstance(v, Node) or len(_shape(v)) != nd:
-        raise _NoMatch("values do not have the same rank as the attention weights")
-    m = _Match(q=sm, k=None, kt=sm, v=v, out=out)
+        raise NoMatch("values do not have the same rank as the attention weights")
+    m = Match(q=sm, k=None, kt=sm, v=v, out=out)
     x = sm.args[0]
     while _is_noop(x):
         chain.append(x)
@@ -342,9 +342,9 @@ def _match(gm: GraphModule, sm: Node) -> _Match:
     _match_mask(gm, x, m, chain)
     qs, ks, vs = _shape(m.q), _shape(m.kt), _shape(v)
     if len(qs) != nd or not _same_shape(_shape(out), (*qs[:-1], vs[-1])):
-        raise _NoMatch("q, k, v shapes do not form attention")
+        raise NoMatch("q, k, v shapes do not form attention")
     if not (_same_shape(ks[:-2], qs[:-2]) and _same_shape(vs[:-2], qs[:-2])):
-        raise _NoMatch("k or v broadcasts over q's batch or head dims")
+        raise NoMatch("k or v broadcasts over q's batch or head dims")
     for c in chain[1:]:
         if c is not out and c not in (m.q, m.k, m.kt, m.v):
             _single_user(c, f"intermediate {c.name}")
@@ -352,7 +352,7 @@ def _match(gm: GraphModule, sm: Node) -> _Match:
     return m
 
 
-def _unexpand(n: Node) -> tuple[Node, int]:
+def unexpand(n: Node) -> tuple[Node, int]:
     """(kv, rep) when n repeats kv's heads rep times along dim -3; (n, 1) otherwise."""
     shape = _shape(n)
     if len(shape) != 4:

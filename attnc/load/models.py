@@ -202,7 +202,7 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float3
 
 
 def wrap_hf(model: nn.Module, source: str, tokenizer: Any, input_shape: list[int] | None):
-    from attnc.inputs import example_inputs_for
+    from attnc.load.inputs import example_inputs_for
 
     config = model.config
     kind = _hf_kind(config)
@@ -280,7 +280,7 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _wrap_plain(model, source, example, input_shape, tokenizer=None) -> LoadedModel:
-    from attnc.inputs import plain_example_inputs
+    from attnc.load.inputs import plain_example_inputs
 
     params = [
         p

@@ -91,7 +91,6 @@ class PassContext:
     fidelity: Any = None
     evaluate: Callable[[Any], dict[str, float]] | None = None
     meets_bound: Callable[[dict[str, float]], bool] | None = None
-    progress: Callable[[str, int, int], None] | None = None
 
 
 @dataclass
@@ -115,7 +114,7 @@ def check_program(program: Any, where: str) -> None:
 
 
 def run_passes(program: Any, steps, ctx: PassContext) -> tuple[Any, list[PassResult]]:
-    from attnc.program import PassRecord
+    from attnc.capture.program import PassRecord
 
     results: list[PassResult] = []
     done: list[str] = []

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from attnc.capture.program import Program, reexport
 from attnc.errors import ExportError
-from attnc.program import Program, reexport
-from attnc.sites import SDPA, sdpa_args
+from attnc.graph.sites import SDPA, sdpa_args
 
 log = logging.getLogger(__name__)
 

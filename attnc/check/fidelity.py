@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnc.calibration import Batch
 from attnc.errors import VerificationError
+from attnc.load.calibration import Batch
 
 
 def _first(out: Any) -> torch.Tensor:

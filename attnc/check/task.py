@@ -22,14 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnc.calibration import Batch, CalibrationConfig, load_calibration
 from attnc.errors import UsageError
+from attnc.load.calibration import Batch, CalibrationConfig, load_calibration
 
 Runner = Callable[..., Any]
 
 
 def _out(x: Any) -> torch.Tensor:
-    from attnc.verify import _first
+    from attnc.check.fidelity import _first
 
     return _first(x).float()
 
@@ -133,8 +133,8 @@ class Evaluable:
 def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Evaluable:
     """A build folder (its model.pt2, or model.onnx with `onnx`), a .pt2, an .onnx file, or any
     model `attnc optimize` can load."""
-    from attnc.loading import load_model
-    from attnc.verify import ort_runner
+    from attnc.check.fidelity import ort_runner
+    from attnc.load.models import load_model
 
     p = Path(spec)
     if p.is_dir() and (p / "report.json").exists():

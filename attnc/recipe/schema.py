@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from attnc.calibration import CalibrationConfig
 from attnc.errors import RecipeError
+from attnc.load.calibration import CalibrationConfig
 
 RECIPE_VERSION = 1
 
@@ -38,7 +38,7 @@ class FidelityBound:
     min_sqnr_db: float | None = None
     min_top1: float | None = None
     max_abs_diff: float | None = None
-    # task-level metrics (attnc.evaluate), on the held-out calibration batches
+    # task-level metrics (attnc.check.task), on the held-out calibration batches
     min_embedding_cosine: float | None = None
     min_retrieval_agreement: float | None = None
     max_kl: float | None = None
@@ -49,9 +49,6 @@ class FidelityBound:
             v = getattr(self, name)
             if v is not None and not -1.0 <= v <= 1.0:
                 raise RecipeError(f"fidelity.{name} must be within [-1, 1], got {v}")
-
-    def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
 
 
 @dataclass(frozen=True)
@@ -169,7 +166,7 @@ def config_fields(cls: type) -> list[tuple[str, str, Any]]:
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    from attnc.passes_api import get_pass
+    from attnc.recipe.manager import get_pass
 
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with 'version' and 'passes'")

@@ -14,7 +14,7 @@ import torch
 from torch.export import Dim
 
 from attnc.errors import CaptureError
-from attnc.loading import LoadedModel, OutputAdapter
+from attnc.load.models import LoadedModel, OutputAdapter
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Program:
 
     @property
     def sites(self):
-        from attnc.sites import find_sites
+        from attnc.graph.sites import find_sites
 
         return find_sites(self.gm)
 
@@ -129,13 +129,13 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
     gm = ep.module()
     candidates: list[Any] = []
     if canonicalize:
-        from attnc.canonicalize import canonicalize_attention
+        from attnc.capture.canonicalize import canonicalize_attention
 
         n, candidates = canonicalize_attention(gm)
         if n:
             log.info("canonicalised %d hand-written attention pattern(s) into SDPA", n)
-    from attnc.graph_edit import prune
-    from attnc.mask_analysis import annotate_masks
+    from attnc.capture.masks import annotate_masks
+    from attnc.graph.edit import prune
 
     removed = prune(gm)  # dead attention (e.g. LLaVA's unused last vision layer) is no site
     if removed:

@@ -1,0 +1,1 @@
+"""Capture: torch.export into a Program, canonicalising hand-written attention, masks."""

@@ -1,0 +1,1 @@
+"""Checks against the original: numerical fidelity, task-level metrics, speed."""

@@ -1,0 +1,1 @@
+"""Export: lowering to attnc:: ops, the .pt2 and the ONNX file."""

@@ -1,0 +1,1 @@
+"""The graph: attention sites, graph edits, taps for streaming statistics."""

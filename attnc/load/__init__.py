@@ -1,0 +1,1 @@
+"""Loading: models in every input form, example inputs, calibration data."""

@@ -1,0 +1,1 @@
+"""Recipes: the schema, selectors, the pass interface and the pass manager."""

@@ -1,0 +1,1 @@
+"""Reports: report.json, report.md, plots."""
