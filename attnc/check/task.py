@@ -61,6 +61,7 @@ def lm_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: An
         "bits_per_byte": nll_o / ln2 / max(n_bytes, 1.0),
         "bits_per_byte_original": nll_r / ln2 / max(n_bytes, 1.0),
         "bits_per_byte_delta": (nll_o - nll_r) / ln2 / max(n_bytes, 1.0),
+        "bits_per_byte_increase": (nll_o - nll_r) / max(nll_r, 1e-12),  # relative (0.1 = +10%)
         "perplexity": math.exp(nll_o / n_tok),
         "perplexity_original": math.exp(nll_r / n_tok),
         "top1_agreement": agree / n_tok,

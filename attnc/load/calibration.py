@@ -9,16 +9,25 @@ Statistics over these batches stream through taps on the graph (`attnc.graph.tap
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from attnc.errors import CalibrationError
+from attnc.load.calib_files import (
+    TENSOR_SUFFIXES,
+    Row,
+    check_calibration_file,
+    check_ids,
+    check_tensors,
+    model_positions,  # noqa: F401 - re-exported for build.prepare
+    read_rows,
+    read_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,10 @@ class CalibrationConfig:
     batch_size: int = 16
     holdout: float = 0.25
     seed: int = 0
+    # where the data comes from: None = --calib when given, else generated inputs for models
+    # without a tokenizer; "file" = --calib is required; "generated" = random inputs, even for a
+    # text model with a tokenizer
+    source: Literal["file", "generated"] | None = None
 
     def validate(self) -> None:
         from attnc.errors import RecipeError
@@ -60,50 +73,27 @@ class CalibrationData:
 
 
 # ----------------------------------------------------------------------------------------------
-# reading
+# reading (the file checks live in attnc.load.calib_files)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CalibrationError(f"{path} is not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        if isinstance(row, str):
-            row = {"text": row}
-        if not isinstance(row, dict) or not ({"text", "input_ids"} & row.keys()):
-            raise CalibrationError(f'{path}:{i}: each line needs "text" or "input_ids"')
-        rows.append(row)
-    if not rows:
-        raise CalibrationError(f"{path} holds no calibration samples")
-    return rows
-
-
-def _tokenize(rows: list[dict], tokenizer: Any, cfg: CalibrationConfig) -> list[list[int]]:
+def _tokenize(
+    path: Path, rows: list[Row], tokenizer: Any, length: int, vocab: int | None,
+    positions: int | None,
+) -> list[list[int]]:
     seqs = []
     for row in rows:
-        if "input_ids" in row:
-            ids = row["input_ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or not ids:
-                raise CalibrationError('"input_ids" must be a non-empty list of integers')
+        if row.ids is not None:
+            check_ids(path, row.line, row.ids, vocab, positions)
+            ids = list(row.ids)
         else:
-            text = row["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise CalibrationError('"text" must be a non-empty string')
             if tokenizer is None:
                 raise CalibrationError(
-                    "the model has no tokenizer, so text cannot be used",
+                    f"{path} line {row.line}: the model has no tokenizer, so text cannot be used",
                     'give "input_ids" in the JSONL, or a model folder with its tokenizer',
                 )
-            ids = tokenizer(text, truncation=True, max_length=cfg.max_length)["input_ids"]
-        seqs.append(list(ids[: cfg.max_length]))
+            ids = list(tokenizer(row.text, truncation=True, max_length=length)["input_ids"])
+            check_ids(path, row.line, ids, vocab, None)
+        seqs.append(ids[:length])
     return seqs
 
 
@@ -125,14 +115,10 @@ def _pack(seqs: list[list[int]], length: int) -> list[list[int]]:
     return [flat[i : i + length] for i in range(0, len(flat) - length + 1, length)]
 
 
-def _token_batches(seqs, names, cfg, pad_id, vocab, extra) -> list[Batch]:
+def _token_batches(seqs, names, cfg, pad_id, length, extra) -> list[Batch]:
     has_mask = any("mask" in n for n in names)
     if not has_mask:
-        seqs = _pack(seqs, cfg.max_length)
-    for s in seqs:
-        bad = [t for t in s if t < 0 or (vocab and t >= vocab)]
-        if bad:
-            raise CalibrationError(f"token id {bad[0]} is outside the model's vocabulary ({vocab})")
+        seqs = _pack(seqs, length)
     batches = []
     for i in range(0, len(seqs), cfg.batch_size):
         chunk = seqs[i : i + cfg.batch_size]
@@ -177,6 +163,20 @@ def generated_batches(example_args, names, cfg: CalibrationConfig) -> list[Batch
     return batches
 
 
+def effective_length(cfg: CalibrationConfig, positions: int | None) -> int:
+    """calibration.max_length, cut to the model's positions (with a log line) when larger."""
+    if positions and cfg.max_length > positions:
+        log.warning(
+            "calibration.max_length %d is more than the model's %d positions: "
+            "sequences are cut to %d tokens",
+            cfg.max_length,
+            positions,
+            positions,
+        )
+        return positions
+    return cfg.max_length
+
+
 def load_calibration(
     path: str | None,
     *,
@@ -186,47 +186,56 @@ def load_calibration(
     vocab: int | None = None,
     cfg: CalibrationConfig = CalibrationConfig(),
     extra: dict[str, Callable[[int], torch.Tensor]] | None = None,
+    positions: int | None = None,
 ) -> CalibrationData:
+    """Batches from `path` (JSONL, .pt, .safetensors), checked against the model: token ids in
+    `vocab`, sequences within `positions`, inputs named, shaped and typed like `example_args`."""
     extra = extra or {}
     if path is None or path == "generated":
         batches = generated_batches(example_args, list(names), cfg)
         return _split(batches, cfg, "generated")
     p = Path(path)
-    if not p.exists():
-        raise CalibrationError(f"calibration file not found: {path}")
-    if p.suffix in (".jsonl", ".json", ".txt"):
-        rows = _read_jsonl(p)[: cfg.samples]
-        seqs = _tokenize(rows, tokenizer, cfg)
-        batches = _token_batches(seqs, list(names), cfg, _pad_id(tokenizer), vocab, extra)
-    elif p.suffix in (".pt", ".safetensors"):
-        batches = _tensor_batches(p, names, cfg)
-    else:
-        raise CalibrationError(
-            f"unknown calibration format {p.suffix!r}: use .jsonl, .pt or .safetensors"
-        )
+    if p.suffix in TENSOR_SUFFIXES:
+        data = check_tensors(p, read_tensors(p), names, example_args, vocab, positions)
+        batches = _tensor_batches(data, names, cfg)
+    else:  # read_rows refuses a missing file, a folder, an empty file, an unknown suffix
+        rows = read_rows(p)[: cfg.samples]
+        length = effective_length(cfg, positions)
+        seqs = _tokenize(p, rows, tokenizer, length, vocab, positions)
+        batches = _token_batches(seqs, list(names), cfg, _pad_id(tokenizer), length, extra)
     return _split(batches, cfg, str(p))
 
 
-def _tensor_batches(p: Path, names, cfg) -> list[Batch]:
-    from attnc.load.models import read_tensor_file
-
-    try:
-        data = read_tensor_file(p)
-    except Exception as exc:  # noqa: BLE001
+def check_source(calib: str | None, cfg: CalibrationConfig) -> None:
+    """--calib against the recipe's calibration.source, before the model is loaded."""
+    if calib is not None and calib != "generated" and cfg.source == "generated":
         raise CalibrationError(
-            f"cannot read tensor file {p}: {str(exc).splitlines()[0][:200]}"
-        ) from None
-    if isinstance(data, torch.Tensor):
-        data = {names[0]: data}
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CalibrationError(f"{p} must hold a tensor or a dict of tensors named like the inputs")
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise CalibrationError(f"{p} lacks input(s) {missing}; it has {sorted(data)}")
-    n = min(int(data[k].shape[0]) for k in names)
-    if n == 0:
-        raise CalibrationError(f"{p} holds no samples")
-    n = min(n, cfg.samples)
+            f"--calib {calib} is given, but the recipe says calibration.source: generated",
+            "drop --calib, or the source line from the recipe",
+        )
+    if calib is None and cfg.source == "file":
+        raise CalibrationError("the recipe says calibration.source: file, but no --calib is given")
+    if calib is not None and calib != "generated":
+        check_calibration_file(calib)
+
+
+def refuse_random_text(calib: str | None, cfg: CalibrationConfig, loaded: Any) -> None:
+    """A text model with a tokenizer is not calibrated on random ids unless the recipe says so:
+    random ids mislead both the passes' statistics and the verification."""
+    if calib is not None or cfg.source == "generated":
+        return
+    if loaded.tokenizer is None or loaded.kind == "vision":
+        return
+    raise CalibrationError(
+        f"{loaded.source} is a text model with a tokenizer: pass --calib with sample text "
+        "(JSONL lines of {\"text\": ...})",
+        "random token ids mislead the passes and the verification; to use them anyway, set "
+        "calibration: {source: generated} in the recipe",
+    )
+
+
+def _tensor_batches(data: dict[str, torch.Tensor], names, cfg) -> list[Batch]:
+    n = min(int(data[names[0]].shape[0]), cfg.samples)
     batches = []
     for i in range(0, n, cfg.batch_size):
         args = tuple(data[k][i : i + cfg.batch_size] for k in names)
@@ -271,7 +280,16 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
     def fix_seq(b: Batch) -> Batch:
         args, mask = list(b.args), b.token_mask
         for i, t in enumerate(args):
-            size = static(1, i) if not t.is_floating_point() and t.dim() == 2 else None
+            if t.is_floating_point():  # pixel values and the like: static dims must match
+                want = [static(a, i) for a in range(1, t.dim())]
+                if any(w is not None and w != t.shape[a + 1] for a, w in enumerate(want)):
+                    shape = ", ".join(["batch", *("any" if w is None else str(w) for w in want)])
+                    raise CalibrationError(
+                        f"{data.source}: {names[i]!r} has shape {tuple(t.shape)}; "
+                        f"the model takes ({shape})"
+                    )
+                continue
+            size = static(1, i) if t.dim() == 2 else None
             if size is None or t.shape[1] == size:
                 continue
             if t.shape[1] > size:

@@ -113,9 +113,23 @@ def check_program(program: Any, where: str) -> None:
         raise PassError(f"graph check failed {where}: {exc}") from exc
 
 
+def check_repeats(steps) -> None:
+    """A pass listed twice runs twice (llm-drop twice drops twice as much): only when the later
+    step says `repeat: true`, never by a copy-paste slip."""
+    seen: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        first = seen.setdefault(step.id, i)
+        if first != i and not getattr(step, "repeat", False):
+            raise RecipeError(
+                f"pass {step.id!r} is listed twice (passes[{first}] and passes[{i}])",
+                f"to run it again on purpose, add 'repeat: true' to passes[{i}]",
+            )
+
+
 def run_passes(program: Any, steps, ctx: PassContext) -> tuple[Any, list[PassResult]]:
     from attnc.capture.program import PassRecord
 
+    check_repeats(steps)
     results: list[PassResult] = []
     done: list[str] = []
     for step in steps:

@@ -16,39 +16,41 @@ export: {onnx: true, opset: 23}
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from attnc.errors import RecipeError
 from attnc.load.calibration import CalibrationConfig
+from attnc.recipe.bounds import FidelityBound
+
+log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class FidelityBound:
-    """Bounds on the optimized model against the original, on held-out calibration batches."""
+def _opset_range() -> tuple[int, int]:
+    """The opsets the installed exporter writes: torch's exporter builds opset 18 and converts
+    up with onnxscript's version converter, which stops at its SUPPORTED_MAX_ONNX_OPSET."""
+    import onnx
 
-    min_cosine: float | None = None
-    min_sqnr_db: float | None = None
-    min_top1: float | None = None
-    max_abs_diff: float | None = None
-    # task-level metrics (attnc.check.task), on the held-out calibration batches
-    min_embedding_cosine: float | None = None
-    min_retrieval_agreement: float | None = None
-    max_kl: float | None = None
-    max_bits_per_byte_delta: float | None = None
+    hi = onnx.defs.onnx_opset_version()
+    try:
+        from onnxscript.version_converter import _version_converter as vc
 
-    def validate(self) -> None:
-        for name in ("min_cosine", "min_top1", "min_embedding_cosine", "min_retrieval_agreement"):
-            v = getattr(self, name)
-            if v is not None and not -1.0 <= v <= 1.0:
-                raise RecipeError(f"fidelity.{name} must be within [-1, 1], got {v}")
+        hi = min(hi, int(vc.SUPPORTED_MAX_ONNX_OPSET))
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover
+        pass
+    return 18, hi
+
+
+ATTENTION_OPSET = 23  # the ONNX Attention op, which attnc:: ops translate to
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,37 @@ class ExportConfig:
     onnx_max_abs_diff: float = 1e-3
 
     def validate(self) -> None:
-        if self.opset < 18:
-            raise RecipeError(f"export.opset must be 18 or newer, got {self.opset}")
+        lo, hi = _opset_range()
+        if not lo <= self.opset <= hi:
+            raise RecipeError(
+                f"export.opset {self.opset} is outside what the installed exporter writes "
+                f"({lo}..{hi})",
+                f"use {ATTENTION_OPSET} (the first opset with the Attention op)",
+            )
+        if self.opset < ATTENTION_OPSET and self.lower_dense:
+            raise RecipeError(
+                f"export.opset {self.opset} cannot hold export.lower_dense: attnc:: attention "
+                f"ops export as the ONNX Attention op, which needs opset {ATTENTION_OPSET}",
+                f"use opset {ATTENTION_OPSET} or more, or lower_dense: false",
+            )
+        if self.opset < ATTENTION_OPSET:
+            log.warning(
+                "export.opset %d predates the ONNX Attention op (opset %d): attention exports "
+                "as MatMul/Softmax",
+                self.opset,
+                ATTENTION_OPSET,
+            )
+        if not (self.onnx_max_abs_diff > 0 and math.isfinite(self.onnx_max_abs_diff)):
+            raise RecipeError(
+                f"export.onnx_max_abs_diff must be a positive number, got {self.onnx_max_abs_diff}"
+            )
 
 
 @dataclass(frozen=True)
 class PassStep:
     id: str
     config: Any
+    repeat: bool = False  # a pass listed again runs again only when its later step says so
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,7 @@ class Recipe:
     version: int = RECIPE_VERSION
     source: str = ""
     raw: dict = field(default_factory=dict)
+    fidelity_source: str = "recipe"  # or "default (...)": see resolve_fidelity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +122,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 return _check(value, arm, where)
             except RecipeError as exc:
                 errors.append(exc)
-        raise RecipeError(f"{where}: {value!r} is not a valid value") from None
+        allowed = " or ".join(_describe(arm) for arm in typing.get_args(tp))
+        raise RecipeError(f"{where}: {value!r} is not a valid value (expected {allowed})") from None
     if tp is type(None):
         if value is None:
             return None
@@ -131,6 +158,28 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _describe(tp: Any) -> str:
+    """Words for a type in an error: 'an integer', 'one of a, b', 'a list of strings'."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _unknown_key(key: Any, known: list[str], where: str) -> RecipeError:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = (f"did you mean {close[0]!r}? " if close else "") + f"known keys: {', '.join(known)}"
+    return RecipeError(f"unknown key {key!r} in {where}", hint)
+
+
 def config_from_dict(cls: type, data: dict | None, where: str) -> Any:
     """Build frozen dataclass `cls` from `data`, naming any unknown key or bad value."""
     data = {} if data is None else data
@@ -138,11 +187,9 @@ def config_from_dict(cls: type, data: dict | None, where: str) -> Any:
         raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise RecipeError(
-            f"unknown key {unknown[0]!r} in {where}", f"known keys: {', '.join(sorted(fields))}"
-        )
+        raise _unknown_key(unknown[0], sorted(fields), where)
     kwargs = {k: _check(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -165,35 +212,50 @@ def config_fields(cls: type) -> list[tuple[str, str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
+TOP_KEYS = ("version", "passes", "fidelity", "calibration", "export", "name", "description")
+
+
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    from attnc.recipe.manager import get_pass
+    from attnc.recipe.manager import check_repeats, get_pass
 
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping with 'version' and 'passes'")
-    known = {"version", "passes", "fidelity", "calibration", "export", "name", "description"}
-    unknown = sorted(set(data) - known)
-    if unknown:
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise RecipeError(
-            f"unknown key {unknown[0]!r} in {source}", f"known: {', '.join(sorted(known))}"
+            f"{source}: a recipe is a YAML mapping with 'version' and 'passes', got {got}"
         )
-    version = data.get("version")
-    if version != RECIPE_VERSION:
+    unknown = sorted((k for k in data if k not in TOP_KEYS), key=str)
+    if unknown:
+        raise _unknown_key(unknown[0], sorted(TOP_KEYS), source)
+    if "version" not in data:
+        raise RecipeError(f"{source}: 'version' is missing", "start the recipe with version: 1")
+    version = data["version"]
+    if type(version) is not int or version != RECIPE_VERSION:
         raise RecipeError(f"{source}: version must be {RECIPE_VERSION}, got {version!r}")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(f"{source}: {key} must be a string, got {data[key]!r}")
     raw_passes = data.get("passes")
     if raw_passes is None:
         raw_passes = []
     if not isinstance(raw_passes, list):
-        raise RecipeError(f"{source}: 'passes' must be a list")
+        raise RecipeError(f"{source}: 'passes' must be a list, got {type(raw_passes).__name__}")
     steps = []
     for i, item in enumerate(raw_passes):
         if not isinstance(item, dict) or "id" not in item:
-            raise RecipeError(f"{source}: passes[{i}] needs an 'id'")
+            raise RecipeError(f"{source}: passes[{i}] needs an 'id' (e.g. - id: llm-drop)")
         item = dict(item)
         pid = item.pop("id")
-        info = get_pass(str(pid))
-        steps.append(
-            PassStep(info.id, config_from_dict(info.config_cls, item, f"passes[{i}] ({pid})"))
-        )
+        if not isinstance(pid, str):
+            raise RecipeError(f"{source}: passes[{i}].id must be a string, got {pid!r}")
+        repeat = item.pop("repeat", False)
+        if not isinstance(repeat, bool):
+            raise RecipeError(f"passes[{i}] ({pid}).repeat: expected true or false, got {repeat!r}")
+        info = get_pass(pid)
+        config = config_from_dict(info.config_cls, item, f"passes[{i}] ({pid})")
+        steps.append(PassStep(info.id, config, repeat))
+    check_repeats(steps)
+    if not steps:
+        log.warning("%s lists no passes: the build is an exact copy of the model", source)
     return Recipe(
         passes=tuple(steps),
         fidelity=config_from_dict(FidelityBound, data.get("fidelity"), "fidelity"),
@@ -206,12 +268,25 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file: at most 1 MB of UTF-8 YAML, no anchors or aliases (a few hundred
+    bytes of aliases expand to megabytes), no key given twice."""
+    from attnc.recipe.yaml_safe import load_yaml
+
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"recipe not found: {path}")
+    if p.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file")
+    if not p.is_file():
+        raise RecipeError(f"{path} is not a regular file")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path} is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes"
+        )
+    raw = p.read_bytes()[: MAX_RECIPE_BYTES + 1]
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = " ".join(str(exc).split())[:200]
-        raise RecipeError(f"{path} is not valid YAML: {first}") from None
-    return parse_recipe(data, str(path))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    return parse_recipe(load_yaml(text, str(path)), str(path))
