@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +19,34 @@ import torch
 
 from attnc.capture.program import Program, capture
 from attnc.check.fidelity import Memo, compare, meets, ort_runner, reference_outputs
-from attnc.errors import CaptureError, UsageError, VerificationError
+from attnc.errors import (
+    AttncError,
+    CaptureError,
+    LoadError,
+    RecipeError,
+    VerificationError,
+)
 from attnc.graph.edit import param_count
-from attnc.load.calibration import load_calibration
+from attnc.load.calibration import (
+    check_source,
+    load_calibration,
+    model_positions,
+    refuse_random_text,
+)
 from attnc.load.models import LoadedModel, load_model
-from attnc.recipe.manager import PassContext, run_passes
+from attnc.output import (
+    check_free_space,
+    make_stage,
+    os_error_in,
+    source_record,
+    spec_paths,
+    write_error,
+    write_marker,
+)
+from attnc.output import check_output_dir as _check_output_dir
+from attnc.output import move_into_place as _move_into_place
+from attnc.recipe.bounds import resolve_fidelity
+from attnc.recipe.manager import PassContext, get_pass, run_passes
 from attnc.recipe.schema import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -38,6 +59,8 @@ class BuildOptions:
     input_shape: list[int] | None = None
     dtype: str = "float32"
     progress: Callable[[str], None] | None = None
+    force: bool = False  # -o may replace a folder that is not an earlier attnc build
+    save_original: bool = True  # original.pt2 in the build, so that eval never runs code
 
 
 @dataclass
@@ -47,19 +70,54 @@ class BuildResult:
     program: Program
 
 
-def check_output_dir(out: Path) -> Path:
-    out = out.expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output path {out} exists and is not a folder")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    try:  # a real write, not os.access: root passes access checks on read-only mounts
-        tempfile.TemporaryDirectory(dir=probe, prefix=".attnc-probe-").cleanup()
-    except OSError:
-        raise UsageError(f"output folder {out} is not writable") from None
-    return parent
+def check_output_dir(
+    out: Path, *, force: bool = False, inputs: Iterable[Path] = ()
+) -> Path:
+    """See attnc.output.check_output_dir: refuse a folder -o must not replace."""
+    return _check_output_dir(out, force=force, inputs=inputs)
+
+
+def supported_opsets() -> tuple[int, int]:
+    """The ONNX opsets the installed exporter can write: torch's dynamo exporter converts with
+    onnxscript's version converter, and the installed onnx must know the opset."""
+    import onnx
+
+    lo, hi = 18, onnx.defs.onnx_opset_version()
+    try:
+        from onnxscript.version_converter import _version_converter as vc
+
+        lo = max(lo, vc.SUPPORTED_MIN_ONNX_OPSET)
+        hi = min(hi, vc.SUPPORTED_MAX_ONNX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - another onnxscript layout
+        pass
+    return lo, hi
+
+
+def preflight(spec: str, recipe_path: str, calib: str | None, out: Path, opts: BuildOptions):
+    """Every check that needs no model, before loading it: the model path, the recipe (schema,
+    values, opset), the calibration file, the output folder. Returns (recipe, staging parent)."""
+    from attnc.load.models import _looks_like_factory
+
+    if not _looks_like_factory(spec) and not Path(spec).expanduser().exists():
+        raise LoadError(f"model not found: {spec}")
+    recipe = load_recipe(recipe_path)
+    if recipe.export.onnx:
+        lo, hi = supported_opsets()
+        if not lo <= recipe.export.opset <= hi:
+            raise RecipeError(
+                f"export.opset {recipe.export.opset} is not one the installed exporter writes "
+                f"(supported: {lo} to {hi})",
+                "23 or newer exports attention as the ONNX Attention op",
+            )
+    check_source(calib, recipe.calibration)  # --calib vs calibration.source, the file's format
+    parent = check_output_dir(out, force=opts.force, inputs=_inputs(spec, recipe_path, calib, opts))
+    return recipe, parent
+
+
+def _inputs(spec: str, recipe_path: str, calib: str | None, opts: BuildOptions) -> list[Path]:
+    """Everything the build reads: -o must never replace a folder holding one of them."""
+    paths = [*spec_paths(spec), Path(recipe_path)]
+    return paths + [Path(p) for p in (calib, opts.weights) if p and Path(p).exists()]
 
 
 def _vocab(loaded: LoadedModel) -> int | None:
@@ -80,6 +138,7 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         input_shape=opts.input_shape,
         dtype=opts.dtype,
     )
+    refuse_random_text(calib, recipe.calibration, loaded)  # random ids on a text model mislead
     say("capturing with torch.export")
     program = capture(loaded)
     if not program.sites:
@@ -99,6 +158,7 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         vocab=_vocab(loaded),
         cfg=recipe.calibration,
         extra=extra,
+        positions=model_positions(loaded.config),
     )
     from attnc.load.calibration import _pad_id, conform
 
@@ -122,10 +182,10 @@ def build(
     opts = opts or BuildOptions()
     say = opts.progress or (lambda s: None)
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    parent = check_output_dir(out)
-    recipe = load_recipe(recipe_path)
+    out = Path(out_dir).expanduser()
+    recipe, parent = preflight(spec, recipe_path, calib, out, opts)
     loaded, original, data = prepare(spec, recipe, calib, opts)
+    recipe = resolve_fidelity(recipe, loaded.kind, all(get_pass(s.id).exact for s in recipe.passes))
     sites_before = [s.row() for s in original.sites]
     params_before = param_count(original.gm)
     top1 = loaded.kind in ("causal-lm", "vlm")
@@ -135,7 +195,11 @@ def build(
     ref_hold = reference_outputs(orig_run, data.holdout)
 
     def evaluate(candidate: Program) -> dict[str, float]:  # only 'auto' counts need this
-        return compare(candidate, data.calib, reference_outputs(orig_run, data.calib), top1)
+        from attnc.check.task import task_metrics
+
+        run = Memo(candidate)  # compare and the task metrics run it once per batch
+        m = compare(run, data.calib, reference_outputs(orig_run, data.calib), top1)
+        return {**m, **task_metrics(loaded.kind, run, orig_run, data.calib, loaded.tokenizer)}
 
     ctx = PassContext(
         calibration=data,
@@ -161,74 +225,114 @@ def build(
     ok, fails = meets({**comparisons["torch optimized vs original"], **fidelity}, recipe.fidelity)
     if not ok:
         raise VerificationError(
-            "the optimized model misses the recipe's fidelity bound: " + "; ".join(fails),
-            "drop less, or loosen the bound in the recipe",
+            f"the optimized model misses the {_bound_name(recipe)} fidelity bound: "
+            + "; ".join(fails),
+            "drop less, or loosen the bound in the recipe"
+            if recipe.fidelity_source == "recipe"
+            else "the recipe sets no bound, so the default applies: drop less, or set fidelity: "
+            "in the recipe (attnc passes lists the bound keys)",
         )
 
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.attnc-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the build folder follows the umask
+    check_free_space(parent, _bytes_needed(program, original, recipe, opts))
+    stage = make_stage(parent, out.name)
     try:
-        artifacts, onnx_info = _write_artifacts(
-            program, opt_run, recipe, stage, data, comparisons, say
-        )
-        report = {
-            "attnc_version": _version(),
-            "model": {
-                "source": loaded.source,
-                "kind": loaded.kind,
-                "inputs": loaded.input_names,
-                "dynamic_dims": {
-                    k: {str(a): v for a, v in d.items()} for k, d in program.dynamic_dims.items()
-                },
-                "params_before": params_before,
-                "params_after": param_count(program.gm),
-            },
-            "recipe": recipe.raw,
-            "calibration": {
-                "source": data.source,
-                "calib_batches": len(data.calib),
-                "holdout_batches": len(data.holdout),
-                "samples": data.num_samples,
-            },
-            "sites_before": sites_before,
-            "sites_after": [s.row() for s in program.sites],
-            "candidates": [asdict(c) for c in original.candidates],
-            "passes": [
-                {
-                    "pass_id": r.pass_id,
-                    "config": r.config,
-                    "seconds": r.seconds,
-                    "decisions": [vars(d) for d in r.decisions],
-                }
-                for r in results
-            ],
-            "lowered_dense_sites": lowered,
-            "verification": {"comparisons": comparisons, "bound": vars(recipe.fidelity), "ok": ok},
-            "fidelity": fidelity,
-            "onnx": onnx_info,
-            "artifacts": sorted(artifacts),
-            "versions": _versions(),
-            "seconds": time.perf_counter() - t0,
-        }
-        from attnc.report.write import write_report
+        try:
+            artifacts, onnx_info = _write_artifacts(
+                program, opt_run, recipe, stage, data, comparisons, say, loaded, results
+            )
+            if opts.save_original:
+                from attnc.export.artifacts import save_pt2
 
-        write_report(report, stage)
-        report["artifacts"] = sorted(p.name for p in stage.iterdir())
-        write_report(report, stage)
-        _move_into_place(stage, out)
+                say("saving original.pt2 (what `attnc eval` compares against)")
+                save_pt2(original, stage / "original.pt2")
+                artifacts.append("original.pt2")
+            report = {
+                "attnc_version": _version(),
+                "model": {
+                    **source_record(spec, out),
+                    "kind": loaded.kind,
+                    "attn_implementation": loaded.extra.get("attn_implementation"),
+                    "inputs": loaded.input_names,
+                    "dynamic_dims": {
+                        k: {str(a): v for a, v in d.items()}
+                        for k, d in program.dynamic_dims.items()
+                    },
+                    "params_before": params_before,
+                    "params_after": param_count(program.gm),
+                },
+                "recipe": recipe.raw,
+                "calibration": {
+                    "source": data.source,
+                    "calib_batches": len(data.calib),
+                    "holdout_batches": len(data.holdout),
+                    "samples": data.num_samples,
+                },
+                "sites_before": sites_before,
+                "sites_after": [s.row() for s in program.sites],
+                "candidates": [asdict(c) for c in original.candidates],
+                "passes": [
+                    {
+                        "pass_id": r.pass_id,
+                        "config": r.config,
+                        "seconds": r.seconds,
+                        "decisions": [vars(d) for d in r.decisions],
+                    }
+                    for r in results
+                ],
+                "lowered_dense_sites": lowered,
+                "verification": {
+                    "comparisons": comparisons,
+                    "bound": vars(recipe.fidelity),
+                    "bound_source": recipe.fidelity_source,
+                    "ok": ok,
+                },
+                "fidelity": fidelity,
+                "onnx": onnx_info,
+                "artifacts": sorted(artifacts),
+                "versions": _versions(),
+                "seconds": time.perf_counter() - t0,
+            }
+            from attnc.report.write import write_report
+
+            write_report(report, stage)
+            report["artifacts"] = sorted(p.name for p in stage.iterdir())
+            write_report(report, stage)
+            write_marker(stage, _version())
+            # the folder may have changed during the build: check it again before replacing it
+            check_output_dir(out, force=opts.force, inputs=_inputs(spec, recipe_path, calib, opts))
+            _move_into_place(stage, out)
+        except (OSError, AttncError) as exc:
+            cause = os_error_in(exc)
+            if cause is None:
+                raise
+            raise write_error(cause, stage, out) from exc
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return BuildResult(out, report, program)
 
 
-def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say):
+def _bound_name(recipe: Recipe) -> str:
+    return "recipe's" if recipe.fidelity_source == "recipe" else recipe.fidelity_source
+
+
+def _bytes_needed(program: Program, original: Program, recipe: Recipe, opts: BuildOptions) -> int:
+    """A floor on the bytes the artifacts take: the weights once per file that holds them."""
+
+    def weights(p: Program) -> int:
+        return sum(t.numel() * t.element_size() for t in p.gm.state_dict().values())
+
+    n = weights(program) * (int(recipe.export.onnx) + int(recipe.export.pt2))
+    if opts.save_original:
+        n += weights(original)
+    return n + (4 << 20)
+
+
+def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, loaded, results):
+    from attnc.export import deploy
     from attnc.export.artifacts import export_onnx, save_pt2
 
-    artifacts = []
+    artifacts = deploy.write_deploy_files(loaded, stage)  # tokenizer/processor files, config
     if recipe.export.pt2:
         say("saving model.pt2")
         save_pt2(program, stage / "model.pt2")
@@ -238,7 +342,18 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say):
     onnx_info = None
     if recipe.export.onnx:
         say("exporting model.onnx")
-        onnx_info = export_onnx(program, stage / "model.onnx", recipe.export.opset)
+        pooling = deploy.resolve_sentence_embedding(
+            recipe.export.sentence_embedding, loaded, program
+        )
+        meta = deploy.build_metadata(recipe.raw, results, comparisons, program.kind)
+        onnx_info = export_onnx(
+            program,
+            stage / "model.onnx",
+            recipe.export.opset,
+            metadata=meta,
+            sentence_embedding=pooling,
+        )
+        onnx_info["sentence_embedding"] = vars(pooling) if pooling else None
         artifacts.append("model.onnx")
         say("verifying ONNX Runtime against the optimized program")
         run = ort_runner(str(stage / "model.onnx"), program.input_names)
@@ -251,23 +366,19 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say):
                 f"ONNX Runtime differs from the torch program by {m['max_abs_diff']:.3g} "
                 f"(allowed {recipe.export.onnx_max_abs_diff:g})"
             )
+        if pooling is not None:
+            onnx_file = stage / "model.onnx"
+            m = deploy.check_sentence_embedding(onnx_file, program, data.holdout, pooling)
+            comparisons["ONNX Runtime sentence_embedding vs torch optimized"] = m
+            if not m["max_abs_diff"] <= recipe.export.onnx_max_abs_diff:
+                raise VerificationError(
+                    f"ONNX Runtime's sentence_embedding differs from the torch program's by "
+                    f"{m['max_abs_diff']:.3g} (allowed {recipe.export.onnx_max_abs_diff:g})"
+                )
+        meta = deploy.build_metadata(recipe.raw, results, comparisons, program.kind)
+        verification = {"attnc.verification": meta["attnc.verification"]}
+        deploy.add_metadata(stage / "model.onnx", verification)  # now with ONNX Runtime's figures
     return artifacts, onnx_info
-
-
-def _move_into_place(stage: Path, out: Path) -> None:
-    """Swap the finished folder in; an older build there is replaced only at the very end."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        stage.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version() -> str:

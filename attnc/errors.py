@@ -66,3 +66,25 @@ class VerificationError(AttncError):
     """The optimized model missed the recipe's fidelity bound."""
 
     exit_code = 3
+
+
+class WriteError(AttncError):
+    """An artifact could not be written (full disk, file too large, read-only folder)."""
+
+    exit_code = 1
+
+
+class Interrupted(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt, not an error
+    """SIGINT or SIGTERM arrived; raised by the CLI's signal handler so that every
+    `except BaseException` cleanup (the build's staging folder) runs. Exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(f"interrupted by {name}")
+        self.signum = signum
+        self.exit_code = 128 + signum

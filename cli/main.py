@@ -1,22 +1,28 @@
 """The `attnc` command: a thin typer app that parses, calls the library, and renders with rich.
 
-Errors print as one line (`error: ...`) with a non-zero exit (2 for bad input, 3 for a missed
-fidelity bound); `--debug` shows the traceback.
+Exit codes: 0 done, 1 internal error (or an artifact that could not be written), 2 bad input or
+usage (every command-line parsing error too, and a bare `attnc`, which prints the help on stderr
+as click does), 3 a missed fidelity bound, 130 SIGINT and 143 SIGTERM ("interrupted", the staging
+folder removed). Errors print as one line, `error: ...`; `--debug` shows the traceback.
+`--debug` and `--verbose` work anywhere on the line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
 
-from attnc.errors import AttncError
+from attnc.errors import AttncError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -45,10 +51,10 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Python warnings go to the log (shown with --debug), never straight to the terminal
+    logging.captureWarnings(True)
+    _route_to_log("py.warnings", debug)
     if not debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
         try:
             from transformers.utils import logging as hf_logging
 
@@ -57,13 +63,77 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
             pass
 
 
+class _ToAttncLog(logging.Handler):
+    """Forwards another library's records into attnc's debug log (tracebacks included)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.INFO:  # a library's own debug chatter (atexit stats)
+            return
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - a bad record must not break the command
+            text = str(record.msg)
+        logging.getLogger("attnc.lib").debug("%s: %s", record.name, text)
+
+
+def _route_to_log(top: str, debug: bool) -> None:
+    """Take `top`'s loggers off the terminal: drop the stderr handlers a library installed on it
+    and its children (torch._logging does, at import), and forward everything into attnc's log,
+    which the console shows only with --debug."""
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger) or not (name == top or name.startswith(top + ".")):
+            continue
+        streams = [h for h in lg.handlers if type(h) is logging.StreamHandler]
+        for h in streams:
+            lg.removeHandler(h)
+        if streams and name != top:
+            lg.propagate = True
+    root = logging.getLogger(top)
+    for h in [h for h in root.handlers if isinstance(h, (_ToAttncLog, logging.StreamHandler))]:
+        root.removeHandler(h)
+    root.addHandler(_ToAttncLog())
+    root.propagate = False
+    root.setLevel(logging.INFO if debug else logging.WARNING)
+
+
+def _route_library_logs(debug: bool) -> None:
+    import torch  # noqa: F401 - torch._logging puts its stderr handlers in place on import
+
+    for top in ("torch", "onnxscript", "onnx_ir", "transformers"):
+        _route_to_log(top, debug)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from attnc import __version__
+
+        print(f"attnc {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_callback(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and debug logs (anywhere on the line).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress (anywhere on the line).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print attnc's version and exit.",
+        ),
+    ] = False,
 ) -> None:
     STATE["debug"] = debug
     _setup_logging(verbose, debug)
+    if not ctx.resilient_parsing and not {"--help", "-h"} & set(ctx.args):
+        _route_library_logs(debug)  # a command is about to run, and it imports torch anyway
 
 
 def _shape(text: str | None) -> list[int] | None:
@@ -104,7 +174,30 @@ def optimize(
         str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")
     ],
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML.")],
-    out_dir: Annotated[str, typer.Option("-o", "--out", help="Output folder.")] = "build",
+    out_dir: Annotated[
+        str,
+        typer.Option(
+            "-o",
+            "--out",
+            help="Output folder: a new or empty folder, or an earlier attnc build to replace.",
+        ),
+    ] = "build",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace the -o folder even if it is not an attnc build (never the current "
+            "folder or one holding the inputs).",
+        ),
+    ] = False,
+    save_original: Annotated[
+        bool,
+        typer.Option(
+            "--save-original/--no-save-original",
+            help="Keep the captured original as original.pt2 in the build, which `attnc eval "
+            "BUILD` compares against without running any code (skip it for big models).",
+        ),
+    ] = True,
     calib: Annotated[
         str | None,
         typer.Option("--calib", help="Calibration JSONL/.pt; omit for generated inputs."),
@@ -147,6 +240,8 @@ def optimize(
                 input_shape=_shape(input_shape),
                 dtype=dtype,
                 progress=say,
+                force=force,
+                save_original=save_original,
             ),
         )
     if as_json:
@@ -178,10 +273,21 @@ def inspect(
     model: Annotated[
         str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")
     ],
-    weights: Annotated[str | None, typer.Option("--weights")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
-    input_shape: Annotated[str | None, typer.Option("--input-shape")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="State dict for a factory model.")
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file)."
+        ),
+    ] = False,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the sites as JSON.")
+    ] = False,
 ) -> None:
     """List MODEL's attention sites, and hand-written candidates that did not match (and why)."""
     from attnc.capture.program import capture
@@ -240,23 +346,47 @@ def eval_cmd(
         str, typer.Argument(help="A build folder, .pt2, .onnx, HF folder or factory.")
     ],
     against: Annotated[
-        str | None, typer.Option("--against", help="The original (default: the build's source).")
+        str | None,
+        typer.Option(
+            "--against",
+            help="The original to compare with (default for a build: its original.pt2).",
+        ),
     ] = None,
+    trust_source: Annotated[
+        bool,
+        typer.Option(
+            "--trust-source",
+            help="For a build without original.pt2: load the source model named in its "
+            "report.json (a factory or pickle there runs code).",
+        ),
+    ] = False,
     data: Annotated[
         str | None, typer.Option("--data", help="Held-out JSONL text or token ids.")
     ] = None,
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Evaluate the build's model.onnx in ONNX Runtime.")
     ] = False,
-    samples: Annotated[int, typer.Option("--samples")] = 128,
-    max_length: Annotated[int, typer.Option("--max-length")] = 256,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="How many --data samples to evaluate.")
+    ] = 128,
+    max_length: Annotated[
+        int, typer.Option("--max-length", min=2, help="Tokens per sample, at most.")
+    ] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Task-level fidelity of MODEL against the original: bits/byte, top-1, KL for LMs; embedding
     cosine and retrieval agreement for encoders; pooled-feature cosine for vision models."""
     from attnc.check.task import evaluate
 
-    res = evaluate(model, against, data, onnx=onnx, samples=samples, max_length=max_length)
+    res = evaluate(
+        model,
+        against,
+        data,
+        onnx=onnx,
+        samples=samples,
+        max_length=max_length,
+        trust_source=trust_source,
+    )
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -269,12 +399,16 @@ def eval_cmd(
 
 
 @app.command()
-def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def passes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the passes as JSON.")] = False,
+) -> None:
     """List the available passes: id, exact or approximate, config fields and defaults."""
+    from attnc.recipe.bounds import DEFAULT_BOUNDS, describe_default_bounds
     from attnc.recipe.manager import list_passes
     from attnc.recipe.schema import config_fields
 
     infos = list_passes()
+    defaults = {kind: b.set_bounds() for kind, b in DEFAULT_BOUNDS.items()}
     rows = [
         {
             "id": i.id,
@@ -284,6 +418,7 @@ def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             "config": [
                 {"name": n, "type": t, "default": d} for n, t, d in config_fields(i.config_cls)
             ],
+            "default_bound": None if i.exact else defaults,
         }
         for i in infos
     ]
@@ -295,40 +430,159 @@ def passes(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         out.print(f"[bold]{r['id']}[/bold] ({kind}, {r['paper']}): {r['summary']}")
         for f in r["config"]:
             out.print(f"    {f['name']}: {f['type']} = {f['default']!r}")
+    out.print(
+        "default fidelity bound (a recipe without a fidelity: section): "
+        + describe_default_bounds(),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
-def main() -> None:
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
+
+
+def _click_errors() -> tuple[type[BaseException], ...]:
+    """The usage-error classes of whichever click typer runs on: typer >= 0.29 vendors its own
+    (typer._click), whose errors derive from typer.TyperException, not click.ClickException."""
+    kinds: list[type[BaseException]] = [typer.TyperException]
     try:
-        app(standalone_mode=False)
+        import click
+
+        kinds.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - typer no longer needs click
+        pass
+    return tuple(kinds)
+
+
+def _value_options() -> set[str]:
+    """Every option of every command that takes a value."""
+    group = typer.main.get_command(app)
+    names: set[str] = set()
+    for cmd in [group, *getattr(group, "commands", {}).values()]:
+        for p in cmd.params:
+            if getattr(p, "param_type_name", "") == "option" and not getattr(p, "is_flag", False):
+                names.update(p.opts)
+    return names
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """Move --debug/--verbose to the front, so they work after the subcommand too; a flag given
+    as an option's value (`-o --debug`) or after `--` stays where it is."""
+    takes_value = _value_options()
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+        else:
+            rest.append(arg)
+            if arg in takes_value and i + 1 < len(argv):
+                rest.append(argv[i + 1])
+                i += 1
+        i += 1
+    return front + rest
+
+
+def _error(text: str) -> None:
+    """The one line every failure ends with."""
+    sys.stdout.flush()
+    sys.stderr.write("error: " + " ".join(str(text).split()) + "\n")
+    sys.stderr.flush()
+
+
+def _interrupted(code: int) -> int:
+    name = {130: "SIGINT", 143: "SIGTERM"}.get(code, f"signal {code - 128}")
+    sys.stdout.flush()
+    sys.stderr.write(f"interrupted ({name}); no build was written\n")
+    sys.stderr.flush()
+    return code
+
+
+def _install_signal_handlers() -> dict[int, object]:
+    """SIGINT and SIGTERM raise Interrupted (a BaseException) once, so that every cleanup runs;
+    a second signal during that cleanup is ignored, so it completes."""
+
+    def handler(signum, frame):
+        if STATE.get("signal") or not STATE.get("running"):
+            return
+        STATE["signal"] = signum
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: keep the defaults
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _run(args: list[str]) -> int:
+    """Run the app; every outcome becomes an exit code and, on failure, one line on stderr."""
+    if not [a for a in args if a not in GLOBAL_FLAGS]:
+        # a bare `attnc`: the help, on stderr as click prints it, and exit 2 (a usage error)
+        with contextlib.redirect_stdout(sys.stderr):
+            app(args=["--help"], prog_name="attnc", standalone_mode=False)
+        _error("missing command (see the commands above)")
+        return 2
+    try:
+        rv = app(args=args, prog_name="attnc", standalone_mode=False)
+    except Interrupted as exc:
+        return _interrupted(exc.exit_code)
+    except KeyboardInterrupt:
+        return _interrupted(130)
     except AttncError as exc:
         if STATE["debug"]:
             err.print_exception()
-        err.print(f"error: {exc.one_line()}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _error(exc.one_line())
+        return exc.exit_code
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        return _interrupted(130)
+    except _click_errors() as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "attnc"
+        _error(f"{message} (see '{where} --help')")
+        return 2
+    except BrokenPipeError:  # `attnc passes --json | head`: the reader left; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
-            sys.exit(2)
         if STATE["debug"]:
             err.print_exception()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(
-            f"error: internal error: {type(exc).__name__}: {first[:300]} "
-            "(rerun with --debug for the traceback)",
-            markup=False,
-            highlight=False,
+        _error(
+            f"internal error: {type(exc).__name__}: {first[:300]} "
+            "(rerun with --debug for the traceback)"
         )
-        sys.exit(1)
+        return 1
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+        # typer turns a KeyboardInterrupt it sees into a *returned* 130
+        return _interrupted(rv) if rv in (130, 143) else rv
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `attnc` entry point: parse, run, and exit with a code that tells the truth."""
+    args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    STATE.update(debug="--debug" in args, signal=None, running=True)
+    previous = _install_signal_handlers()
+    try:
+        code = _run(args)
+    except Interrupted as exc:  # arrived while an error was being reported
+        code = _interrupted(exc.exit_code)
+    finally:
+        STATE["running"] = False
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrie
 def task_metrics(
     kind: str, run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: Any = None
 ) -> dict:
+    """Next-token metrics where the output is next-token logits over the input ids (causal-lm,
+    vlm); elsewhere (encoder, vision, speech, seq2seq decoder outputs, custom) the outputs are
+    compared as pooled embeddings."""
     if kind in ("causal-lm", "vlm"):
         return lm_metrics(run, ref, batches, tokenizer)
     return embedding_metrics(run, ref, batches, retrieval=kind in ("encoder", "custom"))
@@ -128,25 +131,87 @@ class Evaluable:
     source: str
     tokenizer: Any = None
     example_args: tuple | None = None
-    original_source: str | None = None
+    original_source: str | None = None  # a build's source model, as its report names it
+    original_file: str | None = None  # a build's original.pt2, captured at build time
+    build_dir: str | None = None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def read_report(folder: Path) -> dict:
+    """A build's report.json, checked enough to use: a cut-off or foreign file is one line."""
+    path = folder / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); is it cut off?",
+            "rebuild the folder with attnc optimize",
+        ) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    model = report.get("model") if isinstance(report, dict) else None
+    ok = (
+        isinstance(model, dict)
+        and isinstance(model.get("inputs"), list)
+        and all(isinstance(n, str) for n in model["inputs"])
+        and isinstance(model.get("kind"), str)
+    )
+    if not ok:
+        raise UsageError(f"{path} is not an attnc build report (no model.inputs and model.kind)")
+    return report
+
+
+def _source_path(folder: Path, model: dict) -> str | None:
+    """The report's source, as recorded (absolute) or relative to the build folder."""
+    src = model.get("source")
+    rel = model.get("source_relative")
+    for cand in (src, str(folder / rel) if isinstance(rel, str) else None):
+        if isinstance(cand, str) and Path(cand.rsplit(":", 1)[0] if ":" in cand else cand).exists():
+            return cand
+    return src if isinstance(src, str) else None
+
+
+def _data_tokenizer(folder: Path, source: str | None) -> Any:
+    """A tokenizer read as data (no remote code): from the build folder, else from a source that
+    is a Hugging Face folder. None if neither has one."""
+    for where in (folder, Path(source) if source else None):
+        if where is None or not where.is_dir():
+            continue
+        if not any((where / n).exists() for n in TOKENIZER_FILES):
+            continue
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(
+                str(where), local_files_only=True, trust_remote_code=False
+            )
+        except Exception:  # noqa: BLE001 - a tokenizer is optional here
+            continue
+    return None
 
 
 def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Evaluable:
     """A build folder (its model.pt2, or model.onnx with `onnx`), a .pt2, an .onnx file, or any
-    model `attnc optimize` can load."""
+    model `attnc optimize` can load. A build folder runs no code: its source is only named."""
     from attnc.check.fidelity import ort_runner
     from attnc.load.models import load_model
 
     p = Path(spec)
-    if p.is_dir() and (p / "report.json").exists():
-        report = json.loads((p / "report.json").read_text())
-        names = report["model"]["inputs"]
-        kind = report["model"]["kind"]
+    if _is_build(p):
+        report = read_report(p)
         target = p / ("model.onnx" if onnx else "model.pt2")
         if not target.exists():
             raise UsageError(f"{p} has no {target.name}")
         ev = resolve(str(target))
-        ev.input_names, ev.kind, ev.original_source = names, kind, report["model"]["source"]
+        ev.input_names, ev.kind = report["model"]["inputs"], report["model"]["kind"]
+        ev.original_source = _source_path(p, report["model"])
+        ev.original_file = str(p / "original.pt2") if (p / "original.pt2").exists() else None
+        ev.build_dir = str(p)
+        ev.tokenizer = ev.tokenizer or _data_tokenizer(p, ev.original_source)
         return ev
     if p.suffix == ".onnx":
         if not p.exists():
@@ -172,6 +237,28 @@ def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Eva
     )
 
 
+def _is_build(p: Path) -> bool:
+    return p.is_dir() and (p / "report.json").exists()
+
+
+def original_of_build(folder: Path, trust_source: bool) -> str:
+    """What a build is compared with when --against is not given: its original.pt2, or (only
+    with trust_source) the source model its report names. Decided before anything is loaded."""
+    report = read_report(folder)
+    if (folder / "original.pt2").exists():
+        return str(folder / "original.pt2")
+    source = _source_path(folder, report["model"])
+    if not trust_source:
+        raise UsageError(
+            f"{folder} holds no original.pt2, and loading the source its report names "
+            f"({source}) may run code",
+            "pass --against ORIGINAL, or --trust-source to load that source",
+        )
+    if not source:
+        raise UsageError(f"{folder}/report.json names no source model", "pass --against ORIGINAL")
+    return source
+
+
 def evaluate(
     model: str,
     against: str | None = None,
@@ -181,19 +268,22 @@ def evaluate(
     samples: int = 128,
     max_length: int = 256,
     batch_size: int = 16,
+    trust_source: bool = False,
 ) -> dict:
-    """Compare `model` with `against` (default: the original named in a build's report)."""
-    cand = resolve(model, onnx=onnx)
-    against = against or cand.original_source
+    """Compare `model` with `against`; for a build, by default, with the original.pt2 captured
+    when it was built. A build's source model is loaded only with `trust_source`."""
+    if against is None and _is_build(Path(model)):
+        against = original_of_build(Path(model), trust_source)
     if against is None:
         raise UsageError("nothing to compare with", "pass --against ORIGINAL")
+    cand = resolve(model, onnx=onnx)
     orig = resolve(against)
     kind = cand.kind or orig.kind or "custom"
     tokenizer = orig.tokenizer or cand.tokenizer
     example = orig.example_args or cand.example_args
     if example is None:
         raise UsageError("cannot make inputs: neither model has example inputs")
-    if data is None and kind not in ("vision",):
+    if data is None and kind not in ("vision", "speech"):
         raise UsageError(f"a {kind} model needs --data (JSONL text or token ids)")
     vocab = getattr(getattr(tokenizer, "backend_tokenizer", None), "get_vocab_size", None)
     cfg = CalibrationConfig(
