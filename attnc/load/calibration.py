@@ -137,6 +137,8 @@ def _token_batches(seqs, names, cfg, pad_id, length, extra) -> list[Batch]:
                 args.append(mask)
             elif n in extra:
                 args.append(extra[n](len(chunk)))
+            elif "token_type" in n:  # one segment, as a tokenizer gives for one text
+                args.append(torch.zeros_like(ids))
             else:
                 args.append(ids)
         batches.append(Batch(tuple(args), mask))
@@ -157,10 +159,28 @@ def generated_batches(example_args, names, cfg: CalibrationConfig) -> list[Batch
             elif "mask" in names[len(args)]:
                 args.append(torch.ones(shape, dtype=t.dtype))
             else:
-                hi = int(t.max()) + 1
-                args.append(torch.randint(0, max(hi, 2), shape, generator=g, dtype=t.dtype))
+                args.append(_random_ids(t, shape, g))
         batches.append(Batch(tuple(args), None))
     return batches
+
+
+def _random_ids(example: torch.Tensor, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Random ids like `example`. Where every example row holds the same id at a position (a
+    VLM's image tokens, a decoder start token, token type 0) that id stays, and it appears
+    nowhere else, so the structure the model checks (e.g. image tokens per image) holds."""
+    if example.dim() != 2 or example.shape[0] < 2 or example.numel() == 0:
+        hi = int(example.max()) + 1 if example.numel() else 2
+        return torch.randint(0, max(hi, 2), shape, generator=g, dtype=example.dtype)
+    fixed = (example == example[:1]).all(0)  # (S,) positions constant over the batch
+    free = example[:, ~fixed]
+    hi = max(int(free.max()) + 1 if free.numel() else 2, 2)
+    out = torch.randint(0, hi, shape, generator=g, dtype=example.dtype)
+    kept = set(example[0, fixed].tolist())
+    if kept and free.numel():
+        allowed = torch.tensor([i for i in range(hi) if i not in kept] or [0])
+        out = allowed[torch.randint(0, len(allowed), shape, generator=g)].to(example.dtype)
+    out[:, fixed] = example[0, fixed]
+    return out
 
 
 def effective_length(cfg: CalibrationConfig, positions: int | None) -> int:
@@ -199,6 +219,18 @@ def load_calibration(
         data = check_tensors(p, read_tensors(p), names, example_args, vocab, positions)
         batches = _tensor_batches(data, names, cfg)
     else:  # read_rows refuses a missing file, a folder, an empty file, an unknown suffix
+        # inputs text cannot fill (pixels, audio features) are random, shaped like the examples
+        like = {
+            n: (lambda b, t=t: torch.randn(b, *t.shape[1:], dtype=t.dtype))
+            for n, t in zip(names, example_args, strict=True)
+            if t.is_floating_point()
+        }
+        extra = {**like, **extra}
+        if all(n in extra or "mask" in n for n in names):
+            raise CalibrationError(
+                f"{p}: the model takes no token ids ({', '.join(names)}), so text cannot feed it",
+                "give a .pt/.safetensors file of its inputs, or leave out --calib",
+            )
         rows = read_rows(p)[: cfg.samples]
         length = effective_length(cfg, positions)
         seqs = _tokenize(p, rows, tokenizer, length, vocab, positions)
@@ -224,7 +256,7 @@ def refuse_random_text(calib: str | None, cfg: CalibrationConfig, loaded: Any) -
     random ids mislead both the passes' statistics and the verification."""
     if calib is not None or cfg.source == "generated":
         return
-    if loaded.tokenizer is None or loaded.kind == "vision":
+    if loaded.tokenizer is None or loaded.kind in ("vision", "speech"):
         return
     raise CalibrationError(
         f"{loaded.source} is a text model with a tokenizer: pass --calib with sample text "

@@ -1,30 +1,111 @@
-"""Example inputs from a model's kind: token ids (+ mask), pixel values, or both for a VLM.
+"""Example inputs worked out from the model itself, never from its class name: the forward
+signature, `main_input_name`, the config (vocabulary, positions, image and audio geometry, image
+token id) and the tokenizer when there is one. A factory's own example inputs always win.
 
 Batch 2 and sequence 16 by default: export specializes sizes 0 and 1, so examples avoid them.
-`--input-shape` overrides the (batch, seq) or (batch, channels, height, width) shape.
+`--input-shape` overrides the shape of the main input: (batch, seq) for text and VLMs,
+(batch, channels, height, width) for images, (batch, samples) for raw audio, the full feature shape
+for audio features.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from attnc.errors import UsageError
+from attnc.errors import LoadError, UsageError
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["causal-lm", "encoder", "seq2seq", "vision", "speech", "vlm", "custom"]
 
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 16
+AUDIO_INPUTS = ("input_features", "input_values")
+FACTORY_HINT = (
+    "return (model, example_inputs) from a factory (file.py:factory), with example_inputs a "
+    "tuple of tensors or a dict such as {'input_ids': ..., 'pixel_values': ...}"
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def token_inputs(
-    vocab: int, batch: int, seq: int, low: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(low, max(vocab, low + 1), (batch, seq), generator=_gen())
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    return ids, mask
+# ----------------------------------------------------------------------------------------------
+# what the model's forward takes
+
+
+@dataclass(frozen=True)
+class Signature:
+    names: tuple[str, ...]  # named parameters, in order
+    positional: tuple[str, ...]  # those that can be passed positionally
+    var_positional: bool
+    var_keyword: bool
+
+    def accepts(self, name: str) -> bool:
+        return name in self.names or self.var_keyword
+
+    def takes(self, name: str) -> bool:
+        """Named explicitly (not only swallowed by **kwargs)."""
+        return name in self.names
+
+
+def signature_of(model: torch.nn.Module) -> Signature:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return Signature((), (), True, True)
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    pos = [p.name for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return Signature(
+        tuple(p.name for p in named),
+        tuple(pos),
+        any(p.kind == p.VAR_POSITIONAL for p in params),
+        any(p.kind == p.VAR_KEYWORD for p in params),
+    )
+
+
+def _cls(model: torch.nn.Module) -> str:
+    return type(model).__name__
+
+
+def image_token_id(config: Any) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        val = getattr(config, key, None)
+        if isinstance(val, int):
+            return val
+    return None
+
+
+def model_kind(model: torch.nn.Module) -> ModelKind:
+    """The kind of a Hugging Face model, from what its forward takes and what it computes."""
+    cfg = model.config
+    sig = signature_of(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main in AUDIO_INPUTS:
+        return "speech"
+    text, image = sig.takes("input_ids"), sig.takes("pixel_values") or main == "pixel_values"
+    if image and text and image_token_id(cfg) is not None:
+        return "vlm"
+    if image and not text:
+        return "vision"
+    if getattr(cfg, "is_encoder_decoder", False) and sig.takes("decoder_input_ids"):
+        return "seq2seq"
+    if text:
+        gen = getattr(model, "can_generate", None)
+        # a model that generates returns next-token logits; a base decoder returns hidden states,
+        # which are compared like an encoder's
+        return "causal-lm" if callable(gen) and gen() else "encoder"
+    return "custom"
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
 
 
 def _batch_seq(input_shape: list[int] | None) -> tuple[int, int]:
@@ -35,54 +116,344 @@ def _batch_seq(input_shape: list[int] | None) -> tuple[int, int]:
     return input_shape[0], input_shape[1]
 
 
-def _pixels(cfg: Any, batch: int, input_shape: list[int] | None) -> torch.Tensor:
+def _text_config(cfg: Any) -> Any:
+    get = getattr(cfg, "get_text_config", None)
+    try:
+        return get(decoder=True) if callable(get) else cfg
+    except TypeError:
+        return get()
+
+
+def _max_positions(cfg: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _fit_seq(seq: int, limit: int | None, given: bool, what: str = "sequence") -> int:
+    if limit is None or seq <= limit:
+        return seq
+    if given:
+        raise UsageError(
+            f"--input-shape asks for a {what} of {seq}; the model takes at most {limit}"
+        )
+    return limit
+
+
+def _special_ids(cfg: Any) -> set[int]:
+    """Token ids a random example must avoid: image/video/special markers change the structure."""
+    out = set()
+    for c in {id(cfg): cfg, id(_text_config(cfg)): _text_config(cfg)}.values():
+        for key, val in vars(c).items():
+            if key.endswith(("_token_id", "_token_index")) and isinstance(val, int):
+                out.add(val)
+    return out
+
+
+def token_ids(vocab: int, shape: tuple[int, ...], avoid: set[int] = frozenset()) -> torch.Tensor:
+    allowed = torch.tensor([i for i in range(vocab) if i not in avoid] or [0])
+    return allowed[torch.randint(0, len(allowed), shape, generator=_gen())]
+
+
+def token_inputs(
+    vocab: int, batch: int, seq: int, low: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(low, max(vocab, low + 1), (batch, seq), generator=_gen())
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    return ids, mask
+
+
+def _vocab(model: torch.nn.Module, cfg: Any) -> int:
+    vocab = getattr(_text_config(cfg), "vocab_size", None) or getattr(cfg, "vocab_size", None)
+    if not vocab:
+        emb = getattr(model, "get_input_embeddings", lambda: None)()
+        vocab = getattr(emb, "num_embeddings", None)
+    if not vocab:
+        raise LoadError(
+            f"cannot work out the vocabulary size of {_cls(model)} for example token ids",
+            FACTORY_HINT,
+        )
+    return int(vocab)
+
+
+def _image_geometry(model: torch.nn.Module, cfg: Any) -> tuple[int, int, int]:
+    """(channels, height, width) from the (vision) config."""
+    size = getattr(cfg, "image_size", None)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        h, w = int(size[0]), int(size[1])
+    elif isinstance(size, int):
+        h = w = size
+    else:
+        raise LoadError(
+            f"cannot work out the image size of {_cls(model)}: its config has no image_size",
+            "pass --input-shape batch,channels,height,width, or " + FACTORY_HINT,
+        )
+    return int(getattr(cfg, "num_channels", 3)), h, w
+
+
+def _pixels(model, cfg: Any, batch: int, input_shape: list[int] | None) -> torch.Tensor:
     if input_shape and len(input_shape) == 4:
+        patch = getattr(cfg, "patch_size", None)
+        patch = patch if isinstance(patch, int) else None
+        if min(input_shape) < 1 or (patch and (input_shape[2] % patch or input_shape[3] % patch)):
+            raise UsageError(
+                f"--input-shape {input_shape} is not an image batch this model takes",
+                f"batch,channels,height,width with height and width multiples of {patch}",
+            )
         return torch.randn(*input_shape, generator=_gen())
-    size = getattr(cfg, "image_size", 224)
-    chans = getattr(cfg, "num_channels", 3)
-    return torch.randn(batch, chans, size, size, generator=_gen())
+    if input_shape and len(input_shape) != 1:
+        raise UsageError(
+            f"--input-shape for an image model is batch or batch,channels,height,width; "
+            f"got {input_shape}"
+        )
+    chans, h, w = _image_geometry(model, cfg)
+    return torch.randn(batch, chans, h, w, generator=_gen())
 
 
-def vlm_image_tokens(config: Any) -> int:
-    n = getattr(config, "image_seq_length", None)
-    if n:
-        return int(n)
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if getattr(config, "vision_feature_select_strategy", "default") == "full":
-        n += 1
-    return n
+# ----------------------------------------------------------------------------------------------
+# inputs by kind
 
 
-def vlm_ids(config: Any, batch: int, prefix: int, suffix: int) -> torch.Tensor:
-    vocab = config.text_config.vocab_size
-    image_id = (
-        config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
-    )
-    n_img = vlm_image_tokens(config)
-    ids = torch.randint(0, vocab, (batch, prefix + n_img + suffix), generator=_gen())
-    ids[ids == image_id] = (image_id + 1) % vocab
-    ids[:, prefix : prefix + n_img] = image_id
+def hf_example_inputs(
+    model: torch.nn.Module, kind: ModelKind, input_shape: list[int] | None, tokenizer: Any = None
+) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Input names and example tensors for a Hugging Face model of `kind`."""
+    cfg = model.config
+    sig = signature_of(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    if kind == "vision":
+        batch = input_shape[0] if input_shape else DEFAULT_BATCH
+        inputs = {main: _pixels(model, cfg, batch, input_shape)}
+    elif kind == "speech":
+        inputs = _speech_inputs(model, cfg, main, input_shape)
+    elif kind == "vlm":
+        inputs = _vlm_inputs(model, cfg, sig, input_shape)
+    elif kind in ("causal-lm", "encoder", "seq2seq"):
+        inputs = _text_inputs(model, cfg, sig, input_shape, tokenizer)
+        if sig.takes("pixel_values"):  # a dual encoder (text and images, no image tokens)
+            vcfg = getattr(cfg, "vision_config", cfg)
+            inputs["pixel_values"] = _pixels(model, vcfg, inputs["input_ids"].shape[0], None)
+    else:
+        if input_shape:  # the user says what the main input looks like
+            inputs = {main: torch.randn(*input_shape, generator=_gen())}
+        else:
+            raise LoadError(
+                f"cannot work out the example inputs of {_cls(model)} (main input {main!r})",
+                "pass --input-shape for a single float input, or " + FACTORY_HINT,
+            )
+    if getattr(cfg, "is_encoder_decoder", False) and sig.takes("decoder_input_ids"):
+        batch = next(iter(inputs.values())).shape[0]
+        inputs["decoder_input_ids"] = _decoder_ids(model, cfg, batch, input_shape)
+    unknown = [n for n in inputs if not sig.takes(n)]
+    if unknown:
+        raise LoadError(
+            f"{_cls(model)}.forward takes no {unknown[0]!r}; attnc cannot build its inputs",
+            FACTORY_HINT,
+        )
+    return list(inputs), tuple(inputs.values())
+
+
+def _text_inputs(model, cfg, sig: Signature, input_shape, tokenizer) -> dict[str, torch.Tensor]:
+    tcfg = _text_config(cfg)
+    batch, seq = _batch_seq(input_shape)
+    seq = _fit_seq(seq, _max_positions(tcfg), bool(input_shape))
+    ids = token_ids(_vocab(model, cfg), (batch, seq), _special_ids(cfg))
+    out = {"input_ids": ids}
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    emits = getattr(tok, "model_input_names", None)
+    if sig.takes("attention_mask") and (emits is None or "attention_mask" in emits):
+        out["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    if sig.takes("token_type_ids"):
+        # keep it where the tokenizer emits it (so the exported model takes tokenizer output),
+        # or, without a tokenizer, where the model has more than one token type (BERT)
+        types = getattr(tcfg, "type_vocab_size", 0) or 0
+        if (emits is not None and "token_type_ids" in emits) or (emits is None and types > 1):
+            out["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    return out
+
+
+def _decoder_ids(model, cfg, batch: int, input_shape) -> torch.Tensor:
+    _, seq = _batch_seq(input_shape if input_shape and len(input_shape) == 2 else None)
+    if getattr(model, "main_input_name", "input_ids") in AUDIO_INPUTS:
+        seq = DEFAULT_SEQ  # the audio input's shape says nothing about the transcript
+    seq = max(2, seq - 4)  # differs from the encoder's length, so export keeps the two apart
+    limit = getattr(cfg, "max_target_positions", None) or _max_positions(_text_config(cfg))
+    seq = min(seq, limit) if limit else seq
+    vocab = _vocab(model, cfg)
+    ids = token_ids(vocab, (batch, seq), _special_ids(cfg))
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if isinstance(start, int) and 0 <= start < vocab:
+        ids[:, 0] = start
     return ids
 
 
-def example_inputs_for(
-    kind: str, config: Any, input_shape: list[int] | None
-) -> tuple[list[str], tuple[torch.Tensor, ...]]:
-    """Input names and example tensors for a Hugging Face model of `kind`."""
-    if kind == "vision":
-        batch = input_shape[0] if input_shape else DEFAULT_BATCH
-        return ["pixel_values"], (_pixels(config, batch, input_shape),)
-    if kind == "vlm":
-        batch, seq = _batch_seq(input_shape)
-        ids = vlm_ids(config, batch, prefix=4, suffix=max(seq - 4, 2))
-        mask = torch.ones_like(ids)
-        pix = _pixels(config.vision_config, batch, None)
-        return ["input_ids", "attention_mask", "pixel_values"], (ids, mask, pix)
+def _vlm_inputs(model, cfg, sig: Signature, input_shape) -> dict[str, torch.Tensor]:
+    """Token ids with one image's worth of image tokens, the mask, and the pixels: the number
+    of image tokens is what the model's own `get_image_features` yields for one image."""
     batch, seq = _batch_seq(input_shape)
-    vocab = getattr(config, "vocab_size", 1000)
-    ids, mask = token_inputs(vocab, batch, seq)
-    return ["input_ids", "attention_mask"], (ids, mask)
+    vcfg = getattr(cfg, "vision_config", None) or cfg
+    chans, h, w = _image_geometry(model, vcfg)
+    n_img, extra_dims = _image_tokens(model, chans, h, w)
+    img = image_token_id(cfg)
+    vocab = _vocab(model, cfg)
+    prefix, suffix = 4, max(seq - 4, 2)
+    ids = token_ids(vocab, (batch, prefix + n_img + suffix), _special_ids(cfg))
+    ids[:, prefix : prefix + n_img] = img
+    _fit_seq(ids.shape[1], _max_positions(_text_config(cfg)), bool(input_shape), "token sequence")
+    out = {"input_ids": ids}
+    if sig.takes("attention_mask"):
+        out["attention_mask"] = torch.ones_like(ids)
+    out["pixel_values"] = torch.randn(batch, *extra_dims, chans, h, w, generator=_gen())
+    return out
+
+
+def _image_tokens(model, chans: int, h: int, w: int) -> tuple[int, tuple[int, ...]]:
+    """Image tokens per image, and the extra pixel dims ((), or (1,) for (B, N, C, H, W))."""
+    get = getattr(model, "get_image_features", None)
+    tried = []
+    for extra in ((), (1,)):
+        if get is None:
+            break
+        pix = torch.randn(1, *extra, chans, h, w, generator=_gen())
+        try:
+            with torch.no_grad():
+                feats = get(pixel_values=pix)
+        except Exception as exc:  # noqa: BLE001 - this layout is not the model's; try the next
+            tried.append(" ".join(str(exc).split())[:120])
+            continue
+        n = _feature_rows(feats)
+        if n:
+            return n, extra
+    raise LoadError(
+        f"cannot work out the image inputs of {_cls(model)}: its image features do not come "
+        "from (batch, channels, height, width) pixels"
+        + (f" ({tried[0]})" if tried else " (it has no get_image_features)"),
+        FACTORY_HINT,
+    )
+
+
+def _feature_rows(feats: Any) -> int:
+    pooled = getattr(feats, "pooler_output", None)
+    if pooled is not None:  # transformers 5: the projected features
+        feats = pooled
+    elif not isinstance(feats, (torch.Tensor, list, tuple)):
+        feats = getattr(feats, "last_hidden_state", None)
+    if isinstance(feats, torch.Tensor):
+        feats = [feats]
+    if not isinstance(feats, (list, tuple)):
+        return 0
+    return sum(t.shape[:-1].numel() for t in feats if isinstance(t, torch.Tensor) and t.dim() >= 2)
+
+
+def _speech_inputs(model, cfg, main: str, input_shape) -> dict[str, torch.Tensor]:
+    batch = input_shape[0] if input_shape else DEFAULT_BATCH
+    if main == "input_values":  # raw audio (batch, samples)
+        if input_shape and len(input_shape) == 2:
+            samples = input_shape[1]
+        elif input_shape and len(input_shape) != 1:
+            raise UsageError(f"--input-shape for raw audio is batch,samples; got {input_shape}")
+        else:
+            samples = _samples_for_frames(model, cfg, DEFAULT_SEQ)
+        return {main: torch.randn(batch, samples, generator=_gen())}
+    if input_shape and len(input_shape) == 3:
+        return {main: torch.randn(*input_shape, generator=_gen())}
+    if input_shape and len(input_shape) != 1:
+        raise UsageError(
+            f"--input-shape for audio features is batch or batch,features,frames; got {input_shape}"
+        )
+    shape = _feature_layout(model, cfg)
+    return {main: torch.randn(batch, *shape, generator=_gen())}
+
+
+def _samples_for_frames(model, cfg, frames: int) -> int:
+    """Audio samples a convolutional feature encoder turns into `frames` frames."""
+    kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
+    if not kernels or not strides or len(kernels) != len(strides):
+        raise LoadError(
+            f"cannot work out the audio length {_cls(model)} takes (no conv_kernel/conv_stride)",
+            "pass --input-shape batch,samples, or " + FACTORY_HINT,
+        )
+    n = frames
+    for k, s in zip(reversed(kernels), reversed(strides), strict=True):
+        n = (n - 1) * s + k
+    return n
+
+
+def _feature_layout(model, cfg) -> tuple[int, int]:
+    """(features, frames) or (frames, features) per example, whichever the encoder accepts.
+    Whisper needs exactly 2 * max_source_positions frames, (batch, mel bins, frames)."""
+    feats = next(
+        (
+            getattr(cfg, k)
+            for k in ("num_mel_bins", "feature_size", "input_feat_per_channel")
+            if isinstance(getattr(cfg, k, None), int)
+        ),
+        None,
+    )
+    if feats is None:
+        raise LoadError(
+            f"cannot work out the audio features {_cls(model)} takes (no num_mel_bins in config)",
+            "pass --input-shape batch,features,frames, or " + FACTORY_HINT,
+        )
+    src = getattr(cfg, "max_source_positions", None)
+    frames = [2 * src, src] if isinstance(src, int) else []
+    frames += [f for f in (4 * DEFAULT_SEQ, 4 * DEFAULT_SEQ + 1) if f != feats]
+    candidates = [(feats, f) for f in frames] + [(f, feats) for f in frames]
+    get_enc = getattr(model, "get_encoder", None)
+    enc = get_enc() if callable(get_enc) and getattr(cfg, "is_encoder_decoder", False) else model
+    main = getattr(model, "main_input_name", "input_features")
+    for shape in candidates:
+        try:
+            with torch.no_grad():
+                enc(**{main: torch.randn(1, *shape, generator=_gen())})
+        except Exception:  # noqa: BLE001, S112 - not this layout; try the next
+            continue
+        return shape
+    raise LoadError(
+        f"cannot work out the audio feature shape {_cls(model)} takes ({feats} features)",
+        "pass --input-shape batch,features,frames, or " + FACTORY_HINT,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# a factory's example inputs, and models without any
+
+
+def name_example(
+    model: torch.nn.Module, example: tuple | Mapping, hf: bool = False
+) -> tuple[list[str], tuple[torch.Tensor, ...], bool]:
+    """Names for a factory's example inputs, from the forward signature: (names, tensors,
+    by_keyword). A dict is passed by keyword; a tuple positionally. A Hugging Face model's
+    **kwargs carry flags, not inputs, so its dict keys must be named parameters."""
+    sig = signature_of(model)
+    if isinstance(example, Mapping):
+        items = list(example.items())
+        bad = [k for k, v in items if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise LoadError(f"the factory's example input {bad[0]!r} is not a tensor")
+        fits = sig.takes if hf else sig.accepts
+        unknown = [k for k, _ in items if not isinstance(k, str) or not fits(k)]
+        if unknown:
+            raise LoadError(
+                f"the factory's example input {unknown[0]!r} is not a parameter of "
+                f"{_cls(model)}.forward",
+                f"it takes {', '.join(sig.names) or 'no named inputs'}",
+            )
+        return [k for k, _ in items], tuple(v for _, v in items), True
+    example = tuple(example)
+    if not all(isinstance(t, torch.Tensor) for t in example):
+        raise LoadError("the factory's example inputs must all be tensors")
+    if len(example) > len(sig.positional) and not sig.var_positional:
+        raise LoadError(
+            f"the factory gives {len(example)} example inputs; {_cls(model)}.forward takes "
+            f"{len(sig.positional)} positionally",
+            "return a dict of keyword tensors instead",
+        )
+    names = list(sig.positional[: len(example)])
+    names += [f"input_{i}" for i in range(len(names), len(example))]
+    return names, example, False
 
 
 def plain_example_inputs(model: torch.nn.Module, params: list, input_shape: list[int] | None):

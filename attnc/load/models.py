@@ -7,24 +7,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import pickle
 import sys
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from attnc.errors import LoadError, UsageError
+from attnc.load.inputs import ModelKind, signature_of
 
 log = logging.getLogger(__name__)
-
-ModelKind = Literal["causal-lm", "encoder", "vision", "vlm", "custom"]
 
 
 @dataclass
@@ -40,7 +39,8 @@ class LoadedModel:
 
 
 class OutputAdapter(nn.Module):
-    """Calls `model(**dict(zip(names, inputs)))` (or positionally) and returns its main tensor."""
+    """Calls `model(**dict(zip(names, inputs)))` (or positionally) and returns its main tensor.
+    A Hugging Face model also gets `use_cache=False, return_dict=True` where it takes them."""
 
     def __init__(self, model: nn.Module, input_names: list[str], by_keyword: bool, hf: bool):
         super().__init__()
@@ -48,17 +48,28 @@ class OutputAdapter(nn.Module):
         self.input_names = list(input_names)
         self.by_keyword = by_keyword
         self.hf = hf
+        sig = signature_of(model)
+        fixed = {"use_cache": False, "return_dict": True} if hf else {}
+        self.fixed = {k: v for k, v in fixed.items() if sig.accepts(k)}
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         if self.by_keyword:
-            kwargs = dict(zip(self.input_names, inputs, strict=True))
-            if self.hf:
-                kwargs["use_cache"] = False
-                kwargs["return_dict"] = True
-            out = self.model(**kwargs)
+            out = self.model(**dict(zip(self.input_names, inputs, strict=True)), **self.fixed)
         else:
-            out = self.model(*inputs)
+            out = self.model(*inputs, **self.fixed)
         return main_output(out)
+
+
+class ByKeyword(nn.Module):
+    """Calls a module that takes its inputs by name (an attnc `.pt2`) with positional inputs."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module = module
+        self.names = list(names)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.module(**dict(zip(self.names, inputs, strict=True)))
 
 
 def main_output(out: Any) -> Any:
@@ -130,16 +141,21 @@ def _looks_like_factory(spec: str) -> bool:
 
 
 def _hf_kind(config: Any) -> ModelKind:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    mtype = getattr(config, "model_type", "")
-    if "ConditionalGeneration" in archs or mtype in ("llava", "llava_next", "qwen2_vl"):
+    """A first guess from the config alone, to pick an Auto class for a config.json that names
+    no architecture; `wrap_hf` decides the kind from the loaded model itself."""
+    from attnc.load.inputs import image_token_id
+
+    has = lambda key: getattr(config, key, None) is not None  # noqa: E731
+    if has("vision_config") and has("text_config") and image_token_id(config) is not None:
         return "vlm"
-    if "CausalLM" in archs or "LMHead" in archs or getattr(config, "is_decoder", False):
+    if has("num_mel_bins") or (has("conv_kernel") and has("conv_stride")):
+        return "speech"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if getattr(config, "is_decoder", False):
         return "causal-lm"
-    if mtype in ("vit", "clip_vision_model", "deit", "dinov2", "siglip_vision_model"):
+    if has("image_size") and not has("vocab_size"):
         return "vision"
-    if mtype in ("llama", "qwen2", "mistral", "gpt2", "gemma", "phi3", "qwen3"):
-        return "causal-lm"
     return "encoder"
 
 
@@ -166,6 +182,31 @@ DTYPES = {
 }
 
 
+# transformers' ValueError when a class has no SDPA path (`_sdpa_can_dispatch`; Gemma-2, BLOOM, MPT,
+# DeBERTa-v2, ...): those classes load with eager attention, which capture canonicalises
+SDPA_REFUSED = "does not support an attention implementation through torch.nn.functional.scaled_dot"
+
+
+def _from_pretrained(cls, path: Path, dtype: str) -> tuple[nn.Module, str]:
+    """`cls.from_pretrained` with SDPA attention, or eager attention where the class refuses SDPA;
+    returns (model, the attention implementation used)."""
+    kw = dict(local_files_only=True, use_safetensors=True, dtype=DTYPES[dtype])
+    try:
+        return cls.from_pretrained(str(path), attn_implementation="sdpa", **kw), "sdpa"
+    except Exception as exc:  # noqa: BLE001
+        if not (isinstance(exc, ValueError) and SDPA_REFUSED in str(exc)):
+            raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None
+    log.warning(
+        "%s has no SDPA attention in transformers; loading it with eager attention "
+        "(capture rewrites what it can into SDPA)",
+        getattr(cls, "__name__", cls),
+    )
+    try:
+        return cls.from_pretrained(str(path), attn_implementation="eager", **kw), "eager"
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None
+
+
 def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float32") -> LoadedModel:
     import transformers as tf
 
@@ -182,33 +223,26 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float3
             "attnc does not unpickle Hugging Face .bin files",
         )
     cls = hf_model_class(config, kind)
-    try:
-        model = cls.from_pretrained(
-            str(path),
-            local_files_only=True,
-            attn_implementation="sdpa",
-            use_safetensors=True,
-            dtype=DTYPES[dtype],
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None
+    model, attn_impl = _from_pretrained(cls, path, dtype)
     tokenizer = None
     if any((path / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a tokenizer is optional
             log.warning("tokenizer in %s not loaded: %s", path, _short(exc))
-    return wrap_hf(model.eval(), str(path), tokenizer, input_shape)
+    loaded = wrap_hf(model.eval(), str(path), tokenizer, input_shape)
+    loaded.extra["attn_implementation"] = attn_impl
+    return loaded
 
 
 def wrap_hf(model: nn.Module, source: str, tokenizer: Any, input_shape: list[int] | None):
-    from attnc.load.inputs import example_inputs_for
+    """A Hugging Face model with example inputs worked out from the model itself."""
+    from attnc.load.inputs import hf_example_inputs, model_kind
 
-    config = model.config
-    kind = _hf_kind(config)
-    names, args = example_inputs_for(kind, config, input_shape)
+    kind = model_kind(model)
+    names, args = hf_example_inputs(model, kind, input_shape, tokenizer)
     adapter = OutputAdapter(model, names, by_keyword=True, hf=True).eval()
-    return LoadedModel(adapter, args, names, kind, source, tokenizer, config)
+    return LoadedModel(adapter, args, names, kind, source, tokenizer, model.config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +274,9 @@ def _import_factory(spec: str):
 
 
 def _load_factory(spec: str, weights: str | None, input_shape: list[int] | None) -> LoadedModel:
+    """`fn()` returns a model, or (model, example_inputs[, tokenizer]) with example_inputs a tensor,
+    a tuple of tensors (positional) or a dict of keyword tensors. Given examples are the truth:
+    they are named from the forward signature, never replaced by a guess."""
     fn = _import_factory(spec)
     try:
         made = fn()
@@ -250,10 +287,12 @@ def _load_factory(spec: str, weights: str | None, input_shape: list[int] | None)
     if isinstance(made, tuple):
         model, *rest = made
         for item in rest:
-            if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
-                example = tuple(item)
-            elif isinstance(item, torch.Tensor):
+            if isinstance(item, torch.Tensor):
                 example = (item,)
+            elif isinstance(item, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in item):
+                example = tuple(item)
+            elif isinstance(item, Mapping) and item and all(isinstance(k, str) for k in item):
+                example = item  # keyword tensors (a dict, or a tokenizer's BatchEncoding)
             elif item is not None:
                 tokenizer = item
     else:
@@ -263,12 +302,15 @@ def _load_factory(spec: str, weights: str | None, input_shape: list[int] | None)
     if weights is not None:
         _load_state_dict(model, Path(weights))
     model = model.eval()
-    if _is_hf(model):
-        loaded = wrap_hf(model, spec, tokenizer, input_shape)
-        if example is not None:
-            loaded.example_args = example
-        return loaded
-    return _wrap_plain(model, spec, example, input_shape, tokenizer)
+    if not _is_hf(model):
+        return _wrap_plain(model, spec, example, input_shape, tokenizer)
+    if example is None:
+        return wrap_hf(model, spec, tokenizer, input_shape)
+    from attnc.load.inputs import model_kind, name_example
+
+    names, args, by_keyword = name_example(model, example, hf=True)
+    adapter = OutputAdapter(model, names, by_keyword=by_keyword, hf=True).eval()
+    return LoadedModel(adapter, args, names, model_kind(model), spec, tokenizer, model.config)
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -280,20 +322,13 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _wrap_plain(model, source, example, input_shape, tokenizer=None) -> LoadedModel:
-    from attnc.load.inputs import plain_example_inputs
+    from attnc.load.inputs import name_example, plain_example_inputs
 
-    params = [
-        p
-        for p in inspect.signature(model.forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
     if example is None:
-        example = plain_example_inputs(model, params, input_shape)
-    names = [p.name for p in params[: len(example)]] or [f"input_{i}" for i in range(len(example))]
-    if len(names) < len(example):
-        names += [f"input_{i}" for i in range(len(names), len(example))]
-    adapter = OutputAdapter(model, names, by_keyword=False, hf=False).eval()
-    return LoadedModel(adapter, tuple(example), names, "custom", source, tokenizer, None)
+        example = plain_example_inputs(model, [], input_shape)
+    names, args, by_keyword = name_example(model, example)
+    adapter = OutputAdapter(model, names, by_keyword=by_keyword, hf=False).eval()
+    return LoadedModel(adapter, args, names, "custom", source, tokenizer, None)
 
 
 def read_tensor_file(path: Path) -> Any:
@@ -359,7 +394,10 @@ def _load_pt2(path: Path, input_shape) -> LoadedModel:
         raise LoadError(f"{path} is not a readable .pt2 file: {_short(exc)}") from None
     module = ep.module()
     example = getattr(ep, "example_inputs", None)
-    args = tuple(example[0]) if example else None
+    args = tuple(example[0]) + tuple((example[1] or {}).values()) if example else None
+    spec = ep.call_spec.in_spec
+    if spec is not None and spec.num_children == 2 and spec.child(1).num_children:
+        module = ByKeyword(module, list(spec.child(1).context))  # attnc's .pt2 take names
     if not args:
         if not input_shape:
             raise LoadError(f"{path} stores no example inputs", "pass --input-shape, e.g. 2,16")
