@@ -5,8 +5,12 @@ arXiv 2406.15786; spec in shared/specs/llm_drop.md).
 Score of a sublayer = mean over real calibration tokens of cos(x_t, y_t) in float32, with x the
 residual stream entering it and y the stream leaving it: `x + A(LN(x))` in a pre-norm block,
 `LN(x + A(x))` in a post-norm block (the norm stays there when the sublayer goes). The most
-similar (least important) sublayers are dropped. Dropping is a graph edit: the residual add is
-rerouted to its stream input, and the sublayer, its pre-norm and their weights leave the graph.
+similar (least important) sublayers are dropped. Dropping is a graph edit: the sublayer's branch
+leaves the residual sum (in a parallel block `x + attn(ln(x)) + mlp(ln(x))` only that branch: the
+MLP keeps its input and the shared norm), and the sublayer, its own norm and their weights leave
+the graph. Every drop is checked to remove exactly its sublayer's parameters (a PassError if
+not); each decision reports what it removed. In a parallel block the score of a branch b is
+cos(x, x + b).
 
 Iterative mode re-scores on the partially dropped program each round, running every kept
 sublayer of a partly dropped layer (the reference's bug skipped the whole layer).
@@ -19,15 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from attnc.errors import PassError, RecipeError
-from attnc.graph.edit import prune, reroute
-from attnc.graph.sites import (
-    find_mlp_residual,
-    find_residual,
-    is_attention,
-    layer_index,
-    module_path,
-)
-from attnc.graph.taps import run_taps
+from attnc.graph.sublayers import Removal, Sublayer, drop_sublayer, find_sublayers, resolve
+from attnc.graph.taps import CosineStat, run_taps
 from attnc.recipe.manager import Decision, PassInfo, register_pass
 from attnc.recipe.selectors import Selector
 
@@ -56,80 +53,12 @@ class LLMDropConfig:
         Selector.parse(self.layers, self.modules)
 
 
-@dataclass(frozen=True)
-class Unit:
-    """A droppable sublayer: its stream in (x), stream out (y), and the node to reroute."""
-
-    key: str
-    kind: Literal["attention", "mlp", "block"]
-    layer: int | None
-    block: str
-    x: str
-    y: str
-    reroute_from: str
-    reroute_to: str
-
-
-def _block_name(attn_module: str) -> str:
-    parts = attn_module.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].isdigit():
-            return ".".join(parts[: i + 1])
-    return attn_module
+Unit = Sublayer  # a droppable sublayer: attention call, MLP, or whole block
 
 
 def find_units(gm) -> list[Unit]:
-    """Attention, MLP and block units of every attention site with a residual structure."""
-    units: list[Unit] = []
-    for node in list(gm.graph.nodes):
-        if not is_attention(node):
-            continue
-        res = find_residual(node)
-        if res is None:
-            continue
-        path = module_path(node)
-        block = _block_name(path)
-        layer = layer_index(path)
-        units.append(
-            Unit(
-                f"attention@{block}",
-                "attention",
-                layer,
-                block,
-                res.stream.name,
-                res.out.name,
-                res.add.name,
-                res.stream.name,
-            )
-        )
-        mres = find_mlp_residual(res.out, res.style)
-        if mres is None:
-            continue
-        units.append(
-            Unit(
-                f"mlp@{block}",
-                "mlp",
-                layer,
-                block,
-                mres.stream.name,
-                mres.out.name,
-                mres.add.name,
-                mres.stream.name,
-            )
-        )
-        units.append(
-            Unit(
-                f"block@{block}",
-                "block",
-                layer,
-                block,
-                res.stream.name,
-                mres.out.name,
-                mres.out.name,
-                res.stream.name,
-            )
-        )
-    return units
+    """Attention, MLP and block units, keyed by call site (see `attnc.graph.sublayers`)."""
+    return find_sublayers(gm)
 
 
 _KINDS = {
@@ -146,26 +75,64 @@ def _eligible(units: list[Unit], cfg: LLMDropConfig) -> list[Unit]:
     return [u for u in units if u.kind in kinds and sel.matches(u.layer, u.block)]
 
 
+class ResidualCosineStat(CosineStat):
+    """cos(x, x + branch): a parallel block's sublayer has no node holding x + its output alone."""
+
+    def update(self, x, y, mask):
+        super().update(x, x.float() + y.float(), mask)
+
+
+def _taps(gm, units: list[Unit]) -> dict[str, dict[str, tuple[str, str]]]:
+    """Per statistic, the (x, y) nodes of each unit as the graph stands now (a unit of a partly
+    dropped block is found again through its branch; a unit that is gone is left out)."""
+    groups: dict[str, dict[str, tuple[str, str]]] = {"plain": {}, "residual": {}}
+    for u in units:
+        where = resolve(gm, u)
+        if where is None:
+            continue
+        stream, out, brs = where
+        if u.kind != "block" and u.style == "parallel":
+            groups["residual"][u.key] = (stream.name, brs[0].branch.name)
+        else:
+            groups["plain"][u.key] = (stream.name, out.name)
+    return groups
+
+
 def score_units(program, units: list[Unit], ctx) -> dict[str, float]:
     if ctx.calibration is None:
         raise PassError("llm-drop needs calibration data (--calib)")
-    taps = {u.key: (u.x, u.y) for u in units}
-    return run_taps(program.gm, ctx.calibration.calib, taps)
+    scores: dict[str, float] = {}
+    stats = {"plain": CosineStat, "residual": ResidualCosineStat}
+    for kind, taps in _taps(program.gm, units).items():
+        if taps:
+            scores.update(run_taps(program.gm, ctx.calibration.calib, taps, stats[kind]))
+    return scores
+
+
+def drop_report(program, keys: list[str]) -> tuple[object, dict[str, Removal]]:
+    """A copy of `program` with the units named by `keys` removed (blocks first), and what each
+    drop removed. Every drop is checked to remove exactly its own parameters (PassError if not)."""
+    out = program.clone()
+    by_key = {u.key: u for u in find_units(program.gm)}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise PassError(f"llm-drop: no sublayer {missing[0]!r} in the graph")
+    units = sorted((by_key[k] for k in keys), key=lambda u: u.kind != "block")
+    dropped_blocks = [u for u in units if u.kind == "block"]
+    report: dict[str, Removal] = {}
+    for u in units:
+        if u.kind != "block" and any(set(u.branches) <= set(b.branches) for b in dropped_blocks):
+            report[u.key] = Removal(u.key, 0, 0, ())  # went with its block
+            continue
+        report[u.key] = drop_sublayer(out.gm, u)
+    n = sum(r.tensors for r in report.values())
+    log.info("llm-drop removed %d sublayer(s) and %d weight tensor(s)", len(keys), n)
+    return out, report
 
 
 def drop_units(program, keys: list[str]):
     """A copy of `program` with the units named by `keys` removed from the graph."""
-    out = program.clone()
-    by_key = {u.key: u for u in find_units(out.gm)}
-    nodes = {n.name: n for n in out.gm.graph.nodes}
-    for key in keys:
-        if key not in by_key:
-            raise PassError(f"llm-drop: no sublayer {key!r} in the graph")
-        u = by_key[key]
-        reroute(out.gm, nodes[u.reroute_from], nodes[u.reroute_to])
-    removed = prune(out.gm)
-    log.info("llm-drop removed %d sublayer(s) and %d weight tensor(s)", len(keys), removed)
-    return out
+    return drop_report(program, keys)[0]
 
 
 def _rank(scores: dict[str, float]) -> list[str]:
@@ -192,6 +159,8 @@ def plan(program, cfg: LLMDropConfig, ctx) -> list[Decision]:
         order, scores = _iterative_order(program, eligible, target, cfg.step, ctx, scores)
     chosen, trail = _choose(program, order, cfg, ctx, n_max)
     rank = {k: i + 1 for i, k in enumerate(order)}
+    # the drop is checked here (exactly each sublayer's own parameters leave), and reported
+    removals = drop_report(program, [k for k in order if k in chosen])[1] if chosen else {}
     decisions = []
     eligible_keys = {u.key for u in eligible}
     for u in units:
@@ -201,6 +170,8 @@ def plan(program, cfg: LLMDropConfig, ctx) -> list[Decision]:
             decisions.append(Decision(u.key, "skip", "not selected by layers/modules", {}))
             continue
         m = {"cosine": round(scores[u.key], 6), "rank": rank[u.key]}
+        if u.key in removals:
+            m.update(removals[u.key].metrics())
         verdict = "dropped" if u.key in chosen else "kept"
         reason = f"similarity {scores[u.key]:.4f}, rank {rank[u.key]} of {n_max}: {verdict}"
         decisions.append(Decision(u.key, "drop" if u.key in chosen else "keep", reason, m))
@@ -217,7 +188,7 @@ def _iterative_order(program, eligible, target, step, ctx, first_scores):
     remaining = [u.key for u in eligible]
     while len(order) < target and remaining:
         if order:
-            units = [u for u in find_units(current.gm) if u.key in remaining]
+            units = [u for u in eligible if u.key in remaining]  # found again by branch
             scores.update(score_units(current, units, ctx))
         ranked = [k for k in _rank({k: scores[k] for k in remaining})]
         take = ranked[: min(step, target - len(order))]
@@ -249,8 +220,7 @@ def apply(program, decisions: list[Decision], cfg: LLMDropConfig):
     keys = [d.site for d in decisions if d.action == "drop"]
     if not keys:
         return program
-    out = drop_units(program, keys)
-    return out
+    return drop_units(program, keys)
 
 
 register_pass(

@@ -69,3 +69,86 @@ def reroute(gm: GraphModule, old: Node, new: Node) -> None:
 
 def param_count(gm: torch.nn.Module) -> int:
     return sum(p.numel() for p in gm.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# dropping a sublayer: take its branch out of the residual sum, then check what left the graph
+
+INPLACE_ADD = torch.ops.aten.add_.Tensor
+
+
+def tensor_names(gm: GraphModule) -> dict[str, tuple[int, bool]]:
+    """Every parameter and buffer: name -> (elements, is a parameter)."""
+    out = {n: (p.numel(), True) for n, p in gm.named_parameters(remove_duplicate=False)}
+    out.update({n: (b.numel(), False) for n, b in gm.named_buffers(remove_duplicate=False)})
+    return out
+
+
+def _order(gm: GraphModule) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _later_users(gm: GraphModule, node: Node, after: Node) -> list[Node]:
+    order = _order(gm)
+    return [u for u in node.users if u is not after and order[u] > order[after]]
+
+
+def drop_summand(gm: GraphModule, join: Node, branch: Node) -> Node:
+    """Take `branch` out of the sum `join`: every use of the sum reads the other operand, and the
+    sum leaves the graph. An in-place `add_(x, y)` mutated x: if x is the branch, the later
+    readers of x read the other operand; if x stays, they read it unchanged. Returns the operand
+    that takes the sum's place."""
+    from attnc.errors import PassError
+
+    a, b = join.args[0], join.args[1]
+    keep = b if a is branch else a
+    if join.target == INPLACE_ADD:
+        if a.op in ("placeholder", "get_attr"):
+            raise PassError(f"llm-drop: the sum {join.name} writes into a model input or weight")
+        if a is branch:
+            for u in _later_users(gm, a, join):
+                u.replace_input_with(a, keep)
+    join.replace_all_uses_with(keep, propagate_meta=False)
+    gm.graph.erase_node(join)
+    return keep
+
+
+def drop_span(gm: GraphModule, out: Node, stream: Node, inner: list[Node]) -> None:
+    """Everything between `stream` and `out` leaves: uses of `out` read `stream`. The now unused
+    nodes of `inner` (in graph order) go at once, in-place sums included, so that no sum keeps
+    mutating what it wrote into."""
+    out.replace_all_uses_with(stream, propagate_meta=False)
+    for n in reversed(inner):
+        if n is stream or n.op != "call_function" or any(not _is_assert(u) for u in n.users):
+            continue
+        if _impure(n) and n.target != INPLACE_ADD:
+            continue
+        for u in list(n.users):
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+
+
+def dying_tensors(
+    gm: GraphModule, killed: Node, kept: Node, moved: frozenset[Node] = frozenset()
+) -> set[str]:
+    """The parameters/buffers that leave the graph when nothing reads `killed` any more and
+    `kept` takes its place (`moved`: readers of killed's in-place target that move to `kept`)."""
+    dead = {killed}
+    stack = list(killed.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in dead or n is kept or n.op in ("placeholder", "output"):
+            continue
+        if _impure(n) and n.target != INPLACE_ADD:  # a dead in-place sum goes with its inputs
+            continue
+        readers = [u for u in n.users if not _is_assert(u) and u not in moved]
+        if all(u in dead for u in readers):
+            dead.add(n)
+            stack.extend(n.all_input_nodes)
+    names = tensor_names(gm)
+    live = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in dead}
+    return {
+        n.target
+        for n in dead
+        if n.op == "get_attr" and n.target in names and n.target not in live
+    }

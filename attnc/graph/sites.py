@@ -23,6 +23,14 @@ PASSTHROUGH_OPS = {
     torch.ops.aten._assert_tensor_metadata.default,
 }
 
+# "additive-bias": a learned or relative-position bias in the mask; "alibi": a per-head linear
+# bias; "soft-cap": tanh(s / c) * c (an attention region, not SDPA); "other": another score
+# function (a region)
+ScoreKind = Literal["none", "additive-bias", "alibi", "soft-cap", "other"]
+# on the P@V node of hand-written attention that cannot become SDPA (attnc.capture.regions)
+REGION_META = "attnc_attention_region"
+
+
 @dataclass(frozen=True)
 class AttentionSite:
     index: int
@@ -44,19 +52,49 @@ class AttentionSite:
     o_proj: str | None
     residual_add: str | None
     norm: str | None
-    block_style: Literal["pre-norm", "post-norm", "unknown"]
+    block_style: Literal["pre-norm", "post-norm", "parallel", "unknown"]
+    score: ScoreKind = "none"  # the score function: what is added to or applied on q·kᵀ
+    softcap: float | None = None  # c of a soft-cap score tanh(s / c) * c
 
     def row(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def is_attention(node: Node) -> bool:
+    """SDPA, an `attnc::` attention op, or the output of a marked attention region."""
     if node.op != "call_function":
         return False
-    if node.target == SDPA:
+    if node.target == SDPA or REGION_META in node.meta:
         return True
     ns = getattr(node.target, "namespace", None)
     return ns == "attnc" and "attention" in str(node.target)
+
+
+def attention_args(node: Node) -> dict:
+    """`sdpa_args` of an attention node; for a region, the same keys read from its meta (q, k, v,
+    mask nodes found upstream by name) plus `mask_kind` and `mask_inverted`."""
+    region = node.meta.get(REGION_META)
+    if not region:
+        return sdpa_args(node)
+    keys = {"query": "q", "key": "k", "value": "v", "attn_mask": "mask"}
+    want = {region[r]: a for a, r in keys.items() if region.get(r)}
+    out: dict = {a: None for a in keys}
+    seen, frontier = {node}, [node]
+    while frontier and want and len(seen) < 20000:  # breadth first: q, k, v are a few hops up
+        nxt = []
+        for n in frontier:
+            if n.name in want:
+                out[want.pop(n.name)] = n
+            nxt += [a for a in n.all_input_nodes if a not in seen]
+            seen.update(n.all_input_nodes)
+        frontier = nxt
+    out.update(
+        is_causal=False,
+        scale=region.get("scale"),
+        mask_kind=region.get("mask_kind", "none"),
+        mask_inverted=region.get("mask_inverted", False),
+    )
+    return out
 
 
 def module_path(node: Node) -> str:
@@ -173,8 +211,9 @@ class Residual:
     add: Node
     stream: Node  # the residual operand (the sublayer's input stream)
     branch: Node  # the sublayer's output, before the add
-    out: Node  # the stream after the sublayer: the add (pre-norm) or the norm after it
-    style: Literal["pre-norm", "post-norm"]
+    out: Node  # the stream after the sublayer: the add (pre-norm), the norm after it
+    # (post-norm), or the block's whole sum (parallel)
+    style: Literal["pre-norm", "post-norm", "parallel"]
 
 
 def _users(node: Node) -> list[Node]:
@@ -188,32 +227,15 @@ def _is_norm(node: Node) -> bool:
 
 
 def find_residual(start: Node, max_steps: int = 200) -> Residual | None:
-    """The first add downstream of `start` whose other operand is an ancestor of `start`."""
-    anc = ancestors(start)
-    frontier, seen = [start], {start}
-    for _ in range(max_steps):
-        nxt = []
-        for n in frontier:
-            for u in _users(n):
-                if u in seen:
-                    continue
-                seen.add(u)
-                if u.op == "call_function" and u.target in ADD_OPS and len(u.args) >= 2:
-                    a, b = u.args[0], u.args[1]
-                    for branch, stream in ((a, b), (b, a)):
-                        if (
-                            isinstance(stream, Node)
-                            and isinstance(branch, Node)
-                            and stream in anc
-                            and branch in seen
-                            and _shape(stream) == _shape(u)
-                        ):
-                            return _classify(u, stream, branch)
-                nxt.append(u)
-        frontier = nxt
-        if not frontier:
-            return None
-    return None
+    """Where the attention call `start` joins the residual stream: its own sum (in a parallel
+    block, the sum with its sibling branch, not the block's final add), the stream entering the
+    block, and the stream after it (`attnc.graph.residual` reads the sums)."""
+    from attnc.graph.residual import find_attention_branch
+
+    br = find_attention_branch(start, max_steps)
+    if br is None:
+        return None
+    return Residual(br.join, br.stream, br.branch, br.out, br.style)
 
 
 def _classify(add: Node, stream: Node, branch: Node, style: str | None = None) -> Residual:
@@ -312,14 +334,16 @@ def find_sites(gm: GraphModule) -> list[AttentionSite]:
 
 
 def _site(index: int, node: Node) -> AttentionSite:
-    a = sdpa_args(node)
+    a = attention_args(node)
+    region = node.meta.get(REGION_META)
     q, k, v = a["query"], a["key"], a["value"]
     qs = _shape(q) or (0, 0, 0, 0)
     mask = a.get("attn_mask")
     mask_kind = "none" if mask is None else ("bool" if _dtype(mask) == torch.bool else "float")
+    mask_kind = a.get("mask_kind", mask_kind)
     head_dim = int(qs[-1]) if qs else 0
     scale = a.get("scale") or (1.0 / math.sqrt(head_dim) if head_dim else 0.0)
-    q_lin, k_lin, v_lin = (_walk_back_linear(x) for x in (q, k, v))
+    q_lin, k_lin, v_lin = (_walk_back_linear(x) if x is not None else None for x in (q, k, v))
     self_attn = (
         q_lin is not None
         and k_lin is not None
@@ -333,6 +357,8 @@ def _site(index: int, node: Node) -> AttentionSite:
     causal = bool(a.get("is_causal", False)) or bool(node.meta.get("attnc_causal", False))
     sdpa = node.target is torch.ops.aten.scaled_dot_product_attention.default
     pattern = "dense" if sdpa else str(getattr(node.target, "__name__", node.target)).split(".")[0]
+    if region:
+        pattern = "region"  # hand-written attention with a score function SDPA cannot express
     norm = None
     if res is not None:
         norm = res.out if res.style == "post-norm" else norm_before(q)
@@ -357,6 +383,8 @@ def _site(index: int, node: Node) -> AttentionSite:
         residual_add=res.add.name if res else None,
         norm=norm.name if norm is not None else None,
         block_style=res.style if res else "unknown",
+        score=node.meta.get("attnc_score", "none"),
+        softcap=region.get("softcap") if region else None,
     )
 
 
