@@ -139,13 +139,6 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         dtype=opts.dtype,
     )
     refuse_random_text(calib, recipe.calibration, loaded)  # random ids on a text model mislead
-    say("capturing with torch.export")
-    program = capture(loaded)
-    if not program.sites:
-        raise CaptureError(
-            f"no attention found in {spec}",
-            "attnc works on models with scaled_dot_product_attention or matmul-softmax-matmul",
-        )
     extra = {}
     if loaded.kind == "vlm" and "pixel_values" in loaded.input_names:
         pix = loaded.example_args[loaded.input_names.index("pixel_values")]
@@ -159,7 +152,14 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
         cfg=recipe.calibration,
         extra=extra,
         positions=model_positions(loaded.config),
-    )
+    )  # checked against the model before the (slower) capture
+    say("capturing with torch.export")
+    program = capture(loaded)
+    if not program.sites:
+        raise CaptureError(
+            f"no attention found in {spec}",
+            "attnc works on models with scaled_dot_product_attention or matmul-softmax-matmul",
+        )
     from attnc.load.calibration import _pad_id, conform
 
     data = conform(

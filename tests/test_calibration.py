@@ -35,7 +35,8 @@ def test_jsonl_ids_pad_and_split(tmp_path):
     b = data.calib[0]
     assert b.args[0].shape == b.args[1].shape == (4, 5)
     assert b.token_mask[0].tolist() == [1, 1, 0, 0, 0]  # right padding is masked
-    with pytest.raises(CalibrationError, match="outside the model's vocabulary"):
+    # the first row holding id 5 is line 4 (ids 1..5)
+    with pytest.raises(CalibrationError, match=r"line 4: token id 5 is outside the vocabulary"):
         load_calibration(str(f), names=NAMES, example_args=EXAMPLE, vocab=5)
 
 

@@ -177,13 +177,16 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor] | list[torch.Tenso
         data = read_tensor_file(p)
     except Exception as exc:  # noqa: BLE001
         text = " ".join(str(exc).split())
-        if "Weights only load failed" in text or "weights_only" in text:
+        if "Unsupported global" in text:
+            name = text.split("GLOBAL ", 1)[-1].split(" ", 1)[0] if "GLOBAL " in text else "?"
             raise CalibrationError(
-                f"{p} is a pickle holding more than tensors; attnc reads calibration files with "
-                "weights_only and will not unpickle it",
+                f"{p} is a pickle holding more than tensors ({name}); attnc reads calibration "
+                "files with weights_only and will not unpickle it",
                 "save a dict of tensors ({name: tensor}) with torch.save, or a .safetensors file",
             ) from None
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "WeightsUnpickler error:" in text:  # torch's long message; keep its reason
+            text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the doc", 1)[0]
+        first = text.strip()[:200] or type(exc).__name__
         raise CalibrationError(f"cannot read tensor file {p}: {first}") from None
     if isinstance(data, torch.Tensor):
         data = [data]
@@ -252,6 +255,10 @@ def check_tensors(
             f"{p} holds {extra[0]!r}, which is not an input of the model "
             f"(inputs: {', '.join(names)})"
         )
+    ids = next((data[n] for n in names if n in data and "token_type" not in n), None)
+    for n in names:  # one segment, as a tokenizer gives for one text
+        if n not in data and "token_type" in n and ids is not None:
+            data = {**data, n: torch.zeros_like(ids)}
     missing = [n for n in names if n not in data]
     if missing:
         raise CalibrationError(

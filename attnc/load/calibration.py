@@ -233,7 +233,9 @@ def load_calibration(
             )
         rows = read_rows(p)[: cfg.samples]
         length = effective_length(cfg, positions)
-        seqs = _tokenize(p, rows, tokenizer, length, vocab, positions)
+        # a row longer than the positions is a mistake, unless rows are packed (no mask input)
+        row_limit = positions if any("mask" in n for n in names) else None
+        seqs = _tokenize(p, rows, tokenizer, length, vocab, row_limit)
         batches = _token_batches(seqs, list(names), cfg, _pad_id(tokenizer), length, extra)
     return _split(batches, cfg, str(p))
 
@@ -315,10 +317,10 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
             if t.is_floating_point():  # pixel values and the like: static dims must match
                 want = [static(a, i) for a in range(1, t.dim())]
                 if any(w is not None and w != t.shape[a + 1] for a, w in enumerate(want)):
-                    shape = ", ".join(["batch", *("any" if w is None else str(w) for w in want)])
+                    shape = ", ".join("any" if w is None else str(w) for w in want)
                     raise CalibrationError(
-                        f"{data.source}: {names[i]!r} has shape {tuple(t.shape)}; "
-                        f"the model takes ({shape})"
+                        f"{data.source}: {names[i]!r} holds samples of shape "
+                        f"{tuple(t.shape[1:])}; the model takes ({shape})"
                     )
                 continue
             size = static(1, i) if t.dim() == 2 else None

@@ -29,7 +29,7 @@ BOUND_KEYS: dict[str, tuple[str, str, frozenset[str] | None, str]] = {
     "min_embedding_cosine": (
         "embedding_cosine",
         "min",
-        frozenset({"encoder", "vision", "custom"}),
+        frozenset({"encoder", "vision", "speech", "seq2seq", "custom"}),
         "cosine of mean-pooled, normalised embeddings",
     ),
     "min_retrieval_agreement": (
@@ -99,6 +99,8 @@ DEFAULT_BOUNDS: dict[str, FidelityBound] = {
     "vlm": FidelityBound(max_bpb_increase=0.10),
     "encoder": FidelityBound(min_embedding_cosine=0.90),
     "vision": FidelityBound(min_embedding_cosine=0.90),
+    "speech": FidelityBound(min_embedding_cosine=0.90),
+    "seq2seq": FidelityBound(min_embedding_cosine=0.90),
     "custom": FidelityBound(min_embedding_cosine=0.90),
 }
 # a build of exact passes only (or none) must still match the original

@@ -60,6 +60,9 @@ class ExportConfig:
     opset: int = 23
     lower_dense: bool = False
     onnx_max_abs_diff: float = 1e-3
+    # the pooled (and normalised, as the source's modules.json says) embedding as a second ONNX
+    # output `sentence_embedding`; null: on for sentence-transformers sources
+    sentence_embedding: bool | None = None
 
     def validate(self) -> None:
         lo, hi = _opset_range()
@@ -175,7 +178,8 @@ def _describe(tp: Any) -> str:
 
 
 def _unknown_key(key: Any, known: list[str], where: str) -> RecipeError:
-    close = difflib.get_close_matches(str(key), known, n=1)
+    prefixed = [k for k in known if k.startswith(str(key))]  # max_bpb -> max_bpb_increase
+    close = prefixed[:1] if len(prefixed) == 1 else difflib.get_close_matches(str(key), known, 1)
     hint = (f"did you mean {close[0]!r}? " if close else "") + f"known keys: {', '.join(known)}"
     return RecipeError(f"unknown key {key!r} in {where}", hint)
 
