@@ -1,0 +1,105 @@
+"""The architecture zoo (tests/hf_zoo.py): every Hugging Face kind attnc must handle, plus the
+hand-written models, saved as a Hugging Face folder and given to attnc as a user would.
+
+test_inspect: `attnc inspect FOLDER --json` finds one site per attention call the config declares.
+test_llm_drop: an llm-drop build dropping one attention sublayer succeeds, its model.onnx passes the
+checker and matches torch in ONNX Runtime (<= 1e-4), the weights removed are that sublayer's own,
+and the result equals the original with that attention branch zeroed.
+
+Architectures attnc does not handle yet are strict xfails whose reason is the stage and error
+tests/zoo_triage.py prints: a fix flips them to XPASS, which fails the suite until the mark goes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hf_zoo
+import pytest
+import zoo_triage as zt
+
+from attnc.errors import AttncError
+
+# name -> "stage: first error line" (from `.venv/bin/python tests/zoo_triage.py`)
+XFAIL_INSPECT: dict[str, str] = {}
+XFAIL_DROP: dict[str, str] = {}
+
+
+def _params(names, xfails, slow=False):
+    out = []
+    for name in names:
+        marks = [pytest.mark.slow] if slow else []
+        if name in xfails:
+            marks.append(pytest.mark.xfail(reason=xfails[name], strict=True))
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def zoo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def zoo_spec(zoo_root):
+    """name -> what attnc is given: a saved HF folder (written once), or a factory spec."""
+    made: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            folder = None
+            if not hf_zoo.ZOO[name].handwritten:
+                folder = hf_zoo.save(name, zoo_root / name / "hf")
+            made[name] = hf_zoo.spec(name, folder)
+        return made[name]
+
+    return get
+
+
+def _clean(exc: BaseException) -> str:
+    """A failure's one line; a crash that is not an AttncError fails as an internal error."""
+    if isinstance(exc, zt.StageFailure):
+        assert not exc.internal, f"internal error at {exc.stage}: {exc.message}"
+        return f"{exc.stage}: {exc.message}"
+    assert isinstance(exc, AttncError), f"internal error: {zt.first_line(exc)}"
+    line = exc.one_line()
+    assert "\n" not in line
+    return line
+
+
+def test_zoo_covers_every_kind():
+    kinds = {a.kind for a in hf_zoo.ZOO.values()}
+    assert {"causal-lm", "encoder", "vision", "speech", "seq2seq", "vlm", "custom"} <= kinds
+    traits = {t for a in hf_zoo.ZOO.values() for t in a.traits}
+    for t in ("gqa", "mqa", "qk-norm", "sliding-window", "soft-capping", "alibi",
+              "parallel-residual", "moe", "relative-position", "disentangled", "shared-weights",
+              "local-global", "relative-bias", "windowed", "cross-attention"):
+        assert t in traits, t
+    assert len(hf_zoo.HF) >= 32
+
+
+@pytest.mark.parametrize("name", _params(list(hf_zoo.ZOO), XFAIL_INSPECT))
+def test_inspect(name, zoo_spec):
+    spec = zoo_spec(name)
+    try:
+        payload = zt.inspect_cli(spec)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(_clean(exc))
+    sites = payload["sites"]
+    assert len(sites) == hf_zoo.declared_sites(name), [s["module"] for s in sites]
+    assert all(s["num_heads"] >= 1 and s["head_dim"] >= 1 for s in sites)
+
+
+@pytest.mark.parametrize("name", _params(list(hf_zoo.ZOO), XFAIL_DROP, slow=True))
+def test_llm_drop(name, zoo_spec, zoo_root):
+    spec = zoo_spec(name)
+    try:
+        loaded, program = zt.check_inspect(name, spec)
+        res = zt.check_drop(name, spec, zoo_root / name / "drop", loaded, program)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(_clean(exc))
+    assert (res.out_dir / "model.onnx").exists()
+    assert res.ort_max_abs_diff <= zt.ORT_TOL
+    assert res.branch_max_abs_diff <= zt.BRANCH_TOL
+    assert len(res.report["sites_after"]) == hf_zoo.declared_sites(name) - 1
+    assert res.removed or hf_zoo.ZOO[name].shared_weights

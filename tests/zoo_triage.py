@@ -1,0 +1,381 @@
+"""Run the zoo (tests/hf_zoo.py) stage by stage and say where each architecture stops.
+
+    .venv/bin/python tests/zoo_triage.py [name ...]
+
+prints one line per architecture: PASS, or the stage it failed at (load, capture, sites, drop,
+onnx, ort, params, branch) and the first line of the error; `internal` marks an error that is not
+an AttncError (a crash, not a clean refusal). The checks themselves (`check_inspect`,
+`check_drop`) are shared with tests/test_hf_zoo.py.
+
+Stages:
+  load, capture  attnc.load.models.load_model + attnc.capture.program.capture on the saved folder;
+                 the captured program must compute what the model does (max abs diff <= 1e-4)
+  sites          one site per attention call the config declares
+  drop           `attnc.build.build` with a recipe dropping one attention sublayer (until export)
+  onnx           the ONNX export, and onnx.checker on model.onnx
+  ort            ONNX Runtime against the torch program: max abs diff <= 1e-4
+  params         the weights removed are exactly those only the dropped attention branch uses
+                 (its projections, its own pre-norm, layer scale; not a norm or bias table
+                 shared with anything else), found from the original graph
+  branch         the dropped program equals the original with that attention branch zeroed (its
+                 output projection returns 0 on that call), so nothing else was removed
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import hf_zoo  # noqa: E402  (sets the offline environment before torch/transformers load)
+import torch  # noqa: E402
+
+from attnc.errors import AttncError  # noqa: E402
+
+ORT_TOL = 1e-4
+BRANCH_TOL = 1e-4
+CAPTURE_TOL = 1e-4
+RECIPE = {
+    "version": 1,
+    "passes": [{"id": "llm-drop", "target": "attention", "count": 1}],
+    "calibration": {"samples": 4, "batch_size": 2, "max_length": 16, "holdout": 0.5},
+    "export": {"onnx": True, "pt2": False, "onnx_max_abs_diff": ORT_TOL},
+}
+_BUILD_STAGES = [  # build() progress message prefix -> the stage it starts
+    ("loading", "load"),
+    ("capturing", "capture"),
+    ("exporting model.onnx", "onnx"),
+    ("verifying ONNX Runtime", "ort"),
+]
+
+
+class StageFailure(Exception):
+    """An architecture failed at `stage`; `internal` when the cause was not an AttncError."""
+
+    def __init__(self, stage: str, message: str, internal: bool = False):
+        super().__init__(f"{stage}: {message}")
+        self.stage, self.message, self.internal = stage, message, internal
+
+
+def first_line(exc: BaseException) -> str:
+    if isinstance(exc, AttncError):
+        return exc.one_line()
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _fail(stage: str, exc: BaseException) -> StageFailure:
+    return StageFailure(stage, first_line(exc), internal=not isinstance(exc, AttncError))
+
+
+# ------------------------------------------------------------------------------ inspect
+
+
+def check_inspect(name: str, spec: str):
+    """Load and capture `spec` with the library; the sites must number what the config declares.
+    Returns (loaded, program)."""
+    from attnc.capture.program import capture
+    from attnc.load.models import load_model
+
+    try:
+        loaded = load_model(spec)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported by stage
+        raise _fail("load", exc) from exc
+    try:
+        program = capture(loaded)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("capture", exc) from exc
+    diff = _max_diff(_outputs(loaded.module, program.example_args), _outputs(program))
+    if not diff <= CAPTURE_TOL:
+        raise StageFailure("capture", f"the captured program differs from the model by {diff:.3g}")
+    want, got = hf_zoo.declared_sites(name), len(program.sites)
+    if got != want:
+        mods = [s.module for s in program.sites]
+        raise StageFailure("sites", f"{got} attention site(s), the config declares {want}: {mods}")
+    return loaded, program
+
+
+def inspect_cli(spec: str) -> dict:
+    """`attnc inspect SPEC --json`, in-process; an AttncError or a crash propagates as is."""
+    from attnc.cli.main import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["inspect", spec, "--json"])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    if res.exit_code != 0:
+        raise StageFailure("load", f"attnc inspect exited {res.exit_code}: {res.output[-300:]}")
+    return json.loads(res.stdout)
+
+
+# ------------------------------------------------------------------------------ llm-drop
+
+
+@dataclass(frozen=True)
+class DropResult:
+    out_dir: Path
+    report: dict
+    dropped: dict  # the dropped site's row (from the original program)
+    removed: tuple[str, ...]  # parameter names (HF paths) the drop removed
+    ort_max_abs_diff: float
+    branch_max_abs_diff: float
+
+
+def run_build(spec: str, work: Path):
+    """attnc.build.build with RECIPE; a failure is a StageFailure at the stage it reached."""
+    import yaml
+
+    from attnc.build import BuildOptions, build
+
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    stage = ["drop"]
+
+    def progress(msg: str) -> None:
+        stage[0] = next((s for p, s in _BUILD_STAGES if msg.startswith(p)), "drop")
+
+    try:
+        return build(spec, str(recipe), None, work / "out", BuildOptions(progress=progress))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(stage[0], exc) from exc
+
+
+def _hf_path(param: str) -> str:
+    return param[len("model.") :] if param.startswith("model.") else param  # the output adapter
+
+
+def _params(gm) -> set[str]:
+    return {_hf_path(n) for n, _ in gm.named_parameters(remove_duplicate=False)}
+
+
+def _node_module(program, node_name: str | None) -> str | None:
+    from attnc.graph.sites import module_path
+
+    if node_name is None:
+        return None
+    node = next((n for n in program.gm.graph.nodes if n.name == node_name), None)
+    return module_path(node) if node is not None else None
+
+
+_ADDS = {"add", "add_", "iadd"}
+
+
+def _is_add(node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return node.op == "call_function" and name in _ADDS and len(node.all_input_nodes) == 2
+
+
+def _is_assert(node) -> bool:  # torch.export's metadata checks are no use of a weight
+    return "_assert" in getattr(node.target, "__name__", str(node.target))
+
+
+def _ancestors(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _branch_params(gm, site) -> set[str]:
+    """The weights only the site's attention branch uses, found from the graph independently of
+    attnc's own residual analysis: the branch runs from the stream to the first add after the
+    site's output projection whose other operand is the stream (it derives from an input, not
+    from the attention); a weight is the branch's own when its every use lies on the branch
+    (so a norm shared with a parallel MLP, or a bias table shared across layers, is not)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sdpa = nodes[site.node]
+    start = nodes.get(site.o_proj) if site.o_proj else sdpa
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    desc, todo = {start}, [start]
+    residual = None
+    while todo and residual is None:
+        todo.sort(key=order.__getitem__)
+        node = todo.pop(0)
+        for user in sorted(node.users, key=order.__getitem__):
+            if user in desc:
+                continue
+            if _is_add(user):
+                other = next(a for a in user.all_input_nodes if a is not node)
+                anc = _ancestors(other)
+                if sdpa not in anc and other is not sdpa and any(
+                    a.op == "placeholder" for a in anc | {other}
+                ):
+                    residual = (node, other)
+                    break
+            desc.add(user)
+            todo.append(user)
+    if residual is None:
+        return set()
+    branch_out, stream = residual
+    branch = (_ancestors(branch_out) | {branch_out}) - _ancestors(stream) - {stream}
+    uses: dict[str, bool] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            only = all(u in branch or _is_assert(u) for u in n.users)
+            uses[n.target] = uses.get(n.target, True) and only
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    return {_hf_path(t) for t, only in uses.items() if only and t in params}
+
+
+def check_drop(name: str, spec: str, work: Path, loaded, original) -> DropResult:
+    """Build with one attention sublayer dropped and check the artifacts and the edit."""
+    import onnx
+
+    arch = hf_zoo.ZOO[name]
+    res = run_build(spec, work)
+    report = res.report
+    onnx_path = res.out_dir / "model.onnx"
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise StageFailure("onnx", f"onnx.checker: {first_line(exc)}") from exc
+    diff = report["verification"]["comparisons"]["ONNX Runtime vs torch optimized"]["max_abs_diff"]
+    if not diff <= ORT_TOL:
+        raise StageFailure("ort", f"ONNX Runtime differs from torch by {diff:.3g}")
+
+    before = {s.node: s for s in original.sites}
+    after = {r["node"] for r in report["sites_after"]}
+    gone = [s for n, s in before.items() if n not in after]
+    if len(gone) != 1 or len(report["sites_after"]) != len(before) - 1:
+        raise StageFailure(
+            "drop", f"{len(gone)} site(s) left the graph, {len(report['sites_after'])} remain "
+            f"of {len(before)}; one attention sublayer was to go"
+        )
+    site = gone[0]
+    o_mod = _node_module(original, site.o_proj)
+    removed = tuple(sorted(_params(original.gm) - _params(res.program.gm)))
+    own = _branch_params(original.gm, site)
+    if set(removed) != own:
+        extra, kept = sorted(set(removed) - own), sorted(own - set(removed))
+        raise StageFailure(
+            "params", f"dropping {site.module} removed {len(extra)} weight(s) outside its "
+            f"attention branch {extra[:4]} and kept {len(kept)} of its own {kept[:4]}"
+        )
+    if not removed and not arch.shared_weights:
+        raise StageFailure("params", f"dropping {site.module} removed no weight")
+    branch = _branch_diff(loaded, original, site, o_mod, res.program)
+    if not branch <= BRANCH_TOL:
+        raise StageFailure(
+            "branch", f"the dropped model differs by {branch:.3g} from the original with "
+            f"{site.module}'s output zeroed: more than the attention branch went"
+        )
+    return DropResult(res.out_dir, report, site.row(), removed, diff, branch)
+
+
+def _zero_call(module: torch.nn.Module, call: int) -> Callable[[], None]:
+    """Make `module` return zeros on its `call`-th call (0-based); returns the remover."""
+    count = [0]
+
+    def hook(mod, args, output):
+        n = count[0]
+        count[0] += 1
+        if n != call:
+            return None
+        if isinstance(output, torch.Tensor):
+            return torch.zeros_like(output)
+        return (torch.zeros_like(output[0]), *output[1:])
+
+    return module.register_forward_hook(hook).remove
+
+
+def _outputs(fn, args=None) -> list[torch.Tensor]:
+    """The tensors `fn(*args)` returns (a Program runs on its own example inputs)."""
+    with torch.no_grad():
+        out = fn(*args) if args is not None else fn(*fn.example_args)
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _max_diff(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=True)):
+        return float("inf")
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got, strict=True))
+
+
+def _branch_diff(loaded, original, site, o_mod, dropped) -> float:
+    """Max abs diff of the dropped program against the original with the site's attention
+    output zeroed on the site's own call (a shared-weight layer is called once per use)."""
+    target = o_mod or site.module
+    same = [s for s in original.sites if (_node_module(original, s.o_proj) or s.module) == target]
+    call = [s.node for s in same].index(site.node)
+    model = loaded.module.model  # the OutputAdapter's wrapped model: paths are relative to it
+    remove = _zero_call(model.get_submodule(target), call)
+    try:
+        ref = _outputs(loaded.module, dropped.example_args)
+    finally:
+        remove()
+    return _max_diff(ref, _outputs(dropped))
+
+
+# ------------------------------------------------------------------------------ triage
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    stage: str  # PASS or the failing stage
+    error: str
+    internal: bool
+    seconds: float
+
+    def line(self) -> str:
+        tag = "PASS" if self.stage == "PASS" else f"FAIL {self.stage}"
+        kind = " (internal)" if self.internal else ""
+        err = f"{kind} {self.error}" if self.error else ""
+        return f"{self.name:20s} {tag:14s} {self.seconds:5.1f}s{err}"
+
+
+def triage(name: str, root: Path) -> Outcome:
+    t0 = time.perf_counter()
+    folder = root / name / "hf"
+    try:
+        if not hf_zoo.ZOO[name].handwritten:
+            hf_zoo.save(name, folder)
+        spec = hf_zoo.spec(name, folder)
+        loaded, program = check_inspect(name, spec)
+        check_drop(name, spec, root / name, loaded, program)
+        outcome = ("PASS", "", False)
+    except StageFailure as exc:
+        outcome = (exc.stage, exc.message, exc.internal)
+    except Exception as exc:  # noqa: BLE001 - a bug in the zoo itself
+        traceback.print_exc()
+        outcome = ("zoo", first_line(exc), True)
+    return Outcome(name, *outcome, time.perf_counter() - t0)
+
+
+def main(names: list[str]) -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    names = names or list(hf_zoo.ZOO)
+    unknown = [n for n in names if n not in hf_zoo.ZOO]
+    if unknown:
+        print(f"unknown: {unknown}; known: {list(hf_zoo.ZOO)}")
+        return 2
+    t0 = time.perf_counter()
+    passed = 0
+    with tempfile.TemporaryDirectory(prefix="attnc-zoo-") as tmp:
+        for name in names:
+            out = triage(name, Path(tmp))
+            passed += out.stage == "PASS"
+            print(out.line(), flush=True)
+    print(f"{passed}/{len(names)} pass in {time.perf_counter() - t0:.0f}s")
+    return 0 if passed == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
