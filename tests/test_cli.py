@@ -102,7 +102,9 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     # the .pt2 is loadable and runs; the folder has nothing half-written beside it
     ep = torch.export.load(str(out / "model.pt2"))
     ids = torch.randint(0, 1000, (2, 9))
-    assert ep.module()(ids, torch.ones_like(ids)).shape == (2, 9, 384)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # by name
+    kw["token_type_ids"] = torch.zeros_like(ids)
+    assert ep.module()(**kw).shape == (2, 9, 384)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
 
 

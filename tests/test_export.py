@@ -40,4 +40,5 @@ def test_lowered_dense_op_exports_and_saves(tmp_path):
     save_pt2(program, tmp_path / "m.pt2")
     ep = torch.export.load(str(tmp_path / "m.pt2"))
     with torch.no_grad():
-        torch.testing.assert_close(ep.module()(*loaded.example_args), ref, atol=1e-5, rtol=0)
+        kw = dict(zip(loaded.input_names, loaded.example_args, strict=True))  # by name
+        torch.testing.assert_close(ep.module()(**kw), ref, atol=1e-5, rtol=0)

@@ -5,13 +5,16 @@ The graph is the single source of truth: `program.sites` is derived from it on e
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import keyword
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from attnc.errors import CaptureError
 from attnc.load.models import LoadedModel, OutputAdapter
@@ -39,6 +42,11 @@ class Program:
     history: list[PassRecord] = field(default_factory=list)
     candidates: list[Any] = field(default_factory=list)
     source: str = ""
+    # per input and dynamic axis, the (min, max) size export inferred (max None: unbounded); with
+    # them, re-exports name the dims and tie equal axes (`dynamic_shapes(named=True)`)
+    dim_ranges: dict[str, dict[int, tuple[int, int | None]]] = field(default_factory=dict)
+    # what the source calls its main output(s): logits, last_hidden_state, output, output_0...
+    output_names: list[str] = field(default_factory=lambda: ["output"])
 
     @property
     def sites(self):
@@ -63,10 +71,15 @@ class Program:
             list(self.history),
             list(self.candidates),
             self.source,
+            dict(self.dim_ranges),
+            list(self.output_names),
         )
 
-    def dynamic_shapes(self) -> tuple[dict[int, Any] | None, ...]:
-        return _dim_specs(self.input_names, self.example_args, self.dynamic_dims)
+    def dynamic_shapes(self, named: bool = False) -> tuple[dict[int, Any] | None, ...]:
+        """Per input, its dynamic axes: `Dim.DYNAMIC`, or with `named` one shared `Dim("batch")`
+        for every batch axis and `Dim("sequence")` for the token axes of one length."""
+        ranges = self.dim_ranges if named else None
+        return _dim_specs(self.input_names, self.example_args, self.dynamic_dims, ranges)
 
 
 def _default_dynamic_dims(names: list[str], args: tuple[torch.Tensor, ...]):
@@ -83,14 +96,99 @@ def _default_dynamic_dims(names: list[str], args: tuple[torch.Tensor, ...]):
     return dims
 
 
-def _dim_specs(names, args, dynamic_dims):
+def _dim_specs(names, args, dynamic_dims, ranges=None):
     """Dim.DYNAMIC on each wanted axis: export infers ranges (e.g. seq <= max positions) and ties
-    equal axes together (input_ids and attention_mask), and fails if an axis specializes."""
+    axes the graph makes equal, and fails if an axis specializes. With `ranges` (what an earlier
+    export inferred), named Dims instead: one `batch` for every batch axis, one `sequence` per
+    example length of the token axes, each over the intersection of its axes' ranges."""
+    if not ranges:
+        specs = []
+        for name, _t in zip(names, args, strict=True):
+            want = dynamic_dims.get(name)
+            specs.append({axis: Dim.DYNAMIC for axis in want} if want else None)
+        return tuple(specs)
+    groups: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
+    for name, t in zip(names, args, strict=True):
+        for axis, label in dynamic_dims.get(name, {}).items():
+            key = (label, 0 if label == "batch" else int(t.shape[axis]))
+            groups.setdefault(key, []).append(ranges.get(name, {}).get(axis, (2, None)))
+    dims: dict[tuple[str, int], Any] = {}
+    seq_lengths = sorted({n for (label, n) in groups if label != "batch"})
+    for (label, n), rs in groups.items():
+        lo = max(r[0] for r in rs)
+        his = [r[1] for r in rs if r[1] is not None]
+        if label == "batch":
+            dim_name = "batch"
+        else:
+            base = "sequence" if label == "seq" else str(label)
+            idx = seq_lengths.index(n)
+            dim_name = base if idx == 0 else f"{base}_{idx + 1}"
+        dims[(label, n)] = Dim(dim_name, min=lo, max=min(his) if his else None)
     specs = []
-    for name, _t in zip(names, args, strict=True):
+    for name, t in zip(names, args, strict=True):
         want = dynamic_dims.get(name)
-        specs.append({axis: Dim.DYNAMIC for axis in want} if want else None)
+        specs.append(
+            {
+                axis: dims[(label, 0 if label == "batch" else int(t.shape[axis]))]
+                for axis, label in want.items()
+            }
+            if want
+            else None
+        )
     return tuple(specs)
+
+
+def _dim_ranges(ep, names, used) -> dict[str, dict[int, tuple[int, int | None]]]:
+    """The size range export inferred for each dynamic input axis (empty where unknown)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    placeholders = [
+        n
+        for n, spec in zip(
+            ep.graph.find_nodes(op="placeholder"), ep.graph_signature.input_specs, strict=False
+        )
+        if spec.kind.name == "USER_INPUT"
+    ]
+    out: dict[str, dict[int, tuple[int, int | None]]] = {}
+    for name, node in zip(names, placeholders, strict=False):
+        val = node.meta.get("val")
+        for axis in used.get(name, {}):
+            size = val.shape[axis] if isinstance(val, torch.Tensor) else None
+            if not isinstance(size, torch.SymInt):
+                return {}
+            vr = ep.range_constraints.get(size.node.expr)
+            if vr is None:
+                return {}
+            hi = None if vr.upper in (int_oo, float("inf")) else int(vr.upper)
+            out.setdefault(name, {})[axis] = (int(vr.lower), hi)
+    return out
+
+
+def output_names_of(out: Any) -> list[str]:
+    """The names of what `main_output` picks from `out` (same order of preference)."""
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    for key in ("logits", "last_hidden_state"):
+        val = getattr(out, key, None) if not isinstance(out, dict) else out.get(key)
+        if isinstance(val, torch.Tensor):
+            return [key]
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return [f"output_{i}" for i in range(len(out))]
+    return ["output"]
+
+
+@contextlib.contextmanager
+def _watch_outputs(module: torch.nn.Module, seen: list):
+    """Record what the wrapped model returns (before `main_output` picks a tensor from it)."""
+    inner = getattr(module, "model", None)
+    if not isinstance(module, OutputAdapter) or not isinstance(inner, torch.nn.Module):
+        yield
+        return
+    handle = inner.register_forward_hook(lambda _m, _a, out: seen.append(output_names_of(out)))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _export(module, args, names, dynamic_dims):
@@ -112,15 +210,17 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
     last_exc: Exception | None = None
     ep = None
     used: dict[str, dict[int, str]] = {}
-    for dims in attempts:
-        dims = {n: d for n, d in dims.items() if d}
-        try:
-            ep = _export(module, args, names, dims)
-            used = dims
-            break
-        except Exception as exc:  # noqa: BLE001 - retried with fewer dynamic dims, then reported
-            log.info("export with dynamic dims %s failed: %s", dims, str(exc).splitlines()[0])
-            last_exc = exc
+    seen: list[list[str]] = []
+    with _watch_outputs(module, seen):
+        for dims in attempts:
+            dims = {n: d for n, d in dims.items() if d}
+            try:
+                ep = _export(module, args, names, dims)
+                used = dims
+                break
+            except Exception as exc:  # noqa: BLE001 - retried with fewer dynamic dims, reported
+                log.info("export with dynamic dims %s failed: %s", dims, str(exc).splitlines()[0])
+                last_exc = exc
     if ep is None:
         first = str(last_exc).strip().splitlines()[0] if last_exc else "unknown error"
         raise CaptureError(f"torch.export failed: {first[:300]}", "run with --debug for details")
@@ -144,16 +244,76 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
     program = Program(
         gm, tuple(args), list(names), loaded.kind, used, [], candidates, loaded.source
     )
+    program.dim_ranges = _dim_ranges(ep, names, used)
+    if seen:
+        program.output_names = seen[-1]
     return program
 
 
-def reexport(program: Program) -> torch.export.ExportedProgram:
-    """Export the program's (possibly edited) graph again, with its dynamic dims."""
-    try:
-        return _export(program.gm, program.example_args, program.input_names, program.dynamic_dims)
-    except Exception as exc:  # noqa: BLE001
-        from attnc.errors import ExportError
+def keyword_module(program: Program) -> torch.fx.GraphModule:
+    """A copy of the program's graph whose forward takes the inputs by their names:
+    `forward(self, input_ids, attention_mask)`, so it can be called positionally or by keyword."""
+    gm = torch.fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
+    gm.meta.update(program.gm.meta)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    names = [_identifier(n) for n in program.input_names]
+    if len(placeholders) != len(names) or len(set(names)) != len(names):
+        raise CaptureError(
+            f"the graph has {len(placeholders)} inputs but the program names {len(names)}"
+        )
+    for node, name in zip(placeholders, names, strict=True):
+        node.target = name
+        node.name = name
+    codegen = gm.graph._codegen
+    out_spec = codegen.pytree_info.out_spec if hasattr(codegen, "pytree_info") else None
+    in_spec = pytree.tree_structure((tuple(program.example_args), {}))
+    gm.graph._codegen = torch.fx.graph._PyTreeCodeGen(
+        torch.fx.graph._PyTreeInfo(names, in_spec, out_spec)
+    )
+    gm.recompile()
+    return gm
 
+
+def _identifier(name: str) -> str:
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return out if out.isidentifier() and not keyword.iskeyword(out) else f"input_{out}"
+
+
+def reexport(program: Program, *, by_keyword: bool = False) -> torch.export.ExportedProgram:
+    """Export the program's (possibly edited) graph again, with its dynamic dims. `by_keyword`:
+    the exported program takes its inputs by name (`ep.module()(input_ids=..., ...)`), with the
+    dims named (`batch`, `sequence`) and batch axes tied; unnamed dims if the named ones fail."""
+    from attnc.errors import ExportError
+
+    try:
+        if not by_keyword:
+            return _export(
+                program.gm, program.example_args, program.input_names, program.dynamic_dims
+            )
+        gm = keyword_module(program)
+        kwargs = dict(
+            zip(gm.graph._codegen.pytree_info.orig_args, program.example_args, strict=True)
+        )
+        attempts = [True, False] if program.dim_ranges else [False]
+        for named in attempts:
+            specs = program.dynamic_shapes(named=named) if program.dynamic_dims else None
+            shapes = dict(zip(kwargs, specs, strict=True)) if specs else None
+            try:
+                with torch.no_grad():
+                    return torch.export.export(
+                        gm, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False
+                    )
+            except Exception as exc:  # noqa: BLE001 - named dims are a nicety; retried without
+                if not named:
+                    raise
+                log.warning(
+                    "named dynamic dims failed (%s); saving with unnamed ones",
+                    str(exc).splitlines()[0][:200],
+                )
+        raise AssertionError("unreachable")
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001
         raise ExportError(
             f"re-export of the optimized graph failed: {str(exc).splitlines()[0]}"
         ) from exc

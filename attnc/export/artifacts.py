@@ -10,11 +10,13 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from attnc.capture.program import Program, reexport
 from attnc.errors import ExportError
+from attnc.export import onnx_fixes
 from attnc.graph.sites import SDPA, sdpa_args
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,25 @@ def _quiet():
 
 
 def save_pt2(program: Program, path: Path) -> None:
-    ep = reexport(program)
+    """Save the program as a `.pt2` that takes its inputs by name
+    (`torch.export.load(path).module()(input_ids=..., attention_mask=...)`), with named dims, and
+    whose bytes are the same on every identical build."""
+    from attnc.export.deploy import fix_serialization_id, strip_provenance
+
+    ep = reexport(program, by_keyword=True)
+    strip_provenance(ep)
+    from attnc.output import safe_writer
+
     try:
-        torch.export.save(ep, str(path))
+        # through Python, not torch's own file writer: on a full disk that one throws from its
+        # destructor and aborts the process; safe_writer raises an OSError naming the file
+        with safe_writer(path) as f:
+            torch.export.save(ep, f)
+    except OSError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
+    fix_serialization_id(path)
 
 
 def _expand_masks_for_ort(program: Program) -> Program:
@@ -117,48 +133,101 @@ def _expand_masks_for_ort(program: Program) -> Program:
     return program
 
 
-def export_onnx(program: Program, path: Path, opset: int = 23) -> dict:
-    """Export to ONNX with dynamic dims kept, check it, and return a summary of its ops."""
+def export_onnx(
+    program: Program,
+    path: Path,
+    opset: int = 23,
+    *,
+    metadata: dict[str, str] | None = None,
+    sentence_embedding: Any = None,
+) -> dict:
+    """Export to ONNX with dynamic dims kept (named `batch`/`sequence`), inputs and outputs named
+    as the source names them, `metadata` as `metadata_props`, and with `sentence_embedding` (a
+    `deploy.Pooling`) the pooled embedding as a second output; check it, return a summary."""
     import onnx
 
-    import attnc.kernels
+    import attnc.kernels  # noqa: F401  (registers the attnc:: ops)
+    from attnc.export import deploy
 
     program = _expand_masks_for_ort(program)
+    program = onnx_fixes.prepare_for_onnx(program)  # K/V head broadcast, int histc
     os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
-    shapes = program.dynamic_shapes() if program.dynamic_dims else None
+    module, output_names = program.gm, list(program.output_names)
+    if sentence_embedding is not None:
+        mask_index = program.input_names.index("attention_mask")
+        module = deploy.SentenceEmbedding(program.gm, mask_index, sentence_embedding)
+        output_names.append("sentence_embedding")
     try:
-        with _quiet(), torch.no_grad():
-            onnx_program = torch.onnx.export(
-                program.gm,
-                program.example_args,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=shapes,
-                input_names=list(program.input_names),
-                output_names=["output"],
-                custom_translation_table=attnc.kernels.translation_table(),
-                external_data=False,
-                # the exporter's default rewrites fuse RoPE into ONNX RotaryEmbedding, which ONNX
-                # Runtime rejects for batch > 1 (its cos/sin caches keep batch 1); keep them off
-                # and run only onnxscript's folding/DCE optimizer
-                optimize=False,
-                verbose=False,
-            )
-            _basic_optimize(onnx_program)
-            onnx_program.save(str(path))
+        onnx_program = _torch_onnx_export(program, module, output_names, opset)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"ONNX export failed: {first[:300]}", "run with --debug for details"
         ) from exc
+    try:
+        with _quiet():
+            onnx_program.save(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
     model = onnx.load(str(path))
+    deploy.name_onnx_dims(model, program)
+    deploy.strip_onnx_stack_traces(model)
+    deploy.set_metadata(model, metadata or {})
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ExportError(
             f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}"
         ) from exc
+    onnx.save(model, str(path))
     return onnx_summary(model)
+
+
+def _torch_onnx_export(program: Program, module, output_names: list[str], opset: int):
+    """torch.onnx.export with named, tied dims; with the exporter's own unnamed ones if that
+    fails (the dims are then renamed in the file)."""
+    import attnc.kernels
+
+    attempts = [True, False] if program.dim_ranges and program.dynamic_dims else [False]
+    for named in attempts:
+        shapes = program.dynamic_shapes(named=named) if program.dynamic_dims else None
+        if shapes is not None and not isinstance(module, torch.fx.GraphModule):
+            shapes = (shapes,)  # forward(*inputs)
+        try:
+            return _export_once(program, module, output_names, opset, shapes, attnc.kernels)
+        except Exception as exc:  # noqa: BLE001
+            if not named:
+                raise
+            log.warning(
+                "ONNX export with named dims failed (%s); retrying with unnamed ones",
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc,
+            )
+    raise AssertionError("unreachable")
+
+
+def _export_once(program, module, output_names, opset, shapes, kernels):
+    with _quiet(), torch.no_grad():
+        onnx_program = torch.onnx.export(
+            module,
+            program.example_args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            input_names=list(program.input_names),
+            output_names=output_names,
+            custom_translation_table={
+                **kernels.translation_table(),
+                **onnx_fixes.translations(),  # MoE grouped matmuls
+            },
+            external_data=False,
+            # the exporter's default rewrites fuse RoPE into ONNX RotaryEmbedding, which ONNX
+            # Runtime rejects for batch > 1 (its cos/sin caches keep batch 1); keep them off
+            # and run only onnxscript's folding/DCE optimizer
+            optimize=False,
+            verbose=False,
+        )
+        _basic_optimize(onnx_program)
+    return onnx_program
 
 
 def _basic_optimize(onnx_program) -> None:
@@ -173,10 +242,8 @@ def _basic_optimize(onnx_program) -> None:
 
 def onnx_summary(model) -> dict:
     ops = Counter(n.op_type for n in model.graph.node)
-    dims = {
-        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-        for i in model.graph.input
-    }
+    shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    dims = {i.name: shape(i) for i in model.graph.input}
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     return {
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -185,5 +252,6 @@ def onnx_summary(model) -> dict:
         "nodes": sum(ops.values()),
         "initializer_bytes": size,
         "inputs": dims,
+        "outputs": {o.name: shape(o) for o in model.graph.output},
         "op_counts": dict(sorted(ops.items())),
     }
