@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -205,6 +206,10 @@ def os_error_in(exc: BaseException) -> OSError | None:
 def write_error(err: OSError, stage: Path, out: Path) -> WriteError:
     """`could not write OUT/FILE: cause`, naming the file at its final place."""
     name = err.filename if isinstance(err.filename, str) else None
+    if not name:  # a bare write() error: the file being written is the newest in the stage
+        with contextlib.suppress(OSError):
+            files = [p for p in stage.iterdir() if p.is_file()]
+            name = str(max(files, key=lambda p: p.stat().st_mtime_ns)) if files else None
     shown = out
     if name:
         try:
@@ -238,3 +243,56 @@ def check_free_space(parent: Path, need: int) -> None:
             f"{free / 2**20:.0f} MiB is free",
             "free some disk space, or write the build to another disk with -o",
         )
+
+
+class _GuardedFile(io.RawIOBase):
+    """A binary file for C++ writers that write through Python (torch's zip writer): the first
+    OSError is kept and every later write is swallowed, so the writer never throws from its
+    destructor (which aborts the process); `safe_writer` raises the kept error afterwards."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except OSError as exc:
+                self.error = exc
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence) if self.error is None else 0
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.f.flush()
+
+
+@contextlib.contextmanager
+def safe_writer(path: Path) -> Iterator[_GuardedFile]:
+    """Open `path` for a C++ writer; a write error (full disk, file too large) comes back as an
+    OSError naming the file instead of a C++ abort."""
+    path = Path(path)
+    f = open(path, "wb")  # noqa: SIM115 - closed below, after the writer is done
+    guard = _GuardedFile(f)
+    try:
+        yield guard
+    finally:
+        try:
+            f.close()
+        except OSError as exc:
+            guard.error = guard.error or exc
+    if guard.error is not None:
+        err = guard.error
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err

@@ -134,6 +134,7 @@ class Evaluable:
     original_source: str | None = None  # a build's source model, as its report names it
     original_file: str | None = None  # a build's original.pt2, captured at build time
     build_dir: str | None = None
+    positions: int | None = None  # the longest sequence the model takes, where known
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
@@ -222,6 +223,7 @@ def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Eva
         return Evaluable(ort_runner(str(p), names), names, None, spec)
     loaded = load_model(spec, trust_pickle=trust_pickle)
     module = loaded.module
+    ep = loaded.extra.get("pt2")
 
     def run(*args):
         with torch.no_grad():
@@ -234,7 +236,36 @@ def resolve(spec: str, *, onnx: bool = False, trust_pickle: bool = False) -> Eva
         spec,
         loaded.tokenizer,
         loaded.example_args,
+        positions=_pt2_positions(ep) if ep is not None else _config_positions(loaded.config),
     )
+
+
+def _pt2_positions(ep: Any) -> int | None:
+    """The longest sequence an exported program accepts: the upper bound torch.export proved for
+    the sequence dims (axis 1) of its inputs, where one is finite."""
+    names = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    bounds = []
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in names else None
+        if val is None or getattr(val, "dim", lambda: 0)() < 2:
+            continue
+        dim = val.shape[1]
+        if not isinstance(dim, torch.SymInt):
+            continue
+        vr = ep.range_constraints.get(dim.node.expr)
+        try:
+            bounds.append(int(vr.upper))
+        except (AttributeError, TypeError, ValueError, OverflowError):  # unbounded
+            continue
+    return min(bounds) if bounds else None
+
+
+def _config_positions(config: Any) -> int | None:
+    try:
+        from attnc.load.calib_files import model_positions
+    except ImportError:  # pragma: no cover - moved
+        return None
+    return model_positions(config) if config is not None else None
 
 
 def _is_build(p: Path) -> bool:
@@ -286,6 +317,10 @@ def evaluate(
     if data is None and kind not in ("vision", "speech"):
         raise UsageError(f"a {kind} model needs --data (JSONL text or token ids)")
     vocab = getattr(getattr(tokenizer, "backend_tokenizer", None), "get_vocab_size", None)
+    known = [n for n in (cand.positions, orig.positions) if n]
+    positions = min(known) if known else None
+    if positions:  # packed rows are cut to what both models take, not past it
+        max_length = min(max_length, positions)
     cfg = CalibrationConfig(
         samples=samples, max_length=max_length, batch_size=batch_size, holdout=0.0
     )
@@ -296,6 +331,7 @@ def evaluate(
         tokenizer=tokenizer,
         vocab=vocab() if callable(vocab) else None,
         cfg=cfg,
+        positions=positions,
     )
     batches = ds.calib
     metrics = task_metrics(kind, cand.run, orig.run, batches, tokenizer)
