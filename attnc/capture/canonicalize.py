@@ -35,6 +35,8 @@ from attnc.capture.attention_match import (
     unexpand,
     value_of,
 )
+from attnc.capture.regions import mark_region, match_region
+from attnc.capture.score_terms import ScoreStop, emit_mask, match_affine
 from attnc.graph.sites import kv_heads
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ def _rewrite(gm: GraphModule, m: Match) -> Node:
             k, v, gqa = k0, v0, True
         n_kv = kv_heads(k0)
         mask = m.mask
+        if m.walk is not None:
+            mask, m.mask_kind = emit_mask(g, m.walk)
         if mask is not None and m.invert_mask:
             mask = g.call_function(aten.logical_not.default, (mask,))
             mask.meta["val"] = value_of(m.mask).logical_not()
@@ -88,6 +92,9 @@ def _rewrite(gm: GraphModule, m: Match) -> Node:
     node.meta["attnc_num_kv_heads"] = n_kv
     node.meta["attnc_mask_kind"] = m.mask_kind
     node.meta["attnc_scale"] = m.scale
+    # refined to "alibi" where the bias is one (attnc.capture.masks, on the example inputs)
+    has_bias = m.walk is not None and m.walk.has_bias
+    node.meta["attnc_score"] = "additive-bias" if has_bias else "none"
     m.out.replace_all_uses_with(node)
     dead = {*m.chain, m.out}
     for a in {u for c in dead for u in c.users if u.target in ASSERT_OPS}:
@@ -96,6 +103,21 @@ def _rewrite(gm: GraphModule, m: Match) -> Node:
         if not c.users:  # dropout counts as impure for eliminate_dead_code; erase it here
             g.erase_node(c)
     return node
+
+
+def _match(gm: GraphModule, sm: Node):
+    """A Match (becomes SDPA), a Region (stays, marked), or NoMatch with the reason."""
+    try:
+        return match_softmax(gm, sm)
+    except NoMatch:
+        pass
+    try:
+        return match_affine(gm, sm)  # the general form: the reason it gives is the one to report
+    except ScoreStop as stop:
+        try:
+            return match_region(gm, sm)
+        except NoMatch as e:
+            raise NoMatch(f"{stop}; not an attention region either: {e}") from None
 
 
 def annotate_sdpa(gm: GraphModule) -> None:
@@ -108,14 +130,24 @@ def annotate_sdpa(gm: GraphModule) -> None:
 def canonicalize_attention(gm: GraphModule) -> tuple[int, list[Candidate]]:
     """Rewrite in place; return (number rewritten, unmatched candidates with reasons)."""
     softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS]
-    count, candidates = 0, []
+    count, regions, candidates = 0, 0, []
     for sm in softmaxes:
         try:
-            match = match_softmax(gm, sm)
+            match = _match(gm, sm)
         except NoMatch as e:
             cand = Candidate(sm.name, module_name(sm), str(e))
             log.info("not attention: %s in %r: %s", cand.node, cand.module, cand.reason)
             candidates.append(cand)
+            continue
+        if not isinstance(match, Match):
+            mark_region(match)
+            regions += 1
+            log.info(
+                "kept %s in %r as a %s attention region (not expressible as SDPA)",
+                sm.name,
+                module_name(sm),
+                match.score,
+            )
             continue
         node = _rewrite(gm, match)
         log.debug(
@@ -128,6 +160,8 @@ def canonicalize_attention(gm: GraphModule) -> tuple[int, list[Candidate]]:
             node.meta["attnc_num_kv_heads"],
         )
         count += 1
+    if regions:
+        log.info("%d attention region(s) with a score function stay hand-written", regions)
     if count:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

@@ -1,6 +1,8 @@
 """What each attention site's mask really is, found by running the graph once on the example
 inputs (padding masks set to all ones): causal, a causal sliding window of W keys, or other.
-Hugging Face passes causality as an explicit boolean mask, so `is_causal` alone would miss it."""
+Hugging Face passes causality as an explicit boolean mask, so `is_causal` alone would miss it.
+A float mask that also carries a bias is told apart too: ALiBi (a per-head slope times the key
+position, or times -|i - j|) or another additive bias (`meta["attnc_score"]`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 import torch
 from torch.fx import Interpreter, Node
 
-from attnc.graph.sites import is_attention, sdpa_args
+from attnc.graph.sites import attention_args, is_attention
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,60 @@ def classify(mask: torch.Tensor) -> tuple[bool, int | None]:
     return False, None
 
 
+def score_kind(mask: torch.Tensor) -> str:
+    """"none" when the mask only masks (every row's allowed entries are equal), "alibi" when
+    what it adds is per head a slope times the key position j (or times -|i - j|), plus a
+    constant per row, "additive-bias" otherwise. Tolerance: 1% of the bias's range (Falcon
+    builds its ALiBi in bfloat16)."""
+    if mask.dtype == torch.bool or mask.dim() < 2:
+        return "none"
+    m = mask.float()
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    allowed = m > -1e4
+    sq, skv = m.shape[-2:]
+    i = torch.arange(sq, dtype=torch.float32)[:, None].expand(sq, skv)
+    j = torch.arange(skv, dtype=torch.float32)[None, :].expand(sq, skv)
+    w = allowed.float()
+    count = w.sum(-1, keepdim=True).clamp(min=1)
+    centred = lambda x: (x - (x * w).sum(-1, keepdim=True) / count) * w  # noqa: E731
+    bias = centred(torch.where(allowed, m, torch.zeros_like(m)))  # (B, H, Sq, Skv)
+    spread = float(bias.abs().max())
+    if spread <= 1e-6:
+        return "none"
+    for pos in (j, -(i - j).abs()):
+        f = centred(pos.expand_as(m))
+        slope = (bias * f).sum((0, 2, 3), keepdim=True) / (f * f).sum((0, 2, 3), keepdim=True)
+        if float((bias - slope * f).abs().max()) <= 1e-2 * spread:
+            return "alibi"
+    return "additive-bias"
+
+
 class _MaskProbe(Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
         self.found: dict[str, tuple[bool, int | None]] = {}
+        self.scores: dict[str, str] = {}
+        self.masks: dict[Node, tuple[Node, bool]] = {}  # site -> (mask node, inverted)
+        for n in gm.graph.nodes:
+            if is_attention(n):
+                a = attention_args(n)
+                if isinstance(a.get("attn_mask"), Node):
+                    self.masks[n] = (a["attn_mask"], bool(a.get("mask_inverted")))
+        self.wanted = {m for m, _ in self.masks.values()}
+        self.kept: dict[Node, torch.Tensor] = {}  # a region's mask is freed before its P@V runs
 
     def run_node(self, n: Node):
         out = super().run_node(n)
-        if is_attention(n):
-            mask = sdpa_args(n).get("attn_mask")
-            if isinstance(mask, Node):
-                self.found[n.name] = classify(self.env[mask])
+        if n in self.wanted:
+            self.kept[n] = out
+        if n in self.masks:
+            mask, inverted = self.masks[n]
+            value = self.kept[mask]
+            if inverted:
+                value = value.logical_not()
+            self.found[n.name] = classify(value)
+            self.scores[n.name] = score_kind(value)
         return out
 
 
@@ -75,4 +120,8 @@ def annotate_masks(gm, names: list[str], example_args: tuple) -> int:
             node.meta["attnc_causal"] = causal
             node.meta["attnc_window"] = window
             marked += causal
+        if node.meta.get("attnc_score", "none") in ("none", "additive-bias") and (
+            node.name in probe.scores
+        ):
+            node.meta["attnc_score"] = probe.scores[node.name]  # soft-cap regions stay so
     return marked
