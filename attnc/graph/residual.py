@@ -83,9 +83,22 @@ def other_operand(add: Node, branch: Node) -> Node:
 
 
 def join_of(branch: Node) -> Node | None:
-    """The sum that `branch` is a direct operand of (None when there is not exactly one)."""
-    joins = [u for u in users(branch) if is_sum(u) and branch in u.args[:2]]
-    return joins[0] if len(joins) == 1 else None
+    """The sum that `branch` is an operand of, directly or through identity ops (eval dropout,
+    left after a sibling branch was dropped); None when there is not exactly one."""
+    return _join(branch)[0]
+
+
+def _join(branch: Node) -> tuple[Node | None, Node]:
+    operand = branch
+    while True:
+        us = users(operand)
+        joins = [u for u in us if is_sum(u) and operand in u.args[:2]]
+        if len(joins) == 1:
+            return joins[0], operand
+        if len(us) == 1 and is_identity(us[0]) and not joins:
+            operand = us[0]
+            continue
+        return None, operand
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,7 @@ class Branch:
 
     branch: Node  # the sublayer's contribution (a leaf of the sum)
     join: Node  # the sum that adds it
+    operand: Node  # the join's operand carrying it: the branch, or an identity op of it
     stream: Node  # the stream entering the block (the sum's leaf the branch is computed from)
     siblings: tuple[Node, ...]  # the other branches of a parallel block
     root: Node  # the block's sum
@@ -147,11 +161,11 @@ class Branch:
 def resolve_branch(branch: Node, style: Style | None = None) -> Branch | None:
     """Where `branch` joins its block now; `style` forces a block style found earlier (a parallel
     block stays parallel after one branch is dropped)."""
-    join = join_of(branch)
+    join, operand = _join(branch)
     if join is None:
         return None
     tree = sum_tree(join)
-    others = [leaf for leaf in tree.leaves if leaf is not branch]
+    others = [leaf for leaf in tree.leaves if leaf is not operand]
     anc = ancestors(branch)
     streams = [leaf for leaf in others if leaf in anc]
     if len(streams) != 1:
@@ -167,7 +181,7 @@ def resolve_branch(branch: Node, style: Style | None = None) -> Branch | None:
     out = tree.root
     if style == "post-norm":
         out = _post_norm_output(tree.root) or tree.root
-    return Branch(branch, join, stream, siblings, tree.root, style, out)
+    return Branch(branch, join, operand, stream, siblings, tree.root, style, out)
 
 
 def attention_branch(attn: Node, max_steps: int = 200) -> Node | None:

@@ -29,11 +29,11 @@ from attnc.graph.sites import (
     _is_norm,
     _walk_back_linear,
     ancestors,
+    attention_args,
     find_mlp_residual,
     is_attention,
     layer_index,
     module_path,
-    sdpa_args,
 )
 
 Kind = Literal["attention", "mlp", "block"]
@@ -82,9 +82,13 @@ def common_module(paths) -> str:
     return ".".join(out)
 
 
+def _projection(attn: Node, arg: str) -> Node | None:
+    x = attention_args(attn).get(arg)
+    return _walk_back_linear(x) if isinstance(x, Node) else None
+
+
 def _is_cross(attn: Node) -> bool:
-    a = sdpa_args(attn)
-    q_lin, k_lin = _walk_back_linear(a.get("query")), _walk_back_linear(a.get("key"))
+    q_lin, k_lin = _projection(attn, "query"), _projection(attn, "key")
     if q_lin is None or k_lin is None:
         return False
     return q_lin.all_input_nodes[:1] != k_lin.all_input_nodes[:1]
@@ -111,7 +115,7 @@ def _mlp_module(branch: Node, stream: Node, block: str) -> str:
 def _attention_module(attn: Node, branch: Node) -> str:
     """The module holding the attention's weights: the common path of the call, its query
     projection and its output projection."""
-    q_lin = _walk_back_linear(sdpa_args(attn).get("query"))
+    q_lin = _projection(attn, "query")
     o_lin = _walk_back_linear(branch)
     return common_module(
         [module_path(attn)] + [module_path(n) for n in (q_lin, o_lin) if n is not None]
@@ -333,7 +337,7 @@ def drop_sublayer(gm: GraphModule, sub: Sublayer) -> Removal:
         drop_span(gm, out, stream, inner)
     else:
         br = brs[0]
-        join, branch = br.join, br.branch
+        join, branch = br.join, br.operand
         keep = join.args[1] if join.args[0] is branch else join.args[0]
         moved: frozenset[Node] = frozenset()
         if join.target == INPLACE_ADD and join.args[0] is branch:
