@@ -330,9 +330,7 @@ def drop_sublayer(gm: GraphModule, sub: Sublayer) -> Removal:
     }
     before = tensor_names(gm)
     if sub.kind == "block":
-        inner = sorted(
-            (ancestors(out) | {out}) - ancestors(stream) - {stream}, key=_order_key(gm)
-        )
+        inner = sorted((ancestors(out) | {out}) - ancestors(stream) - {stream}, key=_order_key(gm))
         expected = dying_tensors(gm, out, stream)
         drop_span(gm, out, stream, inner)
     else:
