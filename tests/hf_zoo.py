@@ -430,6 +430,31 @@ def _paligemma():
     )
 
 
+@arch("idefics3", "Idefics3ForConditionalGeneration", "vlm", sites=vlm_sites,
+      traits=("5d-pixels", "pixel-shuffle", "llama"))
+def _idefics3():
+    tf = _tf()
+    return tf.Idefics3Config(
+        vision_config=tf.Idefics3VisionConfig(**VIS),
+        text_config=tf.LlamaConfig(**TEXT),
+        image_token_id=511,
+        scale_factor=2,  # 16 patches -> 4 image tokens
+    )
+
+
+@arch("aya_vision", "AyaVisionForConditionalGeneration", "vlm", sites=vlm_sites,
+      traits=("siglip-vision", "parallel-residual", "pixel-shuffle"))
+def _aya_vision():
+    tf = _tf()
+    return tf.AyaVisionConfig(
+        vision_config=tf.SiglipVisionConfig(**VIS, vision_use_head=False),
+        text_config=tf.Cohere2Config(**TEXT),
+        image_token_index=511,
+        downsample_factor=2,
+        vision_feature_layer=-1,
+    )
+
+
 # ---------------------------------------------------------------------------- hand-written
 
 for _name, _n, _traits in [

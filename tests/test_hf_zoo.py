@@ -1,7 +1,9 @@
 """The architecture zoo (tests/hf_zoo.py): every Hugging Face kind attnc must handle, plus the
 hand-written models, saved as a Hugging Face folder and given to attnc as a user would.
 
-test_inspect: `attnc inspect FOLDER --json` finds one site per attention call the config declares.
+test_inspect: attnc loads and captures it (the program computes what the model does) and finds one
+site per attention call the config declares; test_inspect_cli does so through `attnc inspect
+FOLDER --json` for one architecture of each kind.
 test_llm_drop: an llm-drop build dropping one attention sublayer succeeds, its model.onnx passes the
 checker and matches torch in ONNX Runtime (<= 1e-4), the weights removed are that sublayer's own,
 and the result equals the original with that attention branch zeroed.
@@ -78,23 +80,53 @@ def test_zoo_covers_every_kind():
     assert len(hf_zoo.HF) >= 32
 
 
+@pytest.fixture(scope="session")
+def captured(zoo_spec):
+    """name -> (loaded, program), loaded and captured once per session (a failure is not kept:
+    each test that needs it reports it)."""
+    done: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = zt.check_inspect(name, zoo_spec(name))
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", _params(list(hf_zoo.ZOO), XFAIL_INSPECT))
-def test_inspect(name, zoo_spec):
-    spec = zoo_spec(name)
+def test_inspect(name, captured):
+    """Loads, captures to a program that computes what the model does, one site per attention
+    call the config declares."""
     try:
-        payload = zt.inspect_cli(spec)
+        _, program = captured(name)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(_clean(exc))
+    sites = program.sites
+    assert len(sites) == hf_zoo.declared_sites(name), [s.module for s in sites]
+    assert all(s.num_heads >= 1 and s.head_dim >= 1 for s in sites)
+
+
+# one architecture of each kind through the command line
+CLI_NAMES = ["llama", "bert", "vit", "wav2vec2", "t5", "llava", "tiny_encoder"]
+
+
+@pytest.mark.parametrize("name", _params(CLI_NAMES, XFAIL_INSPECT))
+def test_inspect_cli(name, zoo_spec):
+    try:
+        payload = zt.inspect_cli(zoo_spec(name))
     except Exception as exc:  # noqa: BLE001
         pytest.fail(_clean(exc))
     sites = payload["sites"]
     assert len(sites) == hf_zoo.declared_sites(name), [s["module"] for s in sites]
-    assert all(s["num_heads"] >= 1 and s["head_dim"] >= 1 for s in sites)
+    assert payload["inputs"]
 
 
 @pytest.mark.parametrize("name", _params(list(hf_zoo.ZOO), XFAIL_DROP, slow=True))
-def test_llm_drop(name, zoo_spec, zoo_root):
+def test_llm_drop(name, zoo_spec, zoo_root, captured):
     spec = zoo_spec(name)
     try:
-        loaded, program = zt.check_inspect(name, spec)
+        loaded, program = captured(name)
         res = zt.check_drop(name, spec, zoo_root / name / "drop", loaded, program)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(_clean(exc))
