@@ -450,3 +450,32 @@ def test_shipped_recipes_carry_task_level_bounds():
     assert lm.max_bpb_increase is not None
     enc = load_recipe(ROOT / "examples/recipes/minilm_llm_drop.yaml").fidelity
     assert enc.min_embedding_cosine is not None
+
+
+@pytest.mark.parametrize("passes", ["[{id: llm-drop, count: 1}]", "[]"])
+def test_build_without_a_bound_verifies_the_default(passes, llama_dir, tmp_path):
+    """No `fidelity:` in the recipe: the report names the default bound it was verified against,
+    or the build misses it (exit 3) and says it was the default; never "{}" -> met."""
+    from attnc.build import BuildOptions, build
+    from attnc.errors import VerificationError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\npasses: {passes}\ncalibration: {{samples: 8, batch_size: 4, max_length: 16}}"
+        "\nexport: {onnx: false, pt2: false}\n"
+    )
+    out = tmp_path / "out"
+    try:
+        res = build(str(llama_dir), str(recipe), None, out, BuildOptions(save_original=False))
+    except VerificationError as exc:
+        assert passes != "[]" and "default (causal-lm) fidelity bound" in exc.one_line()
+        assert not out.exists()
+        return
+    v = res.report["verification"]
+    bound = {k: b for k, b in v["bound"].items() if b is not None}
+    if passes == "[]":
+        assert v["bound_source"] == "default (exact passes)" and bound == {"min_cosine": 0.999}
+    else:
+        assert v["bound_source"] == "default (causal-lm)" and bound == {"max_bpb_increase": 0.1}
+        assert "bits_per_byte_increase" in res.report["fidelity"]
+    assert v["ok"] and "{}" not in (out / "report.md").read_text()

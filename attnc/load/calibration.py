@@ -247,7 +247,7 @@ def check_source(calib: str | None, cfg: CalibrationConfig) -> None:
             f"--calib {calib} is given, but the recipe says calibration.source: generated",
             "drop --calib, or the source line from the recipe",
         )
-    if calib is None and cfg.source == "file":
+    if calib in (None, "generated") and cfg.source == "file":
         raise CalibrationError("the recipe says calibration.source: file, but no --calib is given")
     if calib is not None and calib != "generated":
         check_calibration_file(calib)
