@@ -178,7 +178,7 @@ def _vocab(model: torch.nn.Module, cfg: Any) -> int:
     return int(vocab)
 
 
-def _image_geometry(model: torch.nn.Module, cfg: Any) -> tuple[int, int, int]:
+def _image_geometry(model: torch.nn.Module, cfg: Any, vlm: bool = False) -> tuple[int, int, int]:
     """(channels, height, width) from the (vision) config."""
     size = getattr(cfg, "image_size", None)
     if isinstance(size, (list, tuple)) and len(size) == 2:
@@ -186,6 +186,12 @@ def _image_geometry(model: torch.nn.Module, cfg: Any) -> tuple[int, int, int]:
     elif isinstance(size, int):
         h = w = size
     else:
+        if vlm:
+            raise LoadError(
+                f"cannot work out the image inputs of {_cls(model)}: its vision config has no "
+                "image_size (pixels of another layout, e.g. flattened patches with a grid)",
+                FACTORY_HINT,
+            )
         raise LoadError(
             f"cannot work out the image size of {_cls(model)}: its config has no image_size",
             "pass --input-shape batch,channels,height,width, or " + FACTORY_HINT,
@@ -294,7 +300,7 @@ def _vlm_inputs(model, cfg, sig: Signature, input_shape) -> dict[str, torch.Tens
     of image tokens is what the model's own `get_image_features` yields for one image."""
     batch, seq = _batch_seq(input_shape)
     vcfg = getattr(cfg, "vision_config", None) or cfg
-    chans, h, w = _image_geometry(model, vcfg)
+    chans, h, w = _image_geometry(model, vcfg, vlm=True)
     n_img, extra_dims = _image_tokens(model, chans, h, w)
     img = image_token_id(cfg)
     vocab = _vocab(model, cfg)
