@@ -35,8 +35,7 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 def _grouped_mm_onnx(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     """`out[r] = mat_a[r] @ mat_b[g(r)]` for rows sorted by group, `offs` the groups' cumulative
-    ends: one `Gather` + `MatMul` per group (the group count is static), then one `Concat`. Rows
-    past `offs[-1]` are dropped, as the grouped kernels leave them unwritten."""
+    ends: one `Gather` + `MatMul` per group (the group count is static), then one `Concat`."""
     from onnxscript import opset18 as op
 
     if offs is None:  # a plain batched matmul: what torchlib's own translation does
@@ -69,6 +68,10 @@ def _grouped_mm_onnx(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
             out = op.Add(out, op.Squeeze(biases[g], axis0))
         outs.append(out)
         start = end
+    # rows past offs[-1] (expert-parallel sentinels) are zeros, as in transformers' fallback
+    tail = op.Sub(op.Shape(mat_a, start=0, end=1), op.Reshape(start, op.Constant(value_ints=[1])))
+    zeros = op.ConstantOfShape(op.Concat(tail, op.Shape(mat_b, start=2, end=3), axis=0))
+    outs.append(op.CastLike(zeros, outs[0]))
     result = op.Concat(*outs, axis=0)
     if out_dtype is not None and out_dtype != -1:
         result = op.Cast(result, to=out_dtype)
