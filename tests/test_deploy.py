@@ -195,6 +195,14 @@ def test_causal_lm_pt2_names_logits_and_takes_keywords(tmp_path):
         torch.testing.assert_close(got, program(ids, torch.ones_like(ids)))
 
 
+def test_unnamed_export_dims_are_renamed_in_the_file(tmp_path):
+    program = capture(wrap_hf(hf_models.build("vit"), "vit", None, None))
+    program.dim_ranges = {}  # no inferred ranges: the exporter names the dims itself (s0, ...)
+    info = export_onnx(program, tmp_path / "m.onnx")
+    assert info["inputs"]["pixel_values"][0] == "batch"
+    assert info["outputs"]["last_hidden_state"][0] == "batch"
+
+
 README_BLOCK = re.compile(r"<!-- deploy-example -->\s*```python\n(.*?)```", re.S)
 
 

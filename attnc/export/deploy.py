@@ -70,9 +70,14 @@ def write_deploy_files(loaded: Any, stage: Path) -> list[str]:
     tok = getattr(loaded, "tokenizer", None)
     if tok is not None and hasattr(tok, "save_pretrained"):
         # what the model was built with (a factory may have changed the tokenizer)
-        for f in tok.save_pretrained(str(stage)) or ():
-            written.add(Path(f).name)
-    elif src is not None:
+        try:
+            for f in tok.save_pretrained(str(stage)) or ():
+                written.add(Path(f).name)
+        except Exception as exc:  # noqa: BLE001 - OSError included: reported by the build
+            if isinstance(exc, OSError):
+                raise
+            log.warning("the tokenizer could not be saved (%s); copying its files instead", exc)
+    if not written and src is not None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, stage / name)
