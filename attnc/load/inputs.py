@@ -32,7 +32,7 @@ FACTORY_HINT = (
 )
 
 
-def _gen(seed: int = 0) -> torch.Generator:
+def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
@@ -70,7 +70,7 @@ def signature_of(model: torch.nn.Module) -> Signature:
     )
 
 
-def _cls(model: torch.nn.Module) -> str:
+def class_name(model: torch.nn.Module) -> str:
     return type(model).__name__
 
 
@@ -108,7 +108,7 @@ def model_kind(model: torch.nn.Module) -> ModelKind:
 # shapes
 
 
-def _batch_seq(input_shape: list[int] | None) -> tuple[int, int]:
+def batch_seq(input_shape: list[int] | None) -> tuple[int, int]:
     if not input_shape:
         return DEFAULT_BATCH, DEFAULT_SEQ
     if len(input_shape) != 2 or min(input_shape) < 1:
@@ -116,7 +116,7 @@ def _batch_seq(input_shape: list[int] | None) -> tuple[int, int]:
     return input_shape[0], input_shape[1]
 
 
-def _text_config(cfg: Any) -> Any:
+def text_config(cfg: Any) -> Any:
     get = getattr(cfg, "get_text_config", None)
     try:
         return get(decoder=True) if callable(get) else cfg
@@ -124,7 +124,7 @@ def _text_config(cfg: Any) -> Any:
         return get()
 
 
-def _max_positions(cfg: Any) -> int | None:
+def max_positions(cfg: Any) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_target_positions"):
         val = getattr(cfg, key, None)
         if isinstance(val, int) and val > 0:
@@ -132,7 +132,7 @@ def _max_positions(cfg: Any) -> int | None:
     return None
 
 
-def _fit_seq(seq: int, limit: int | None, given: bool, what: str = "sequence") -> int:
+def fit_seq(seq: int, limit: int | None, given: bool, what: str = "sequence") -> int:
     if limit is None or seq <= limit:
         return seq
     if given:
@@ -142,10 +142,10 @@ def _fit_seq(seq: int, limit: int | None, given: bool, what: str = "sequence") -
     return limit
 
 
-def _special_ids(cfg: Any) -> set[int]:
+def special_ids(cfg: Any) -> set[int]:
     """Token ids a random example must avoid: image/video/special markers change the structure."""
     out = set()
-    for c in {id(cfg): cfg, id(_text_config(cfg)): _text_config(cfg)}.values():
+    for c in {id(cfg): cfg, id(text_config(cfg)): text_config(cfg)}.values():
         for key, val in vars(c).items():
             if key.endswith(("_token_id", "_token_index")) and isinstance(val, int):
                 out.add(val)
@@ -154,31 +154,31 @@ def _special_ids(cfg: Any) -> set[int]:
 
 def token_ids(vocab: int, shape: tuple[int, ...], avoid: set[int] = frozenset()) -> torch.Tensor:
     allowed = torch.tensor([i for i in range(vocab) if i not in avoid] or [0])
-    return allowed[torch.randint(0, len(allowed), shape, generator=_gen())]
+    return allowed[torch.randint(0, len(allowed), shape, generator=seeded())]
 
 
 def token_inputs(
     vocab: int, batch: int, seq: int, low: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(low, max(vocab, low + 1), (batch, seq), generator=_gen())
+    ids = torch.randint(low, max(vocab, low + 1), (batch, seq), generator=seeded())
     mask = torch.ones(batch, seq, dtype=torch.long)
     return ids, mask
 
 
-def _vocab(model: torch.nn.Module, cfg: Any) -> int:
-    vocab = getattr(_text_config(cfg), "vocab_size", None) or getattr(cfg, "vocab_size", None)
+def vocab_size(model: torch.nn.Module, cfg: Any) -> int:
+    vocab = getattr(text_config(cfg), "vocab_size", None) or getattr(cfg, "vocab_size", None)
     if not vocab:
         emb = getattr(model, "get_input_embeddings", lambda: None)()
         vocab = getattr(emb, "num_embeddings", None)
     if not vocab:
         raise LoadError(
-            f"cannot work out the vocabulary size of {_cls(model)} for example token ids",
+            f"cannot work out the vocabulary size of {class_name(model)} for example token ids",
             FACTORY_HINT,
         )
     return int(vocab)
 
 
-def _image_geometry(model: torch.nn.Module, cfg: Any, vlm: bool = False) -> tuple[int, int, int]:
+def image_geometry(model: torch.nn.Module, cfg: Any, vlm: bool = False) -> tuple[int, int, int]:
     """(channels, height, width) from the (vision) config."""
     size = getattr(cfg, "image_size", None)
     if isinstance(size, (list, tuple)) and len(size) == 2:
@@ -188,12 +188,12 @@ def _image_geometry(model: torch.nn.Module, cfg: Any, vlm: bool = False) -> tupl
     else:
         if vlm:
             raise LoadError(
-                f"cannot work out the image inputs of {_cls(model)}: its vision config has no "
-                "image_size (pixels of another layout, e.g. flattened patches with a grid)",
+                f"cannot work out the image inputs of {class_name(model)}: its vision config has "
+                "no image_size (pixels of another layout, e.g. flattened patches with a grid)",
                 FACTORY_HINT,
             )
         raise LoadError(
-            f"cannot work out the image size of {_cls(model)}: its config has no image_size",
+            f"cannot work out the image size of {class_name(model)}: its config has no image_size",
             "pass --input-shape batch,channels,height,width, or " + FACTORY_HINT,
         )
     return int(getattr(cfg, "num_channels", 3)), h, w
@@ -208,14 +208,14 @@ def _pixels(model, cfg: Any, batch: int, input_shape: list[int] | None) -> torch
                 f"--input-shape {input_shape} is not an image batch this model takes",
                 f"batch,channels,height,width with height and width multiples of {patch}",
             )
-        return torch.randn(*input_shape, generator=_gen())
+        return torch.randn(*input_shape, generator=seeded())
     if input_shape and len(input_shape) != 1:
         raise UsageError(
             f"--input-shape for an image model is batch or batch,channels,height,width; "
             f"got {input_shape}"
         )
-    chans, h, w = _image_geometry(model, cfg)
-    return torch.randn(batch, chans, h, w, generator=_gen())
+    chans, h, w = image_geometry(model, cfg)
+    return torch.randn(batch, chans, h, w, generator=seeded())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,9 +233,13 @@ def hf_example_inputs(
         batch = input_shape[0] if input_shape else DEFAULT_BATCH
         inputs = {main: _pixels(model, cfg, batch, input_shape)}
     elif kind == "speech":
-        inputs = _speech_inputs(model, cfg, main, input_shape)
+        from attnc.load.media_inputs import speech_inputs
+
+        inputs = speech_inputs(model, cfg, main, input_shape)
     elif kind == "vlm":
-        inputs = _vlm_inputs(model, cfg, sig, input_shape)
+        from attnc.load.media_inputs import vlm_inputs
+
+        inputs = vlm_inputs(model, cfg, sig, input_shape)
     elif kind in ("causal-lm", "encoder", "seq2seq"):
         inputs = _text_inputs(model, cfg, sig, input_shape, tokenizer)
         if sig.takes("pixel_values"):  # a dual encoder (text and images, no image tokens)
@@ -243,10 +247,10 @@ def hf_example_inputs(
             inputs["pixel_values"] = _pixels(model, vcfg, inputs["input_ids"].shape[0], None)
     else:
         if input_shape:  # the user says what the main input looks like
-            inputs = {main: torch.randn(*input_shape, generator=_gen())}
+            inputs = {main: torch.randn(*input_shape, generator=seeded())}
         else:
             raise LoadError(
-                f"cannot work out the example inputs of {_cls(model)} (main input {main!r})",
+                f"cannot work out the example inputs of {class_name(model)} (main input {main!r})",
                 "pass --input-shape for a single float input, or " + FACTORY_HINT,
             )
     if getattr(cfg, "is_encoder_decoder", False) and sig.takes("decoder_input_ids"):
@@ -255,17 +259,17 @@ def hf_example_inputs(
     unknown = [n for n in inputs if not sig.takes(n)]
     if unknown:
         raise LoadError(
-            f"{_cls(model)}.forward takes no {unknown[0]!r}; attnc cannot build its inputs",
+            f"{class_name(model)}.forward takes no {unknown[0]!r}; attnc cannot build its inputs",
             FACTORY_HINT,
         )
     return list(inputs), tuple(inputs.values())
 
 
 def _text_inputs(model, cfg, sig: Signature, input_shape, tokenizer) -> dict[str, torch.Tensor]:
-    tcfg = _text_config(cfg)
-    batch, seq = _batch_seq(input_shape)
-    seq = _fit_seq(seq, _max_positions(tcfg), bool(input_shape))
-    ids = token_ids(_vocab(model, cfg), (batch, seq), _special_ids(cfg))
+    tcfg = text_config(cfg)
+    batch, seq = batch_seq(input_shape)
+    seq = fit_seq(seq, max_positions(tcfg), bool(input_shape))
+    ids = token_ids(vocab_size(model, cfg), (batch, seq), special_ids(cfg))
     out = {"input_ids": ids}
     tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
     emits = getattr(tok, "model_input_names", None)
@@ -281,146 +285,18 @@ def _text_inputs(model, cfg, sig: Signature, input_shape, tokenizer) -> dict[str
 
 
 def _decoder_ids(model, cfg, batch: int, input_shape) -> torch.Tensor:
-    _, seq = _batch_seq(input_shape if input_shape and len(input_shape) == 2 else None)
+    _, seq = batch_seq(input_shape if input_shape and len(input_shape) == 2 else None)
     if getattr(model, "main_input_name", "input_ids") in AUDIO_INPUTS:
         seq = DEFAULT_SEQ  # the audio input's shape says nothing about the transcript
     seq = max(2, seq - 4)  # differs from the encoder's length, so export keeps the two apart
-    limit = getattr(cfg, "max_target_positions", None) or _max_positions(_text_config(cfg))
+    limit = getattr(cfg, "max_target_positions", None) or max_positions(text_config(cfg))
     seq = min(seq, limit) if limit else seq
-    vocab = _vocab(model, cfg)
-    ids = token_ids(vocab, (batch, seq), _special_ids(cfg))
+    vocab = vocab_size(model, cfg)
+    ids = token_ids(vocab, (batch, seq), special_ids(cfg))
     start = getattr(cfg, "decoder_start_token_id", None)
     if isinstance(start, int) and 0 <= start < vocab:
         ids[:, 0] = start
     return ids
-
-
-def _vlm_inputs(model, cfg, sig: Signature, input_shape) -> dict[str, torch.Tensor]:
-    """Token ids with one image's worth of image tokens, the mask, and the pixels: the number
-    of image tokens is what the model's own `get_image_features` yields for one image."""
-    batch, seq = _batch_seq(input_shape)
-    vcfg = getattr(cfg, "vision_config", None) or cfg
-    chans, h, w = _image_geometry(model, vcfg, vlm=True)
-    n_img, extra_dims = _image_tokens(model, chans, h, w)
-    img = image_token_id(cfg)
-    vocab = _vocab(model, cfg)
-    prefix, suffix = 4, max(seq - 4, 2)
-    ids = token_ids(vocab, (batch, prefix + n_img + suffix), _special_ids(cfg))
-    ids[:, prefix : prefix + n_img] = img
-    _fit_seq(ids.shape[1], _max_positions(_text_config(cfg)), bool(input_shape), "token sequence")
-    out = {"input_ids": ids}
-    if sig.takes("attention_mask"):
-        out["attention_mask"] = torch.ones_like(ids)
-    out["pixel_values"] = torch.randn(batch, *extra_dims, chans, h, w, generator=_gen())
-    return out
-
-
-def _image_tokens(model, chans: int, h: int, w: int) -> tuple[int, tuple[int, ...]]:
-    """Image tokens per image, and the extra pixel dims ((), or (1,) for (B, N, C, H, W))."""
-    get = getattr(model, "get_image_features", None)
-    tried = []
-    for extra in ((), (1,)):
-        if get is None:
-            break
-        pix = torch.randn(1, *extra, chans, h, w, generator=_gen())
-        try:
-            with torch.no_grad():
-                feats = get(pixel_values=pix)
-        except Exception as exc:  # noqa: BLE001 - this layout is not the model's; try the next
-            tried.append(" ".join(str(exc).split())[:120])
-            continue
-        n = _feature_rows(feats)
-        if n:
-            return n, extra
-    raise LoadError(
-        f"cannot work out the image inputs of {_cls(model)}: its image features do not come "
-        "from (batch, channels, height, width) pixels"
-        + (f" ({tried[0]})" if tried else " (it has no get_image_features)"),
-        FACTORY_HINT,
-    )
-
-
-def _feature_rows(feats: Any) -> int:
-    pooled = getattr(feats, "pooler_output", None)
-    if pooled is not None:  # transformers 5: the projected features
-        feats = pooled
-    elif not isinstance(feats, (torch.Tensor, list, tuple)):
-        feats = getattr(feats, "last_hidden_state", None)
-    if isinstance(feats, torch.Tensor):
-        feats = [feats]
-    if not isinstance(feats, (list, tuple)):
-        return 0
-    return sum(t.shape[:-1].numel() for t in feats if isinstance(t, torch.Tensor) and t.dim() >= 2)
-
-
-def _speech_inputs(model, cfg, main: str, input_shape) -> dict[str, torch.Tensor]:
-    batch = input_shape[0] if input_shape else DEFAULT_BATCH
-    if main == "input_values":  # raw audio (batch, samples)
-        if input_shape and len(input_shape) == 2:
-            samples = input_shape[1]
-        elif input_shape and len(input_shape) != 1:
-            raise UsageError(f"--input-shape for raw audio is batch,samples; got {input_shape}")
-        else:
-            samples = _samples_for_frames(model, cfg, DEFAULT_SEQ)
-        return {main: torch.randn(batch, samples, generator=_gen())}
-    if input_shape and len(input_shape) == 3:
-        return {main: torch.randn(*input_shape, generator=_gen())}
-    if input_shape and len(input_shape) != 1:
-        raise UsageError(
-            f"--input-shape for audio features is batch or batch,features,frames; got {input_shape}"
-        )
-    shape = _feature_layout(model, cfg)
-    return {main: torch.randn(batch, *shape, generator=_gen())}
-
-
-def _samples_for_frames(model, cfg, frames: int) -> int:
-    """Audio samples a convolutional feature encoder turns into `frames` frames."""
-    kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
-    if not kernels or not strides or len(kernels) != len(strides):
-        raise LoadError(
-            f"cannot work out the audio length {_cls(model)} takes (no conv_kernel/conv_stride)",
-            "pass --input-shape batch,samples, or " + FACTORY_HINT,
-        )
-    n = frames
-    for k, s in zip(reversed(kernels), reversed(strides), strict=True):
-        n = (n - 1) * s + k
-    return n
-
-
-def _feature_layout(model, cfg) -> tuple[int, int]:
-    """(features, frames) or (frames, features) per example, whichever the encoder accepts.
-    Whisper needs exactly 2 * max_source_positions frames, (batch, mel bins, frames)."""
-    feats = next(
-        (
-            getattr(cfg, k)
-            for k in ("num_mel_bins", "feature_size", "input_feat_per_channel")
-            if isinstance(getattr(cfg, k, None), int)
-        ),
-        None,
-    )
-    if feats is None:
-        raise LoadError(
-            f"cannot work out the audio features {_cls(model)} takes (no num_mel_bins in config)",
-            "pass --input-shape batch,features,frames, or " + FACTORY_HINT,
-        )
-    src = getattr(cfg, "max_source_positions", None)
-    frames = [2 * src, src] if isinstance(src, int) else []
-    frames += [f for f in (4 * DEFAULT_SEQ, 4 * DEFAULT_SEQ + 1) if f != feats]
-    candidates = [(feats, f) for f in frames] + [(f, feats) for f in frames]
-    get_enc = getattr(model, "get_encoder", None)
-    enc = get_enc() if callable(get_enc) and getattr(cfg, "is_encoder_decoder", False) else model
-    main = getattr(model, "main_input_name", "input_features")
-    for shape in candidates:
-        try:
-            with torch.no_grad():
-                enc(**{main: torch.randn(1, *shape, generator=_gen())})
-        except Exception:  # noqa: BLE001, S112 - not this layout; try the next
-            continue
-        return shape
-    raise LoadError(
-        f"cannot work out the audio feature shape {_cls(model)} takes ({feats} features)",
-        "pass --input-shape batch,features,frames, or " + FACTORY_HINT,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +320,7 @@ def name_example(
         if unknown:
             raise LoadError(
                 f"the factory's example input {unknown[0]!r} is not a parameter of "
-                f"{_cls(model)}.forward",
+                f"{class_name(model)}.forward",
                 f"it takes {', '.join(sig.names) or 'no named inputs'}",
             )
         return [k for k, _ in items], tuple(v for _, v in items), True
@@ -453,7 +329,7 @@ def name_example(
         raise LoadError("the factory's example inputs must all be tensors")
     if len(example) > len(sig.positional) and not sig.var_positional:
         raise LoadError(
-            f"the factory gives {len(example)} example inputs; {_cls(model)}.forward takes "
+            f"the factory gives {len(example)} example inputs; {class_name(model)}.forward takes "
             f"{len(sig.positional)} positionally",
             "return a dict of keyword tensors instead",
         )
@@ -467,11 +343,11 @@ def plain_example_inputs(model: torch.nn.Module, params: list, input_shape: list
     else a float tensor of `--input-shape`."""
     emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
     if emb is not None:
-        batch, seq = _batch_seq(input_shape)
+        batch, seq = batch_seq(input_shape)
         return (token_inputs(emb.num_embeddings, batch, seq)[0],)
     if not input_shape:
         raise UsageError(
             "cannot guess example inputs for this model",
             "pass --input-shape or return (model, example_inputs) from the factory",
         )
-    return (torch.randn(*input_shape, generator=_gen()),)
+    return (torch.randn(*input_shape, generator=seeded()),)
