@@ -112,7 +112,12 @@ def _variants(names: list[str], args: tuple) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("name", list(CLASSES))
+SLOW = {"bloom", "gemma2"}  # over ~10 s on two shared cores (bloom pays the first export)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in CLASSES]
+)
 def test_eager_attention_is_one_site_per_layer_and_exact(name):
     score, kv_heads, _ = EXPECT[name]
     loaded = wrap_hf(_eager(name), name, None, None)

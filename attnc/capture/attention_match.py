@@ -411,29 +411,3 @@ def match_softmax(gm: GraphModule, sm: Node) -> Match:
     m = Match(q=sm, k=None, kt=sm, v=v, out=out)
     _match_mask(gm, x, m, chain)
     return finish(m, sm, chain)
-
-
-def unexpand(n: Node) -> tuple[Node, int]:
-    """(kv, rep) when n repeats kv's heads rep times along dim -3; (n, 1) otherwise."""
-    shape = shape_of(n)
-    if len(shape) != 4:
-        return n, 1
-    if n.target == aten.repeat_interleave.self_int and n.args[2] % 4 == 1:
-        return n.args[0], int(n.args[1])
-    if n.target in VIEWS and isinstance(n.args[0], Node):
-        e = n.args[0]
-        while isinstance(e, Node) and e.target in COPIES:
-            e = e.args[0]
-        if not (isinstance(e, Node) and e.target == aten.expand.default):
-            return n, 1
-        u = e.args[0]
-        es, us = shape_of(e), shape_of(u)
-        if len(es) != 5 or len(us) != 5 or not sym_eq(us[2], 1) or not isinstance(es[2], int):
-            return n, 1
-        x = u.args[0] if u.target in VIEWS | {aten.unsqueeze.default} else None
-        while isinstance(x, Node) and is_noop(x) and len(shape_of(x.args[0])) == 4:
-            x = x.args[0]
-        xs = (*us[:2], *us[3:])
-        if isinstance(x, Node) and same_shape(shape_of(x), xs) and sym_eq(es[2] * us[1], shape[1]):
-            return x, es[2]
-    return n, 1

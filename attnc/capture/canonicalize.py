@@ -14,7 +14,13 @@ decomposed `view(bmm(view(expand(a)), view(expand(b))))`. k/v expanded by `repea
 or llama's `repeat_kv` (unsqueeze, expand, reshape) become `enable_gqa=True` on the un-expanded
 tensors. A mask built from a lower-triangular buffer (nanoGPT's `bias[:, :, :T, :T] == 0`) or from
 `triu(full(-inf), 1)` becomes `is_causal=True`. Each new node carries `meta["val"]`, the final
-matmul's `nn_module_stack`, and `attnc_num_kv_heads`, `attnc_mask_kind`, `attnc_scale`.
+matmul's `nn_module_stack`, and `attnc_num_kv_heads`, `attnc_mask_kind`, `attnc_scale`,
+`attnc_score` ("none" or "additive-bias"; `capture.masks` refines the latter to "alibi").
+
+Scores in any other affine form (biases, `baddbmm`, a (B*H, S, S) view between the terms, scales in
+between) go through `capture.score_terms`: the bias becomes SDPA's float mask. Scores under a
+score function SDPA cannot express (soft-capping) stay as written and are marked as an attention
+region (`capture.regions`). Softmaxes that are neither stay, listed as candidates with the reason.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ from torch.fx import GraphModule, Node
 
 from attnc.capture.attention_match import (
     ASSERT_OPS,
+    COPIES,
     SDPA,
     SOFTMAX_OPS,
+    VIEWS,
     Match,
     NoMatch,
+    is_noop,
     match_softmax,
-    unexpand,
+    same_shape,
+    shape_of,
+    sym_eq,
     value_of,
 )
 from attnc.capture.regions import mark_region, match_region
@@ -56,6 +67,33 @@ def module_name(node: Node) -> str:
     """Innermost module path from `nn_module_stack` ('' for the root)."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
+
+
+def unexpand(n: Node) -> tuple[Node, int]:
+    """(kv, rep) when n repeats kv's heads rep times along dim -3; (n, 1) otherwise."""
+    shape = shape_of(n)
+    if len(shape) != 4:
+        return n, 1
+    if n.target == aten.repeat_interleave.self_int and n.args[2] % 4 == 1:
+        return n.args[0], int(n.args[1])
+    if n.target in VIEWS and isinstance(n.args[0], Node):
+        e = n.args[0]
+        while isinstance(e, Node) and e.target in COPIES:
+            e = e.args[0]
+        if not (isinstance(e, Node) and e.target == aten.expand.default):
+            return n, 1
+        u = e.args[0]
+        es, us = shape_of(e), shape_of(u)
+        if len(es) != 5 or len(us) != 5 or not sym_eq(us[2], 1) or not isinstance(es[2], int):
+            return n, 1
+        x = u.args[0] if u.target in VIEWS | {aten.unsqueeze.default} else None
+        while isinstance(x, Node) and is_noop(x) and len(shape_of(x.args[0])) == 4:
+            x = x.args[0]
+        xs = (*us[:2], *us[3:])
+        fits = isinstance(x, Node) and same_shape(shape_of(x), xs)
+        if fits and sym_eq(es[2] * us[1], shape[1]):
+            return x, es[2]
+    return n, 1
 
 
 def _rewrite(gm: GraphModule, m: Match) -> Node:
