@@ -33,3 +33,15 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     _os.path.join(_root, "kernels", "__init__.py")
 ):
     _sys.meta_path.insert(0, _CheckoutFinder())
+
+_API = ("optimize", "inspect", "evaluate", "OptimizeResult")
+
+
+def __getattr__(name: str):
+    """`attnc.optimize`, `attnc.inspect`, `attnc.evaluate`: imported on first use, so that
+    `import attnc` stays cheap."""
+    if name in _API:
+        from attnc import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'attnc' has no attribute {name!r}")

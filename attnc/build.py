@@ -47,7 +47,7 @@ from attnc.output import check_output_dir as _check_output_dir
 from attnc.output import move_into_place as _move_into_place
 from attnc.recipe.bounds import resolve_fidelity
 from attnc.recipe.manager import PassContext, get_pass, run_passes
-from attnc.recipe.schema import Recipe, load_recipe
+from attnc.recipe.schema import Recipe, load_recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class BuildOptions:
     progress: Callable[[str], None] | None = None
     force: bool = False  # -o may replace a folder that is not an earlier attnc build
     save_original: bool = True  # original.pt2 in the build, so that eval never runs code
+    # time the build against the original in the same run (the CLI and attnc.optimize turn it
+    # on; off by default here so that test builds stay fast)
+    bench: bool = False
+    bench_shapes: tuple[tuple[int, int], ...] = ()  # (batch, sequence) besides the calib shape
+    bench_repeats: int = 10
 
 
 @dataclass
@@ -93,14 +98,27 @@ def supported_opsets() -> tuple[int, int]:
     return lo, hi
 
 
-def preflight(spec: str, recipe_path: str, calib: str | None, out: Path, opts: BuildOptions):
+def as_recipe(recipe: str | Path | Recipe | dict) -> Recipe:
+    """A recipe from a file path, a dict (the YAML's content) or a `Recipe`."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, "<recipe dict>")
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    raise RecipeError(f"a recipe is a path, a dict or a Recipe, not {type(recipe).__name__}")
+
+
+def preflight(spec, recipe_path, calib: str | None, out: Path, opts: BuildOptions):
     """Every check that needs no model, before loading it: the model path, the recipe (schema,
-    values, opset), the calibration file, the output folder. Returns (recipe, staging parent)."""
+    values, opset), the calibration file, the output folder. Returns (recipe, staging parent).
+    `spec` is a model spec string or an already loaded model (the Python API)."""
     from attnc.load.models import _looks_like_factory
 
-    if not _looks_like_factory(spec) and not Path(spec).expanduser().exists():
+    spec_is_path = isinstance(spec, str) and not _looks_like_factory(spec)
+    if spec_is_path and not Path(spec).expanduser().exists():
         raise LoadError(f"model not found: {spec}")
-    recipe = load_recipe(recipe_path)
+    recipe = as_recipe(recipe_path)
     if recipe.export.onnx:
         lo, hi = supported_opsets()
         if not lo <= recipe.export.opset <= hi:
@@ -114,9 +132,11 @@ def preflight(spec: str, recipe_path: str, calib: str | None, out: Path, opts: B
     return recipe, parent
 
 
-def _inputs(spec: str, recipe_path: str, calib: str | None, opts: BuildOptions) -> list[Path]:
+def _inputs(spec, recipe_path, calib: str | None, opts: BuildOptions) -> list[Path]:
     """Everything the build reads: -o must never replace a folder holding one of them."""
-    paths = [*spec_paths(spec), Path(recipe_path)]
+    paths = [*spec_paths(spec)] if isinstance(spec, str) else []
+    if isinstance(recipe_path, (str, Path)):
+        paths.append(Path(recipe_path))
     return paths + [Path(p) for p in (calib, opts.weights) if p and Path(p).exists()]
 
 
@@ -128,16 +148,19 @@ def _vocab(loaded: LoadedModel) -> int | None:
     return getattr(text or cfg, "vocab_size", None)
 
 
-def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
+def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
     say = opts.progress or (lambda s: None)
-    say(f"loading {spec}")
-    loaded = load_model(
-        spec,
-        weights=opts.weights,
-        trust_pickle=opts.trust_pickle,
-        input_shape=opts.input_shape,
-        dtype=opts.dtype,
-    )
+    if isinstance(spec, LoadedModel):
+        loaded = spec
+    else:
+        say(f"loading {spec}")
+        loaded = load_model(
+            spec,
+            weights=opts.weights,
+            trust_pickle=opts.trust_pickle,
+            input_shape=opts.input_shape,
+            dtype=opts.dtype,
+        )
     refuse_random_text(calib, recipe.calibration, loaded)  # random ids on a text model mislead
     extra = {}
     if loaded.kind == "vlm" and "pixel_values" in loaded.input_names:
@@ -173,12 +196,14 @@ def prepare(spec: str, recipe: Recipe, calib: str | None, opts: BuildOptions):
 
 
 def build(
-    spec: str,
-    recipe_path: str,
+    spec: str | LoadedModel,
+    recipe_path: str | Path | Recipe | dict,
     calib: str | None,
     out_dir: str | Path,
     opts: BuildOptions | None = None,
 ) -> BuildResult:
+    """Build `spec` (a model spec string, or a `LoadedModel`) as the recipe (a path, dict or
+    `Recipe`) says into `out_dir`; see the module docstring for the stages."""
     opts = opts or BuildOptions()
     say = opts.progress or (lambda s: None)
     t0 = time.perf_counter()
@@ -240,6 +265,13 @@ def build(
             artifacts, onnx_info = _write_artifacts(
                 program, opt_run, recipe, stage, data, comparisons, say, loaded, results
             )
+            quant = None
+            if recipe.export.onnx and recipe.export.quantize != "none":
+                quant = _quantize(stage, program, recipe, data, ref_hold, orig_run, loaded, say)
+                comparisons.update(quant.pop("comparisons"))
+            bench = None
+            if opts.bench:
+                bench = _bench(stage, program, original, recipe, data, loaded, opts, say)
             if opts.save_original:
                 from attnc.export.artifacts import save_pt2
 
@@ -249,7 +281,8 @@ def build(
             report = {
                 "attnc_version": _version(),
                 "model": {
-                    **source_record(spec, out),
+                    **(source_record(spec, out) if isinstance(spec, str) else
+                   {"source": loaded.source}),
                     "kind": loaded.kind,
                     "attn_implementation": loaded.extra.get("attn_implementation"),
                     "inputs": loaded.input_names,
@@ -287,6 +320,8 @@ def build(
                     "ok": ok,
                 },
                 "fidelity": fidelity,
+                "quantization": quant,
+                "bench": bench,
                 "onnx": onnx_info,
                 "artifacts": sorted(artifacts),
                 "versions": _versions(),
@@ -398,3 +433,60 @@ def _versions() -> dict[str, str]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+def _quantize(stage, program, recipe, data, ref_hold, orig_run, loaded, say) -> dict:
+    """INT8-quantize model.onnx in place, then verify it against the original and bound it like
+    a pass; the figures are kept apart from the passes' so the report shows each cost."""
+    from attnc.check.task import task_metrics
+    from attnc.export.quantize import quantize_in_place
+
+    mode = recipe.export.quantize
+    say(f"quantizing model.onnx ({mode})")
+    feeds = [dict(zip(program.input_names, b.args, strict=True)) for b in data.calib]
+    info = quantize_in_place(stage / "model.onnx", mode, feeds)
+    say("verifying the quantized ONNX file against the original")
+    run = Memo(ort_runner(str(stage / "model.onnx"), program.input_names))
+    top1 = loaded.kind in ("causal-lm", "vlm")
+    m = compare(run, data.holdout, ref_hold, top1)
+    task = task_metrics(loaded.kind, run, orig_run, data.holdout, loaded.tokenizer)
+    ok, fails = meets({**m, **task}, recipe.fidelity)
+    if not ok:
+        raise VerificationError(
+            f"the {mode} ONNX file misses the {_bound_name(recipe)} fidelity bound: "
+            + "; ".join(fails),
+            "quantize less (export.quantize: none), or loosen the bound",
+        )
+    return {**info, "fidelity": task, "comparisons": {f"ONNX Runtime {mode} vs original": m}}
+
+
+def _bench(stage, program, original, recipe, data, loaded, opts, say) -> dict:
+    """The build's own speed step: optimized vs original in one interleaved run, at the
+    calibration shape and any shapes the user asked for; the scratch ONNX file of the original
+    lives in the staging folder and leaves with it."""
+    from attnc.check.bench import BenchConfig, bench_in_build, inputs_at
+
+    # the calibration shape, at most 8 rows: a short step, not a benchmark suite
+    batch = tuple(a[:8] for a in (data.holdout or data.calib)[0].args)
+    args_list = [batch]
+    for b, sq in opts.bench_shapes:
+        args_list.append(
+            inputs_at(loaded.example_args, loaded.input_names, b, sq, vocab=_vocab(loaded))
+        )
+    cfg = BenchConfig(
+        shapes=tuple(opts.bench_shapes), repeats=opts.bench_repeats, warmup=2, max_seconds=8.0
+    )
+    onnx_path = stage / "model.onnx" if recipe.export.onnx else None
+    scratch = stage / ".bench"
+    scratch.mkdir()
+    say("timing the build against the original (same run, interleaved)")
+    try:
+        res = bench_in_build(
+            program, original, onnx_path, args_list, cfg, recipe.export.opset, scratch
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    out = res.as_dict()
+    out["shapes"] = [[int(a.shape[0]), int(a.shape[1]) if a.dim() > 1 else 1] for a in
+                     (x[0] for x in args_list)]
+    return out

@@ -217,10 +217,23 @@ def optimize(
     dtype: Annotated[
         str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")
     ] = "float32",
+    bench: Annotated[
+        bool,
+        typer.Option(
+            "--bench/--no-bench",
+            help="Time the build against the original in the same run (ONNX Runtime CPU and "
+            "torch, at the calibration shape and --bench-shapes).",
+        ),
+    ] = True,
+    bench_shapes: Annotated[
+        str | None,
+        typer.Option("--bench-shapes", help="More shapes to time, BATCHxSEQUENCE: 1x128,8x64."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Capture, rewrite, lower, export and verify MODEL as RECIPE says; write OUT."""
     from attnc.build import BuildOptions, build
+    from attnc.check.bench import parse_shapes
 
     def say(msg: str) -> None:
         if not as_json:
@@ -242,30 +255,16 @@ def optimize(
                 progress=say,
                 force=force,
                 save_original=save_original,
+                bench=bench,
+                bench_shapes=parse_shapes(bench_shapes),
             ),
         )
     if as_json:
         print(json.dumps(res.report, indent=2, default=str))
         return
-    r = res.report
-    v = r["verification"]["comparisons"]
-    t = Table(title=f"attnc build → {res.out_dir}")
-    for col in ("comparison", "max abs diff", "cosine", "SQNR dB", "top-1"):
-        t.add_column(col)
-    for name, m in v.items():
-        t.add_row(
-            name,
-            *[
-                f"{m.get(k, float('nan')):.6g}" if k in m else ""
-                for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")
-            ],
-        )
-    out.print(t)
-    out.print(
-        f"attention sites {len(r['sites_before'])} → {len(r['sites_after'])}, parameters "
-        f"{r['model']['params_before']:,} → {r['model']['params_after']:,}, "
-        f"{r['seconds']:.1f} s. Artifacts: {', '.join(r['artifacts'])}"
-    )
+    from attnc.cli.render import render_build
+
+    render_build(res.report, res.out_dir, out)
 
 
 @app.command()
@@ -330,6 +329,7 @@ def inspect(
         "mask": "mask",
         "block_style": "block",
         "pattern": "pattern",
+        "score": "score",
     }
     for key, label in cols.items():
         t.add_column(label, overflow="fold", min_width=24 if key == "module" else None)
@@ -396,6 +396,47 @@ def eval_cmd(
     for k, v in res["metrics"].items():
         t.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     out.print(t)
+
+
+@app.command("bench")
+def bench_cmd(
+    build_dir: Annotated[str, typer.Argument(help="An attnc build folder.")],
+    shapes: Annotated[
+        str | None,
+        typer.Option("--shapes", help="BATCHxSEQUENCE pairs to time at, e.g. 1x128,8x64 "
+                     "(default: the shapes the build timed)."),
+    ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option("--against", help="The original as a .pt2 (default: the build's "
+                     "original.pt2)."),
+    ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option("--runtime", help="onnxruntime, torch, or both (comma-separated)."),
+    ] = "onnxruntime,torch",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model and shape.")]
+    = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Time BUILD's model.onnx (ONNX Runtime, CPU) and model.pt2 (torch) against the original,
+    interleaved in one run; prints medians and the speed-up. Runs no code from the folder."""
+    from pathlib import Path
+
+    from attnc.cli.render import bench_table
+
+    from attnc.check.bench import BenchConfig, bench_folder, parse_shapes
+
+    cfg = BenchConfig(
+        shapes=parse_shapes(shapes),
+        repeats=repeats,
+        runtimes=tuple(x.strip() for x in runtime.split(",") if x.strip()),
+    )
+    res = bench_folder(Path(build_dir), cfg, Path(against) if against else None)
+    if as_json:
+        print(json.dumps(res.as_dict(), indent=2))
+        return
+    out.print(bench_table(res.as_dict()))
 
 
 @app.command()

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class BenchConfig:
     warmup: int = 3
     min_seconds: float = 0.0
     runtimes: tuple[str, ...] = ("onnxruntime", "torch")
+    max_seconds: float | None = None  # stop a pair early (after 3 runs) past this much time
 
     def validate(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -95,6 +97,7 @@ def time_pair(
     repeats: int = 15,
     warmup: int = 3,
     min_seconds: float = 0.0,
+    max_seconds: float | None = None,
 ) -> tuple[list[float], list[float]]:
     """Interleaved wall-clock times (seconds) of `optimized(*args)` and `original(*args)`."""
     for _ in range(warmup):
@@ -112,6 +115,8 @@ def time_pair(
             acc.append(time.perf_counter() - t0)
         i += 1
         if i >= 10 * max(repeats, 1) and min_seconds <= 0:
+            break
+        if max_seconds is not None and i >= 3 and sum(t_opt) + sum(t_orig) > max_seconds:
             break
     return t_opt, t_orig
 
@@ -203,7 +208,7 @@ def bench_programs(
             for name, a, b in runners:
                 t_opt, t_orig = time_pair(
                     a, b, args, repeats=cfg.repeats, warmup=cfg.warmup,
-                    min_seconds=cfg.min_seconds,
+                    min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
                 )
                 res.timings.append(_timing(name, args, t_opt, t_orig))
     return res
@@ -226,3 +231,161 @@ def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...]:
             raise UsageError(f"--shapes needs positive sizes; got {part.strip()!r}")
         shapes.append((b, s))
     return tuple(shapes)
+
+
+def bench_in_build(
+    program: Any,
+    original: Any,
+    onnx_path: Path | None,
+    args_list: Sequence[Sequence[torch.Tensor]],
+    cfg: BenchConfig,
+    opset: int,
+    scratch: Path,
+) -> BenchResult:
+    """The build's own speed step: the optimized program and model.onnx against the original,
+    whose ONNX file is exported into `scratch` (removed by the caller) for the same run."""
+    onnx_orig = None
+    if onnx_path is not None and "onnxruntime" in cfg.runtimes:
+        from attnc.export.artifacts import export_onnx
+
+        onnx_orig = scratch / "original.onnx"
+        export_onnx(original, onnx_orig, opset)
+    return bench_programs(
+        program,
+        original,
+        args_list,
+        cfg,
+        onnx_optimized=str(onnx_path) if onnx_path else None,
+        onnx_original=str(onnx_orig) if onnx_orig else None,
+    )
+
+
+def _onnx_inputs(path: Path, batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX file from its own input declarations: named dims `batch`/`sequence`
+    (or any other dynamic dim: the sequence) take the asked sizes, static dims stay."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    inits = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                shape.append(batch if i == 0 or d.dim_param == "batch" else seq)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        name = inp.name
+        if dtype.kind == "f":
+            t = torch.randn(shape, generator=g).to(torch.from_numpy(np.zeros(0, dtype)).dtype)
+        elif "mask" in name:
+            t = torch.ones(shape, dtype=torch.int64)
+        elif "type" in name or "position" in name:
+            t = torch.zeros(shape, dtype=torch.int64)
+        else:
+            t = torch.randint(0, max(vocab, 2), shape, generator=g, dtype=torch.int64)
+        if dtype.kind in "iu" and t.dtype != torch.int64:
+            t = t.to(torch.int32)
+        out.append(t)
+    return tuple(out)
+
+
+def bench_folder(
+    folder: Path,
+    cfg: BenchConfig,
+    against: Path | None = None,
+) -> BenchResult:
+    """`attnc bench BUILD`: model.onnx / model.pt2 of a build against its original.pt2 (saved
+    at build time: nothing from the folder runs as code) or `against` (a .pt2), in one run."""
+    import json
+    import tempfile
+
+    cfg.validate()
+    if not (folder / "report.json").is_file():
+        raise UsageError(f"{folder} is not an attnc build folder (no report.json)")
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{folder}/report.json is unreadable: {exc}") from None
+    orig_pt2 = against or folder / "original.pt2"
+    if not orig_pt2.is_file():
+        raise UsageError(
+            f"{folder} has no original.pt2 to compare with",
+            "pass --against ORIGINAL.pt2 (or rebuild without --no-original)",
+        )
+    opt_pt2 = folder / "model.pt2"
+    opt_onnx = folder / "model.onnx"
+    if not opt_pt2.is_file() and not opt_onnx.is_file():
+        raise UsageError(f"{folder} has neither model.pt2 nor model.onnx")
+    import dataclasses
+
+    from attnc.capture.program import capture
+    from attnc.load.models import load_model
+
+    orig_loaded = load_model(str(orig_pt2))  # a .pt2 is data: loading it runs no code
+    original = orig_loaded.module
+    optimized = load_model(str(opt_pt2)).module if opt_pt2.is_file() else None
+    vocab = _vocab_of(folder, report)
+    shapes = cfg.shapes or tuple(
+        tuple(s) for s in (report.get("bench") or {}).get("shapes", [(1, 64)])
+    )
+    runtimes = [r for r in cfg.runtimes if r != "torch" or optimized is not None]
+    if not opt_onnx.is_file():
+        runtimes = [r for r in runtimes if r != "onnxruntime"]
+    if not runtimes:
+        raise UsageError(f"{folder}: nothing to time for the runtimes asked for")
+    if not opt_onnx.is_file() and not orig_loaded.input_names:
+        raise UsageError(f"{folder}: no ONNX file to read the inputs from")
+    cfg = BenchConfig(
+        shapes, cfg.repeats, cfg.warmup, cfg.min_seconds, tuple(runtimes), cfg.max_seconds
+    )
+    opset = int(((report.get("recipe") or {}).get("export") or {}).get("opset", 23))
+    res = BenchResult(device=device_name(), threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix=".attnc-bench-", dir=folder.parent) as tmp:
+        dynamic_onnx: Path | None = None
+        for b, sq in shapes:
+            if opt_onnx.is_file():
+                args = _onnx_inputs(opt_onnx, b, sq, vocab)
+            else:
+                args = inputs_at(orig_loaded.example_args, orig_loaded.input_names, b, sq, vocab)
+            onnx_orig = dynamic_onnx
+            if "onnxruntime" in runtimes and onnx_orig is None:
+                from attnc.export.artifacts import export_onnx
+
+                # the original, captured again at this shape (dynamic when torch allows)
+                prog = capture(dataclasses.replace(orig_loaded, example_args=tuple(args)))
+                onnx_orig = Path(tmp) / f"original-{b}x{sq}.onnx"
+                export_onnx(prog, onnx_orig, opset)
+                if prog.dynamic_dims:
+                    dynamic_onnx = onnx_orig
+            part = bench_programs(
+                optimized or original,
+                original,
+                [args],
+                cfg,
+                onnx_optimized=str(opt_onnx) if onnx_orig else None,
+                onnx_original=str(onnx_orig) if onnx_orig else None,
+            )
+            res.timings.extend(part.timings)
+    return res
+
+
+def _vocab_of(folder: Path, report: dict) -> int:
+    import json
+
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            c = json.loads(cfg.read_text())
+            v = c.get("vocab_size") or (c.get("text_config") or {}).get("vocab_size")
+            if v:
+                return int(v)
+        except (OSError, ValueError):
+            pass
+    return 2

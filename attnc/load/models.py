@@ -301,6 +301,26 @@ def _load_factory(spec: str, weights: str | None, input_shape: list[int] | None)
         raise LoadError(f"factory {spec} returned {type(model).__name__}, not an nn.Module")
     if weights is not None:
         _load_state_dict(model, Path(weights))
+    return from_module(model, example, tokenizer, spec, input_shape)
+
+
+def from_module(
+    model: nn.Module,
+    example: Any = None,
+    tokenizer: Any = None,
+    source: str = "<module>",
+    input_shape: list[int] | None = None,
+) -> LoadedModel:
+    """A `LoadedModel` from an `nn.Module` in hand (the Python API, and factories): `example` is
+    a tensor, a tuple of tensors (positional) or a dict of keyword tensors, or None to derive
+    inputs from the model's signature and config."""
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"expected an nn.Module, got {type(model).__name__}")
+    spec = source
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    elif isinstance(example, list):
+        example = tuple(example)
     model = model.eval()
     if not _is_hf(model):
         return _wrap_plain(model, spec, example, input_shape, tokenizer)

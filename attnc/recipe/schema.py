@@ -63,8 +63,15 @@ class ExportConfig:
     # the pooled (and normalised, as the source's modules.json says) embedding as a second ONNX
     # output `sentence_embedding`; null: on for sentence-transformers sources
     sentence_embedding: bool | None = None
+    # INT8 through onnxruntime.quantization (MatMul weights; static also calibrates activations),
+    # verified against the original and bounded like a pass; its cost is reported apart
+    quantize: Literal["none", "int8-dynamic", "int8-static"] = "none"
 
     def validate(self) -> None:
+        if self.quantize != "none" and not self.onnx:
+            raise RecipeError(
+                f"export.quantize: {self.quantize} quantizes the ONNX file, but export.onnx is off"
+            )
         lo, hi = _opset_range()
         if not lo <= self.opset <= hi:
             raise RecipeError(
