@@ -40,10 +40,14 @@ def _other_shape(loaded, program):
     if any(t.is_floating_point() for t in loaded.example_args):
         return None
     seq = loaded.example_args[0].shape[1] + 5
-    return tuple(
-        torch.ones(3, seq, dtype=t.dtype) if "mask" in n else torch.randint(0, 100, (3, seq))
-        for n, t in zip(loaded.input_names, loaded.example_args, strict=True)
-    )
+    def make(n, t):
+        if "mask" in n:
+            return torch.ones(3, seq, dtype=t.dtype)
+        if "token_type" in n:
+            return torch.zeros(3, seq, dtype=t.dtype)
+        return torch.randint(0, 100, (3, seq))
+
+    return tuple(make(n, t) for n, t in zip(loaded.input_names, loaded.example_args, strict=True))
 
 
 @pytest.mark.parametrize("setting", PASS_SETTINGS, ids=lambda s: f"{s[0]}-{s[1].get('target')}")
