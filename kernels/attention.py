@@ -50,7 +50,9 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, attn_mask=None, is_causal=False, scale=None):
-    return torch.empty_like(q)
+    # (batch broadcast over q/k/v, Hq, Sq, Dv): V's head size may differ from Q's (DeepSeek)
+    batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    return q.new_empty((*batch, q.shape[-3], q.shape[-2], v.shape[-1]))
 
 
 @register_translation(torch.ops.attnc.attention.default)
