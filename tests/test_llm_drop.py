@@ -214,3 +214,28 @@ def test_minilm_scores_and_drop_fidelity(minilm, root):
     ]
     assert cos[0] == pytest.approx(1.0, abs=1e-6)
     assert cos[0] > cos[1] > cos[2] > cos[3]
+
+
+def test_units_are_found_again_on_a_partly_dropped_graph():
+    """A layer's MLP is still scored (and droppable) after its attention went: units resolve
+    through their branch nodes, and dropping both equals dropping the block."""
+    loaded, program, ctx = _setup("llama")
+    units = {u.key: u for u in D.find_units(program.gm)}
+    after = D.drop_units(program, ["attention@model.layers.0"])
+    got = D.score_units(after, [units["mlp@model.layers.0"]], ctx)
+    assert set(got) == {"mlp@model.layers.0"} and -1.0 <= got["mlp@model.layers.0"] <= 1.0
+    # x of the MLP is now the stream entering the layer: cos(x, x + mlp(ln(x)))
+    assert (
+        got["mlp@model.layers.0"]
+        != D.score_units(program, [units["mlp@model.layers.0"]], ctx)["mlp@model.layers.0"]
+    )
+    both, report = D.drop_report(program, ["mlp@model.layers.0", "attention@model.layers.0"])
+    block = D.drop_units(program, ["block@model.layers.0"])
+    with torch.no_grad():
+        assert torch.equal(both(*loaded.example_args), block(*loaded.example_args))
+    assert set(report["mlp@model.layers.0"].modules) == {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.post_attention_layernorm",
+    }
