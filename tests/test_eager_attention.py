@@ -145,6 +145,18 @@ def test_eager_attention_is_one_site_per_layer_and_exact(name):
             assert (ref - got).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["falcon_alibi", "t5"])
+def test_sdpa_sites_with_a_bias_in_the_mask_say_so(name):
+    """Models that pass ALiBi or a relative bias to SDPA as attn_mask: the site's score kind."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cls = getattr(tf, CLASSES[name])
+    model = cls._from_config(_config(name), attn_implementation="sdpa").eval()
+    program = capture(wrap_hf(model, name, None, None))
+    assert [s.score for s in program.sites] == [EXPECT[name][0]] * 2
+
+
 def test_classes_without_sdpa_load_eagerly_and_say_so(tmp_path, caplog):
     for name in ("bloom", "gpt2"):
         _eager(name).save_pretrained(str(tmp_path / name), safe_serialization=True)

@@ -7,6 +7,7 @@ position, or times -|i - j|) or another additive bias (`meta["attnc_score"]`).""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch.fx import Interpreter, Node
@@ -83,16 +84,19 @@ class _MaskProbe(Interpreter):
                 a = attention_args(n)
                 if isinstance(a.get("attn_mask"), Node):
                     self.masks[n] = (a["attn_mask"], bool(a.get("mask_inverted")))
-        self.wanted = {m for m, _ in self.masks.values()}
+        self.pending = Counter(m for m, _ in self.masks.values())
         self.kept: dict[Node, torch.Tensor] = {}  # a region's mask is freed before its P@V runs
 
     def run_node(self, n: Node):
         out = super().run_node(n)
-        if n in self.wanted:
+        if n in self.pending:
             self.kept[n] = out
         if n in self.masks:
             mask, inverted = self.masks[n]
             value = self.kept[mask]
+            self.pending[mask] -= 1
+            if not self.pending[mask]:
+                del self.kept[mask]  # held only until the last site that reads it
             if inverted:
                 value = value.logical_not()
             self.found[n.name] = classify(value)
