@@ -99,6 +99,11 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     assert len(dropped) == 2
     md = (out / "report.md").read_text()
     assert "llm-drop" in md and "similarity.svg" in md
+    # speed and task-level fidelity, side by side, measured in this build
+    assert {t["runtime"] for t in report["bench"]["timings"]} == {"onnxruntime-cpu", "torch"}
+    assert all(t["speedup"] > 0 for t in report["bench"]["timings"]) and report["bench"]["device"]
+    assert 0.9 <= report["fidelity"]["embedding_cosine"] < 1.0
+    assert "## Speed" in md and "speed-up" in md
     # the .pt2 is loadable and runs; the folder has nothing half-written beside it
     ep = torch.export.load(str(out / "model.pt2"))
     ids = torch.randint(0, 1000, (2, 9))

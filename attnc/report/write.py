@@ -167,7 +167,27 @@ def render_markdown(r: dict, has_plot: bool) -> str:
         out += ["", "Task-level fidelity (`attnc eval` metrics, held-out batches):", ""]
         out.append(_table(["metric", "value"], [[k, val] for k, val in r["fidelity"].items()]))
     bound = {k: b for k, b in v["bound"].items() if b is not None}
-    out += ["", f"fidelity bound: `{bound}` → **{'met' if v['ok'] else 'MISSED'}**"]
+    src = v.get("bound_source", "recipe")
+    out += ["", f"fidelity bound ({src}): `{bound}` → **{'met' if v['ok'] else 'MISSED'}**"]
+    q = r.get("quantization")
+    if q:
+        out += ["", f"## Quantization ({q['mode']}, {', '.join(q['op_types'])})", "",
+                f"- {q['bytes_before'] / 1e6:.1f} MB → {q['bytes_after'] / 1e6:.1f} MB",
+                "- its cost, measured apart from the passes' (ONNX Runtime, held-out batches):",
+                ""]
+        out.append(_table(["metric", "value"], [[k, val] for k, val in q["fidelity"].items()]))
+    b = r.get("bench")
+    if b:
+        out += ["", "## Speed (same run, interleaved medians)", "",
+                f"{b['device']}, {b['threads']} threads.", ""]
+        rows = [
+            [t["runtime"], " ".join(dict.fromkeys("x".join(map(str, s)) for s in t["shape"])),
+             f"{t['original_ms']:.2f}", f"{t['optimized_ms']:.2f}", f"{t['speedup']:.2f}×",
+             t["runs"]]
+            for t in b["timings"]
+        ]
+        out.append(_table(["runtime", "shapes", "original ms", "optimized ms", "speed-up",
+                           "runs"], rows))
     if r.get("onnx"):
         o = r["onnx"]
         out += [
