@@ -219,7 +219,8 @@ class _Manual(nn.Module):
             s = torch.bmm(qf, k.reshape(B * self.h, S, self.d).transpose(1, 2))  # (B*H, S, S)
             pos = torch.arange(S)
             rel = self.rel[:, (pos[None, :] - pos[:, None] + 15).clamp(0, 30)]  # (H, S, S)
-            s = (s.view(B, self.h, S, S) + rel).view(B * self.h, S, S) * 1.0  # bias in (B*H)
+            s = s + rel.repeat(B, 1, 1) + self.rel[0, :S] * 0.5  # (B*H, S, S) and (S,) terms
+            s = (s.view(B, self.h, S, S) + rel).view(B * self.h, S, S) * 1.5  # and (H, S, S)
             s = s.view(B, self.h, S, S).masked_fill(~keep, torch.finfo(s.dtype).min)
         else:
             s = q @ k.transpose(-1, -2) * self.d**-0.5  # (B, H, S, S)
