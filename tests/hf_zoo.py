@@ -287,7 +287,7 @@ def _deberta_v2():
 
 @arch("mpnet", "MPNetModel", "encoder", traits=("relative-position",))
 def _mpnet():
-    return _tf().MPNetConfig(**ENC, relative_attention_num_buckets=8)
+    return _tf().MPNetConfig(**ENC)  # 32 buckets: MPNet's encoder hard-codes the count
 
 
 @arch("bigbird", "BigBirdModel", "encoder", traits=("local-global",))

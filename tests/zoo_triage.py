@@ -93,7 +93,12 @@ def check_inspect(name: str, spec: str):
         program = capture(loaded)
     except Exception as exc:  # noqa: BLE001
         raise _fail("capture", exc) from exc
-    diff = _max_diff(_outputs(loaded.module, program.example_args), _outputs(program))
+    try:
+        ref = _outputs(loaded.module, program.example_args)
+    except Exception as exc:  # noqa: BLE001
+        raise StageFailure("capture", f"the model fails on its example inputs: {first_line(exc)}",
+                           internal=True) from exc
+    diff = _max_diff(ref, _outputs(program))
     if not diff <= CAPTURE_TOL:
         raise StageFailure("capture", f"the captured program differs from the model by {diff:.3g}")
     want, got = hf_zoo.declared_sites(name), len(program.sites)
@@ -192,8 +197,9 @@ def _branch_params(gm, site) -> set[str]:
     """The weights only the site's attention branch uses, found from the graph independently of
     attnc's own residual analysis: the branch runs from the stream to the first add after the
     site's output projection whose other operand is the stream (it derives from an input, not
-    from the attention); a weight is the branch's own when its every use lies on the branch
-    (so a norm shared with a parallel MLP, or a bias table shared across layers, is not)."""
+    from the attention); a weight is the branch's own when everything computed from it reaches
+    the output only through that add's branch operand (so a norm shared with a parallel MLP, or a
+    bias table shared across layers, is not)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     sdpa = nodes[site.node]
     start = nodes.get(site.o_proj) if site.o_proj else sdpa
@@ -219,12 +225,17 @@ def _branch_params(gm, site) -> set[str]:
     if residual is None:
         return set()
     branch_out, stream = residual
+    add = next(u for u in branch_out.users if _is_add(u) and stream in u.all_input_nodes)
     branch = (_ancestors(branch_out) | {branch_out}) - _ancestors(stream) - {stream}
+    own: set = set()  # branch nodes whose every use flows into the residual add via the branch
+    for n in reversed([n for n in gm.graph.nodes if n in branch]):
+        users = [u for u in n.users if not _is_assert(u)]
+        if all(u in own or (u is add and n is branch_out) for u in users):
+            own.add(n)
     uses: dict[str, bool] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            only = all(u in branch or _is_assert(u) for u in n.users)
-            uses[n.target] = uses.get(n.target, True) and only
+            uses[n.target] = uses.get(n.target, True) and n in own
     params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
     return {_hf_path(t) for t, only in uses.items() if only and t in params}
 
