@@ -48,6 +48,7 @@ def block_sparse_attention(
     block_size: int,
     is_causal: bool = False,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     sq, skv = q.shape[-2], k.shape[-2]
     reason = can_use_block_sparse(layout, block_size, sq, skv)
@@ -59,20 +60,37 @@ def block_sparse_attention(
     layout = layout.to(q.device)
 
     def ref():
-        return reference.block_sparse_attention_ref(q, k, v, layout, block_size, is_causal, scale)
+        return reference.block_sparse_attention_ref(q, k, v, layout, block_size, is_causal,
+                                                    scale, key_padding_mask)
+
+    def pattern(i, j):
+        m = layout[:, :, i[:, 0] // block_size][:, :, :, j[0] // block_size]
+        return (m & (j <= i)) if is_causal else m
+
+    kpm = None
+    if key_padding_mask is not None and q.is_cuda:
+        kpm = masks.resolve_padding(key_padding_mask, q.shape[0], sq, skv, pattern)
 
     def dense():
-        return masks.block_layout_mask(layout, block_size, sq, skv, is_causal)
+        return masks.pad_keys(masks.block_layout_mask(layout, block_size, sq, skv, is_causal),
+                              kpm)
+
+    def fwd(sc):
+        from attnc.kernels import pattern_extras
+
+        return pattern_extras.block_sparse_fwd(q, k, v, layout=layout, block_size=block_size,
+                                               causal=is_causal, scale=sc, key_padding_mask=kpm)
 
     flash = flash_module()
-    pattern = None if flash is None else flash.Pattern("block", block_size=int(block_size))
+    pattern_ = None if flash is None else flash.Pattern("block", block_size=int(block_size))
     density = float(layout.float().mean()) if layout.numel() else 0.0
-    return run_pattern(q, k, v, scale=scale, causal=is_causal, pattern=pattern, layout=layout,
-                       density=density, dense_mask=dense, ref=ref)
+    return run_pattern(q, k, v, scale=scale, causal=is_causal, pattern=pattern_, layout=layout,
+                       density=density, dense_mask=dense, ref=ref,
+                       fwd=fwd if key_padding_mask is not None else None)
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, layout, block_size, is_causal=False, scale=None):
+def _(q, k, v, layout, block_size, is_causal=False, scale=None, key_padding_mask=None):
     return torch.empty_like(q)
 
 

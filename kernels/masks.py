@@ -42,7 +42,8 @@ def resolve_grid(grid: Sequence[int], seq_len: int) -> list[int]:
     return g
 
 
-def check_natten_args(grid, kernel_size, dilation, stride, is_causal) -> None:
+def check_natten_args(grid, kernel_size, dilation, stride, is_causal, whole_ok=False) -> None:
+    """NATTEN's argument checks; `whole_ok` also accepts kernel size -1 (the whole axis)."""
     n = len(grid)
     if not 1 <= n <= 3:
         raise KernelError(f"neighborhood attention needs a 1-D, 2-D or 3-D grid, got {list(grid)}")
@@ -51,20 +52,23 @@ def check_natten_args(grid, kernel_size, dilation, stride, is_causal) -> None:
         if len(val) != n:
             raise KernelError(f"{name} {list(val)} must have one entry per grid axis ({n})")
     for L, K, d, s in zip(grid, kernel_size, dilation, stride, strict=True):
-        if K < 1 or d < 1 or s < 1:
+        if K < 1 and not (K == -1 and whole_ok) or d < 1 or s < 1:
             raise KernelError(f"kernel_size, dilation and stride must be >= 1, got {K}, {d}, {s}")
         if K * d > L:
             raise KernelError(f"kernel_size {K} x dilation {d} exceeds the axis extent {L}")
-        if s > K:
+        if s > (K if K > 0 else L):
             raise KernelError(f"stride {s} exceeds kernel_size {K}")
 
 
-def natten_window(x: torch.Tensor, L: int, K: int, d: int, s: int, causal: bool):
+def natten_window(x: torch.Tensor, L: int, K, d: int, s: int, causal: bool):
     """(group, start, end) of query coordinates `x` on one axis; the window is [start, end) in
-    in-group coordinates."""
+    in-group coordinates. K may be a tensor broadcastable with x (per head); K = -1 is the whole
+    dilation group (NATTEN with K = L_g: the dense head)."""
     g = x % d
     xi = x // d
     lg = (L - g + d - 1) // d
+    if isinstance(K, torch.Tensor) or K < 0:
+        K = torch.where(torch.as_tensor(K, device=x.device) < 0, lg, K)
     wl = K // 2
     wr = K // 2 + K % 2 - 1
     if causal:
@@ -129,6 +133,149 @@ def sliding_window_mask(sq: int, skv: int, window: int, num_sinks: int, causal: 
     i = torch.arange(sq, device=device)[:, None]
     j = torch.arange(skv, device=device)[None, :]
     return sliding_window_visible(i, j, window, num_sinks, causal)  # (Sq, Skv)
+
+
+# ---------------------------------------------------------------- padding, global tokens, heads
+#
+# The pattern ops also take (1) a key padding mask (B, Skv), True = real token: padded keys are
+# excluded on top of the pattern, and a query row left with no key gives zeros (out 0, lse -inf,
+# as reference.masked_attention defines it); (2) `num_global` prefix tokens (CLS, registers,
+# BOS) that every query sees and that see everything, the grid starting after them; (3) one
+# window / kernel size per query head, -1 meaning unbounded (a dense head).
+
+
+def head_values(value, num_heads: int, groups: Sequence[int] | None = None) -> list[int]:
+    """One int per head from an int (every head), a sequence of num_heads values, or one value
+    per head group with `groups[h]` the group of head h."""
+    if isinstance(value, int):
+        return [value] * num_heads
+    vals = [int(v) for v in value]
+    if groups is not None:
+        if len(groups) != num_heads or any(not 0 <= g < len(vals) for g in groups):
+            raise KernelError(f"head groups {list(groups)} do not map {num_heads} heads onto "
+                              f"{len(vals)} group values")
+        return [vals[g] for g in groups]
+    if len(vals) != num_heads:
+        raise KernelError(f"{len(vals)} per-head values for {num_heads} heads")
+    return vals
+
+
+def mask_allowed(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = attend) as is; a float mask (Hugging Face: 0 = attend, finfo.min or
+    -inf = masked, anything <= -1e4 counts as masked) as bool. A float mask whose attended
+    entries are not 0 carries a bias, which the pattern ops do not take: KernelError."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    if not attn_mask.is_floating_point():
+        raise KernelError(f"mask dtype {attn_mask.dtype} is neither bool nor float")
+    allowed = attn_mask > -1e4
+    if bool((attn_mask.masked_fill(~allowed, 0) != 0).any()):
+        raise KernelError("the float mask adds a bias to the scores, which a pattern op drops",
+                          hint="keep this site dense")
+    return allowed
+
+
+def key_padding_mask(attn_mask: torch.Tensor, batch: int, sq: int, skv: int,
+                     pattern: Callable | None = None,
+                     chunk_elems: int = 1 << 26) -> torch.Tensor | None:
+    """The (B, Skv) key padding mask (True = real key) that `attn_mask` is, or None.
+
+    A 2-D (B|1, Skv) mask is one already. A mask broadcastable to (B, H|1, Sq, Skv) (the mask a
+    Hugging Face model builds) is one when, on the pattern's support, it only masks key
+    columns: allowed[b, h, i, j] == real[b, j] wherever pattern(i, j) holds (`pattern(i, j)`
+    takes (r, 1) and (1, Skv) int64 positions and returns a bool broadcastable to
+    (H|1, r, Skv); None: every pair), so masking the keys gives the full mask's attention
+    exactly (a causal mask on a causal pattern, a padding mask on any pattern)."""
+    allowed = mask_allowed(attn_mask)
+    if allowed.dim() == 2:
+        if allowed.shape[-1] != skv or allowed.shape[0] not in (1, batch):
+            return None
+        return allowed.expand(batch, skv)
+    if allowed.dim() > 4:
+        return None
+    a = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+    try:
+        torch.broadcast_shapes(a.shape, (batch, a.shape[1], sq, skv))
+    except RuntimeError:
+        return None
+    a = a.expand(batch, a.shape[1], sq, skv)
+    j = torch.arange(skv, device=a.device)[None, :]
+    rows = max(1, chunk_elems // max(batch * a.shape[1] * skv, 1))
+
+    def chunks():
+        for r0 in range(0, sq, rows):
+            i = torch.arange(r0, min(r0 + rows, sq), device=a.device)[:, None]
+            p = torch.ones((), dtype=torch.bool) if pattern is None else pattern(i, j)
+            yield a[:, :, r0:r0 + rows] & p.to(a.device), p
+
+    real = torch.zeros(batch, skv, dtype=torch.bool, device=a.device)
+    for m, _ in chunks():
+        real |= m.any(1).any(1)
+    for m, p in chunks():
+        if not bool((m == (real[:, None, None, :] & p.to(a.device))).all()):
+            return None
+    return real
+
+
+def resolve_padding(attn_mask: torch.Tensor | None, batch: int, sq: int, skv: int,
+                    pattern: Callable | None = None) -> torch.Tensor | None:
+    """`key_padding_mask`, raising KernelError when the mask is more than key padding."""
+    if attn_mask is None:
+        return None
+    kpm = key_padding_mask(attn_mask, batch, sq, skv, pattern)
+    if kpm is None:
+        raise KernelError(f"the attention mask {tuple(attn_mask.shape)} is not a key padding "
+                          f"mask on this pattern ({batch}, {sq}, {skv})",
+                          hint="a pattern op takes only padding masks: keep this site dense")
+    return kpm
+
+
+def pad_keys(allowed: torch.Tensor, kpm: torch.Tensor | None) -> torch.Tensor:
+    """`allowed` (..., Sq, Skv) with the padded keys of kpm (B, Skv) excluded: (B, ..., Sq, Skv)."""
+    if kpm is None:
+        return allowed
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed & kpm[:, None, None, :].to(allowed.device)
+
+
+def with_global(vis: torch.Tensor, qtok, ktok, num_global: int) -> torch.Tensor:
+    """`vis` plus global tokens: query or key index < num_global sees / is seen by all."""
+    if num_global <= 0:
+        return vis
+    return vis | (qtok < num_global) | (ktok < num_global)
+
+
+def natten_heads_visible(qtok, ktok, grid, head_kernels, dilation, stride, is_causal,
+                         num_global: int = 0) -> torch.Tensor:
+    """Neighborhood attention with per-head kernel sizes (H lists, -1 = the whole axis) on the
+    grid after `num_global` global tokens: (H, *broadcast(qtok, ktok)) bool."""
+    kt = torch.as_tensor(head_kernels, dtype=torch.long, device=qtok.device)  # (H, ndim)
+    kt = kt.reshape(kt.shape[0], len(grid), *([1] * max(qtok.dim(), ktok.dim())))
+    qt, ktt = qtok - num_global, ktok - num_global
+    vis = natten_visible(qt.clamp(min=0), ktt.clamp(min=0), grid, list(kt.unbind(1)),
+                         dilation, stride, is_causal)
+    return with_global(vis & (qt >= 0) & (ktt >= 0), qtok, ktok, num_global)
+
+
+def natten_heads_mask(grid, head_kernels, dilation, stride, is_causal, num_global: int = 0,
+                      device="cpu") -> torch.Tensor:
+    """Dense (H, S, S) bool mask of `natten_heads_visible`, S = num_global + prod(grid)."""
+    for ks in head_kernels:
+        check_natten_args(grid, ks, dilation, stride, is_causal, whole_ok=True)
+    t = torch.arange(num_global + math.prod(grid), device=device)
+    return natten_heads_visible(t[:, None], t[None, :], grid, head_kernels, dilation, stride,
+                                is_causal, num_global)
+
+
+def sliding_window_heads_mask(sq: int, skv: int, windows: Sequence[int], num_sinks: int,
+                              causal: bool, device="cpu") -> torch.Tensor:
+    """(H, Sq, Skv) bool mask of a sliding window per head (-1: dense head) + sinks."""
+    w = torch.as_tensor(windows, dtype=torch.long, device=device)
+    w = torch.where(w < 0, sq + skv + 1, w)[:, None, None]
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(skv, device=device)[None, :]
+    return sliding_window_visible(i, j, w, num_sinks, causal)
 
 
 # ---------------------------------------------------------------- block layouts

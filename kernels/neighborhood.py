@@ -67,30 +67,59 @@ def neighborhood_attention(
     stride: list[int],
     is_causal: list[bool],
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    num_global: int = 0,
+    head_kernel_size: list[int] | None = None,
 ) -> torch.Tensor:
-    if q.shape[-2] != k.shape[-2]:
-        raise KernelError(f"neighborhood attention needs Sq == Skv, got {q.shape[-2]}, "
-                          f"{k.shape[-2]}")
-    g = masks.resolve_grid(grid, q.shape[-2])
-    masks.check_natten_args(g, kernel_size, dilation, stride, is_causal)
+    s = q.shape[-2]
+    if s != k.shape[-2]:
+        raise KernelError(f"neighborhood attention needs Sq == Skv, got {s}, {k.shape[-2]}")
+    if not 0 <= num_global < s:
+        raise KernelError(f"num_global {num_global} must lie in [0, {s})")
+    g = masks.resolve_grid(grid, s - num_global)
+    heads = reference.head_kernels(kernel_size, head_kernel_size, q.shape[1], len(g))
+    for ks in heads:
+        masks.check_natten_args(g, ks, dilation, stride, is_causal, whole_ok=True)
+    extras = (key_padding_mask is not None or num_global > 0 or head_kernel_size is not None
+              or min(kernel_size) < 0)
 
     def ref():
         return reference.neighborhood_attention_ref(q, k, v, g, kernel_size, dilation, stride,
-                                                    is_causal, scale)
+                                                    is_causal, scale, key_padding_mask,
+                                                    num_global, head_kernel_size)
+
+    def pattern(i, j):
+        return masks.natten_heads_visible(i, j, g, heads, dilation, stride, is_causal,
+                                          num_global)
+
+    kpm = None
+    if extras and q.is_cuda:  # the kernels take the (B, S) key padding mask
+        kpm = masks.resolve_padding(key_padding_mask, q.shape[0], s, s, pattern)
 
     def dense():
-        return masks.natten_mask(g, kernel_size, dilation, stride, is_causal, q.device)
+        return masks.pad_keys(masks.natten_heads_mask(g, heads, dilation, stride, is_causal,
+                                                      num_global, q.device), kpm)
+
+    def fwd(sc):
+        from attnc.kernels import pattern_extras
+
+        return pattern_extras.neighborhood_fwd(q, k, v, grid=g, head_kernels=heads,
+                                               dilation=dilation, stride=stride,
+                                               is_causal=is_causal, num_global=num_global,
+                                               scale=sc, key_padding_mask=kpm)
 
     flash = flash_module()
-    pattern = None if flash is None else flash.natten_pattern(g, kernel_size, dilation, stride,
-                                                              is_causal)
-    density = math.prod(kernel_size) / max(q.shape[-2], 1)
-    return run_pattern(q, k, v, scale=scale, causal=False, pattern=pattern, layout=None,
-                       density=density, dense_mask=dense, ref=ref)
+    pattern_ = None if flash is None or extras else flash.natten_pattern(
+        g, kernel_size, dilation, stride, is_causal)
+    reach = [math.prod(abs(x) for x in ks) for ks in heads]
+    density = min(1.0, (max(reach) + num_global) / max(s, 1))
+    return run_pattern(q, k, v, scale=scale, causal=False, pattern=pattern_, layout=None,
+                       density=density, dense_mask=dense, ref=ref, fwd=fwd if extras else None)
 
 
 @neighborhood_attention.register_fake
-def _(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=None):
+def _(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=None, key_padding_mask=None,
+      num_global=0, head_kernel_size=None):
     return torch.empty_like(q)
 
 

@@ -35,8 +35,11 @@ def flash_module():
 
 
 def run_pattern(q, k, v, *, scale, causal: bool, pattern, layout, density: float,
-                dense_mask: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor]):
-    """Dispatch one pattern op: Triton kernel, SDPA (cost model) or the reference."""
+                dense_mask: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor],
+                fwd: Callable[[float], tuple] | None = None):
+    """Dispatch one pattern op: Triton kernel, SDPA (cost model) or the reference. `fwd(scale)
+    -> (out, lse)` replaces flash.attention_fwd for the ops with a padding mask, global tokens
+    or per-head parameters (pattern_extras.py)."""
     if q.is_cuda:
         flash = flash_module()
         if flash is not None and flash.can_use_flash(q, k, v) is None:
@@ -45,6 +48,8 @@ def run_pattern(q, k, v, *, scale, causal: bool, pattern, layout, density: float
             s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
             if autotune.dense_is_cheaper(q.shape[-2], k.shape[-2], density):
                 return sdpa_masked(q, k, v, dense_mask(), s)
+            if fwd is not None:
+                return fwd(s)[0]
             out, _ = flash.attention_fwd(q, k, v, causal=causal, scale=s, pattern=pattern,
                                          layout=layout)
             return out

@@ -95,14 +95,42 @@ def neighborhood_attention_ref(
     stride: list[int],
     is_causal: list[bool],
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    num_global: int = 0,
+    head_kernel_size: list[int] | None = None,
 ) -> torch.Tensor:
-    """NATTEN neighborhood attention on a row-major token grid (one -1 entry: inferred from S)."""
+    """NATTEN neighborhood attention on a row-major token grid (one -1 entry: inferred from S)
+    after `num_global` global tokens (every query sees them, they see every key), with one
+    kernel size per query head when `head_kernel_size` (Hq x ndim, row-major; -1: the whole
+    axis) is given, and padded keys (`key_padding_mask`, masks.key_padding_mask) excluded."""
     from attnc.kernels import masks
 
-    g = masks.resolve_grid(grid, q.shape[-2])
-    allowed = masks.natten_mask(g, kernel_size, dilation, stride, is_causal, q.device)
-    out, _ = masked_attention(q, k, v, allowed, scale)
+    s = q.shape[-2]
+    g = masks.resolve_grid(grid, s - num_global)
+    heads = head_kernels(kernel_size, head_kernel_size, q.shape[1], len(g))
+    allowed = masks.natten_heads_mask(g, heads, dilation, stride, is_causal, num_global,
+                                      q.device)  # (H|1, S, S)
+
+    def pattern(i, j):
+        return masks.natten_heads_visible(i, j, g, heads, dilation, stride, is_causal,
+                                          num_global)
+
+    kpm = masks.resolve_padding(key_padding_mask, q.shape[0], s, s, pattern)
+    out, _ = masked_attention(q, k, v, masks.pad_keys(allowed, kpm), scale)
     return out
+
+
+def head_kernels(kernel_size, head_kernel_size, num_heads: int, ndim: int) -> list[list[int]]:
+    """[kernel_size] for a shared kernel, else the per-head kernels (num_heads lists of ndim)."""
+    from attnc.errors import KernelError
+
+    if head_kernel_size is None:
+        return [[int(x) for x in kernel_size]]
+    flat = [int(x) for x in head_kernel_size]
+    if len(flat) != num_heads * ndim:
+        raise KernelError(f"head_kernel_size has {len(flat)} entries, {num_heads} heads x "
+                          f"{ndim} axes need {num_heads * ndim}")
+    return [flat[h * ndim:(h + 1) * ndim] for h in range(num_heads)]
 
 
 def sliding_window_attention_ref(
@@ -113,14 +141,25 @@ def sliding_window_attention_ref(
     num_sinks: int = 0,
     is_causal: bool = True,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    head_windows: list[int] | None = None,
 ) -> torch.Tensor:
-    """Sliding-window attention with `num_sinks` global keys (StreamingLLM when causal)."""
+    """Sliding-window attention with `num_sinks` global keys (StreamingLLM when causal); one
+    window per query head when `head_windows` is given (-1: a dense head); padded keys
+    (`key_padding_mask`, masks.key_padding_mask) excluded."""
     from attnc.kernels import masks
 
-    allowed = masks.sliding_window_mask(
-        q.shape[-2], k.shape[-2], window, num_sinks, is_causal, q.device
-    )
-    out, _ = masked_attention(q, k, v, allowed, scale)
+    sq, skv = q.shape[-2], k.shape[-2]
+    wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
+    allowed = masks.sliding_window_heads_mask(sq, skv, wins, num_sinks, is_causal, q.device)
+
+    def pattern(i, j):
+        w = torch.as_tensor(wins, device=i.device)
+        w = torch.where(w < 0, sq + skv + 1, w)[:, None, None]
+        return masks.sliding_window_visible(i, j, w, num_sinks, is_causal)
+
+    kpm = masks.resolve_padding(key_padding_mask, q.shape[0], sq, skv, pattern)
+    out, _ = masked_attention(q, k, v, masks.pad_keys(allowed, kpm), scale)
     return out
 
 
@@ -132,12 +171,21 @@ def block_sparse_attention_ref(
     block_size: int,
     is_causal: bool = False,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention restricted to the (B|1, H|1, nq, nkv) bool block layout (and causal if asked)."""
+    """Attention restricted to the (B|1, H|1, nq, nkv) bool block layout (and causal if asked),
+    padded keys (`key_padding_mask`, masks.key_padding_mask) excluded."""
     from attnc.kernels import masks
 
-    allowed = masks.block_layout_mask(layout, block_size, q.shape[-2], k.shape[-2], is_causal)
-    out, _ = masked_attention(q, k, v, allowed, scale)
+    sq, skv = q.shape[-2], k.shape[-2]
+    allowed = masks.block_layout_mask(layout, block_size, sq, skv, is_causal)
+
+    def pattern(i, j):
+        m = layout[:, :, i[:, 0] // block_size][:, :, :, j[0] // block_size]
+        return (m & (j <= i)) if is_causal else m
+
+    kpm = masks.resolve_padding(key_padding_mask, q.shape[0], sq, skv, pattern)
+    out, _ = masked_attention(q, k, v, masks.pad_keys(allowed, kpm), scale)
     return out
 
 

@@ -30,12 +30,19 @@ from onnxscript.values import Opset
 from attnc.errors import KernelError
 
 
-def can_use_sliding_window(window: int, num_sinks: int = 0) -> str | None:
-    """Why these arguments do not describe a valid sliding window, or None."""
+def can_use_sliding_window(window: int, num_sinks: int = 0, head_windows=None,
+                           num_heads: int | None = None) -> str | None:
+    """Why these arguments do not describe a valid sliding window, or None. `head_windows`:
+    one window per query head (-1: a dense head), replacing `window`."""
     if window < 1:
         return f"window must be >= 1, got {window}"
     if num_sinks < 0:
         return f"num_sinks must be >= 0, got {num_sinks}"
+    if head_windows is not None:
+        if num_heads is not None and len(head_windows) != num_heads:
+            return f"{len(head_windows)} head windows for {num_heads} heads"
+        if any(w < 1 and w != -1 for w in head_windows):
+            return f"head windows must be >= 1 or -1 (dense), got {list(head_windows)}"
     return None
 
 
@@ -105,30 +112,52 @@ def sliding_window_attention(
     num_sinks: int = 0,
     is_causal: bool = True,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    head_windows: list[int] | None = None,
 ) -> torch.Tensor:
-    reason = can_use_sliding_window(window, num_sinks)
+    reason = can_use_sliding_window(window, num_sinks, head_windows, q.shape[1])
     if reason is not None:
         raise KernelError(reason)
     sq, skv = q.shape[-2], k.shape[-2]
+    wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
+    extras = key_padding_mask is not None or head_windows is not None
 
     def ref():
         return reference.sliding_window_attention_ref(q, k, v, window, num_sinks, is_causal,
-                                                      scale)
+                                                      scale, key_padding_mask, head_windows)
+
+    def pattern(i, j):
+        w = torch.as_tensor([x if x >= 0 else sq + skv + 1 for x in wins], device=i.device)
+        return masks.sliding_window_visible(i, j, w[:, None, None], num_sinks, is_causal)
+
+    kpm = None
+    if extras and q.is_cuda:  # the kernel takes the (B, Skv) key padding mask
+        kpm = masks.resolve_padding(key_padding_mask, q.shape[0], sq, skv, pattern)
 
     def dense():
-        return masks.sliding_window_mask(sq, skv, window, num_sinks, is_causal, q.device)
+        return masks.pad_keys(masks.sliding_window_heads_mask(sq, skv, wins, num_sinks,
+                                                              is_causal, q.device), kpm)
+
+    def fwd(sc):
+        from attnc.kernels import pattern_extras
+
+        return pattern_extras.sliding_window_fwd(q, k, v, windows=wins, num_sinks=num_sinks,
+                                                 causal=is_causal, scale=sc,
+                                                 key_padding_mask=kpm)
 
     flash = flash_module()
-    pattern = None if flash is None else flash.Pattern("sliding", window=int(window),
-                                                       num_sinks=int(num_sinks))
-    width = window if is_causal else 2 * window - 1
+    pattern_ = None if flash is None or extras else flash.Pattern(
+        "sliding", window=int(window), num_sinks=int(num_sinks))
+    widest = max(w if w >= 0 else sq + skv for w in wins)
+    width = widest if is_causal else 2 * widest - 1
     density = min(1.0, (width + num_sinks) / max(skv, 1))
-    return run_pattern(q, k, v, scale=scale, causal=is_causal, pattern=pattern, layout=None,
-                       density=density, dense_mask=dense, ref=ref)
+    return run_pattern(q, k, v, scale=scale, causal=is_causal, pattern=pattern_, layout=None,
+                       density=density, dense_mask=dense, ref=ref, fwd=fwd if extras else None)
 
 
 @sliding_window_attention.register_fake
-def _(q, k, v, window, num_sinks=0, is_causal=True, scale=None):
+def _(q, k, v, window, num_sinks=0, is_causal=True, scale=None, key_padding_mask=None,
+      head_windows=None):
     return torch.empty_like(q)
 
 
