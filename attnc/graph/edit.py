@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -16,7 +18,7 @@ def _is_assert(node: Node) -> bool:
     return any(p in name for p in _ASSERT_PREFIXES)
 
 
-def _impure(node: Node) -> bool:
+def _impure(node: Node, order: dict[Node, int] | None = None) -> bool:
     """Only real side effects keep a dead node: SDPA is tagged nondeterministic (dropout), which
     torch.fx's default treats as impure, so dead attention would never leave the graph."""
     if node.op in ("placeholder", "output"):
@@ -26,7 +28,58 @@ def _impure(node: Node) -> bool:
     if _is_assert(node):
         return True
     schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
+    if schema is None or not schema.is_mutable:
+        return False
+    return order is None or not _local_mutation(node, order)
+
+
+def _written(node: Node) -> list:
+    """The arguments an in-place/out op writes into (schema `Tensor(a!)`)."""
+    schema = node.target._schema
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        val = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            out.append(val)
+    return out
+
+
+def _fresh(node) -> bool:
+    """A tensor an op computed or allocated (not a view of another, not an input or weight)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:  # one output of a multi-output op (topk's values)
+        return _fresh(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or node.target == torch.ops.aten.add_.Tensor:
+        return False
+    return all(r.alias_info is None for r in schema.returns)
+
+
+def _local_mutation(node: Node, order: dict[Node, int]) -> bool:
+    """An unused in-place op whose writes land only in fresh tensors that nothing reads after it
+    but other such writes (MoE routing's `index_put_` into an `empty_like`, `div_` of top-k
+    weights, once the MoE output is dead): no observable effect, so it goes with the dead code."""
+    if node.users:
+        return False
+    at = order.get(node, -1)
+    written = _written(node)
+    return bool(written) and all(
+        _fresh(w)
+        and all(u is node or order.get(u, -1) < at or _writes_only(u, w) for u in w.users)
+        for w in written
+    )
+
+
+def _writes_only(user: Node, target: Node) -> bool:
+    schema = getattr(user.target, "_schema", None)
+    return (
+        user.op == "call_function"
+        and schema is not None
+        and schema.is_mutable
+        and not user.users
+        and target in _written(user)
+    )
 
 
 def prune(gm: GraphModule) -> int:
@@ -43,7 +96,8 @@ def prune(gm: GraphModule) -> int:
             if data and all(len(a.users) == 1 for a in data):
                 graph.erase_node(node)
                 changed = True
-        changed |= graph.eliminate_dead_code(is_impure_node=_impure)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        changed |= graph.eliminate_dead_code(is_impure_node=lambda n, o=order: _impure(n, o))
     used = {n.target for n in graph.nodes if n.op == "get_attr"}
     removed = 0
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(
@@ -134,17 +188,36 @@ def dying_tensors(
     """The parameters/buffers that leave the graph when nothing reads `killed` any more and
     `kept` takes its place (`moved`: readers of killed's in-place target that move to `kept`)."""
     dead = {killed}
-    stack = list(killed.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n in dead or n is kept or n.op in ("placeholder", "output"):
-            continue
-        if _impure(n) and n.target != INPLACE_ADD:  # a dead in-place sum goes with its inputs
-            continue
-        readers = [u for u in n.users if not _is_assert(u) and u not in moved]
-        if all(u in dead for u in readers):
+
+    def mutable(n: Node) -> bool:
+        schema = getattr(n.target, "_schema", None)
+        return n.op == "call_function" and schema is not None and schema.is_mutable
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def unobserved(w, writer: Node) -> bool:  # a fresh tensor no live node reads after `writer`
+        return _fresh(w) and all(
+            r in dead or order[r] < order[writer] or (mutable(r) and w in _written(r))
+            for r in w.users
+            if not _is_assert(r)
+        )
+
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if n in dead or n is kept or n.op in ("placeholder", "output") or _is_assert(n):
+                continue
+            if not all(u in dead for u in n.users if not _is_assert(u) and u not in moved):
+                continue
+            if (
+                mutable(n)
+                and n.target != INPLACE_ADD
+                and not all(unobserved(w, n) for w in _written(n))
+            ):
+                continue
             dead.add(n)
-            stack.extend(n.all_input_nodes)
+            changed = True
     names = tensor_names(gm)
     live = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n not in dead}
     return {

@@ -235,8 +235,8 @@ def find_sublayers(gm: GraphModule) -> list[Sublayer]:
 
 
 def _unique(subs: list[Sublayer]) -> list[Sublayer]:
-    """Keys that still collide (two self-attention modules in one block) take the module path,
-    then the call node's name."""
+    """Keys that still collide (two self-attention modules in one block) take their attention
+    call's node name (`attention@model.layers.0~scaled_dot_product_attention_1`)."""
     from dataclasses import replace
 
     seen: dict[str, int] = {}
@@ -283,10 +283,6 @@ def _owner(name: str) -> str:
     return _clean_name(name).rpartition(".")[0]
 
 
-def _under(path: str, prefix: str) -> bool:
-    return bool(prefix) and (path == prefix or path.startswith(prefix + "."))
-
-
 def resolve(gm: GraphModule, sub: Sublayer) -> tuple[Node, Node, list[Branch]] | None:
     """(stream in, stream out, live branches) of `sub` as the graph stands now; None when it is
     no longer there."""
@@ -305,9 +301,10 @@ def resolve(gm: GraphModule, sub: Sublayer) -> tuple[Node, Node, list[Branch]] |
 
 
 def drop_sublayer(gm: GraphModule, sub: Sublayer) -> Removal:
-    """Remove `sub` from `gm` (then prune), and check that exactly its own parameters left the
-    graph: those under its module(s) or of a norm only it used, never another sublayer's, and
-    not weights it shares with other calls. A mismatch is a PassError."""
+    """Remove `sub` from `gm` (then prune), and check the result: exactly the parameters only its
+    branch used left (its own norm too; weights it shares with other calls stay), every node that
+    left was computed between the stream and its branch (never a sibling branch or the block's
+    shared norm), and exactly its attention calls went. A mismatch is a PassError."""
     from attnc.errors import PassError
     from attnc.graph.edit import (
         INPLACE_ADD,
@@ -323,19 +320,18 @@ def drop_sublayer(gm: GraphModule, sub: Sublayer) -> Removal:
         raise PassError(f"llm-drop: sublayer {sub.key!r} is no longer in the graph")
     stream, out, brs = where
     calls_before = {n.name for n in gm.graph.nodes if is_attention(n)}
-    norm_owned = {
-        n.target
-        for n in gm.graph.nodes
-        if n.op == "get_attr" and n.users and all(_is_norm(u) for u in n.users)
-    }
     before = tensor_names(gm)
+    nodes_before = {n.name for n in gm.graph.nodes}
     if sub.kind == "block":
         inner = sorted((ancestors(out) | {out}) - ancestors(stream) - {stream}, key=_order_key(gm))
+        region = {n.name for n in inner}
         expected = dying_tensors(gm, out, stream)
         drop_span(gm, out, stream, inner)
     else:
         br = brs[0]
         join, branch = br.join, br.operand
+        own = (ancestors(branch) | {branch, join}) - ancestors(stream) - {stream}
+        region = {n.name for n in own}
         keep = join.args[1] if join.args[0] is branch else join.args[0]
         moved: frozenset[Node] = frozenset()
         if join.target == INPLACE_ADD and join.args[0] is branch:
@@ -354,16 +350,14 @@ def drop_sublayer(gm: GraphModule, sub: Sublayer) -> Removal:
         )
     if gone_calls != set(sub.calls):
         problems.append(f"removed attention calls {sorted(gone_calls)}, expected {sub.calls}")
-    stray = [
-        n
-        for n in sorted(removed)
-        if before[n][1]
-        and n not in norm_owned
-        and all(m for m in sub.modules)
-        and not any(_under(_owner(n), m) for m in sub.modules)
-    ]
+    # everything that left must have been computed between the stream and the sublayer's
+    # branch: the old edit of a parallel block took the sibling MLP and the shared norm too
+    left = {n.name for n in gm.graph.nodes}
+    stray = sorted(
+        n for n in nodes_before - left - region if not n.startswith(("_assert", "sym_constrain"))
+    )
     if stray:
-        problems.append(f"removed parameters outside {list(sub.modules)}: {stray[:4]}")
+        problems.append(f"removed nodes outside the sublayer's branch: {stray[:4]}")
     if not removed and sub.kind != "block" and any(before[n][1] for n in expected):
         problems.append("removed nothing")
     if problems:
