@@ -22,6 +22,8 @@ from attnc.kernels.patterns import (
     positions,
     run_pattern,
     seq_len,
+    site_reason,
+    with_padding,
 )
 from onnxscript import opset23 as op
 
@@ -37,6 +39,18 @@ def can_use_block_sparse(layout: torch.Tensor, block_size: int, sq: int, skv: in
     except KernelError as e:
         return e.message
     return None
+
+
+def can_use_block_sparse_site(site, layout: torch.Tensor, block_size: int, sq: int, skv: int,
+                              is_causal: bool = False) -> str | None:
+    """`can_use_block_sparse` for an `attnc.graph.sites.AttentionSite` (self or cross) whose
+    mask (if any) the op carries as a key padding mask (patterns.site_reason)."""
+    reason = site_reason(site, "block-sparse attention", self_only=False, causal=is_causal)
+    if reason is None and site.window is not None:
+        reason = f"site {site.index} has a sliding window of {site.window}, which a layout drops"
+    if reason is None and layout.dim() == 4 and layout.shape[1] not in (1, site.num_heads):
+        reason = f"layout has {layout.shape[1]} heads, the site {site.num_heads}"
+    return reason or can_use_block_sparse(layout, block_size, sq, skv)
 
 
 @torch.library.custom_op("attnc::block_sparse_attention", mutates_args=())
@@ -96,11 +110,12 @@ def _(q, k, v, layout, block_size, is_causal=False, scale=None, key_padding_mask
 
 @register_translation(torch.ops.attnc.block_sparse_attention.default)
 def block_sparse_attention_onnx(q, k, v, layout, block_size: int, is_causal: bool = False,
-                                scale: float | None = None):
+                                scale: float | None = None, key_padding_mask=None):
     i = positions(seq_len(q))
     j = positions(seq_len(k))
     rows = op.Gather(layout, op.Div(i, i64(block_size)), axis=2)  # (B|1, H|1, Sq, nkv)
     vis = op.Gather(rows, op.Div(j, i64(block_size)), axis=3)  # (B|1, H|1, Sq, Skv)
     if is_causal:
         vis = op.And(vis, op.LessOrEqual(as_cols(j), as_rows(i)))
-    return attention_with_mask(q, k, v, vis, scale)
+    vis = with_padding(vis, key_padding_mask)
+    return attention_with_mask(q, k, v, vis, scale, zero_unseen=key_padding_mask is not None)

@@ -24,6 +24,8 @@ from attnc.kernels.patterns import (
     positions,
     run_pattern,
     seq_len,
+    site_reason,
+    with_padding,
 )
 from onnxscript import opset23 as op
 
@@ -31,29 +33,37 @@ from attnc.errors import KernelError
 
 
 def can_use_neighborhood(seq_len: int, grid, kernel_size, dilation=None, stride=None,
-                         is_causal=None) -> str | None:
-    """Why these arguments do not describe a valid neighborhood attention, or None."""
+                         is_causal=None, num_global: int = 0, head_kernel_size=None,
+                         num_heads: int = 1) -> str | None:
+    """Why these arguments do not describe a valid neighborhood attention, or None.
+    `head_kernel_size`: num_heads x ndim kernel sizes (row-major, -1: the whole axis)."""
     n = len(grid) or 1
+    if not 0 <= num_global < max(seq_len, 1):
+        return f"num_global {num_global} must lie in [0, {seq_len})"
     try:
-        g = masks.resolve_grid(grid, seq_len)
-        masks.check_natten_args(g, kernel_size, dilation or [1] * n, stride or [1] * n,
-                                is_causal or [False] * n)
+        g = masks.resolve_grid(grid, seq_len - num_global)
+        for ks in reference.head_kernels(kernel_size, head_kernel_size, num_heads, n):
+            masks.check_natten_args(g, ks, dilation or [1] * n, stride or [1] * n,
+                                    is_causal or [False] * n, whole_ok=True)
     except KernelError as e:
         return e.message
     return None
 
 
 def can_use_neighborhood_site(site, seq_len: int, grid, kernel_size, dilation=None, stride=None,
-                              is_causal=None) -> str | None:
-    """`can_use_neighborhood` for an `attnc.graph.sites.AttentionSite`: also None only for a
-    self-attention site without its own mask (the op has no mask input to carry one)."""
-    if site.kind != "self":
-        return f"site {site.index} is {site.kind}-attention; neighborhood attention needs Sq == Skv"
-    if site.mask != "none":
-        return f"site {site.index} has a {site.mask} mask, which neighborhood attention would drop"
-    if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
-        return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} kv heads"
-    return can_use_neighborhood(seq_len, grid, kernel_size, dilation, stride, is_causal)
+                              is_causal=None, num_global: int = 0,
+                              head_kernel_size=None) -> str | None:
+    """`can_use_neighborhood` for an `attnc.graph.sites.AttentionSite`: a self-attention site
+    whose mask (if any) the op carries as a key padding mask (patterns.site_reason)."""
+    n = len(grid) or 1
+    causal = all(is_causal or [False] * n) and num_global == 0  # every key j <= i
+    reason = site_reason(site, "neighborhood attention", self_only=True, causal=causal)
+    if reason is None and site.window is not None:
+        reason = (f"site {site.index} has a sliding window of {site.window}, which neighborhood "
+                  f"attention does not keep")
+    return reason or can_use_neighborhood(seq_len, grid, kernel_size, dilation, stride,
+                                          is_causal, num_global, head_kernel_size,
+                                          site.num_heads)
 
 
 @torch.library.custom_op("attnc::neighborhood_attention", mutates_args=())
@@ -123,44 +133,64 @@ def _(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=None, key_p
     return torch.empty_like(q)
 
 
-def _axis_visible(xq, xk, L, K: int, d: int, s: int, causal: bool):
-    """ONNX form of masks.natten_axis_visible on 1-D int64 coordinates -> (Sq, Sk) bool."""
+def _axis_visible(xq, xk, L, K, d: int, s: int, causal: bool):
+    """ONNX form of masks.natten_axis_visible on 1-D int64 coordinates -> (Sq, Sk) bool, or
+    (H, Sq, Sk) when K is a list of per-head kernel sizes (-1: the whole dilation group)."""
     g = op.Mod(xq, i64(d))
     xi = op.Div(xq, i64(d))
     lg = op.Div(op.Add(op.Sub(L, g), i64(d - 1)), i64(d))
     lg1 = op.Sub(lg, i64(1))
     base = op.Mul(op.Div(xi, i64(s)), i64(s))
+    ks = [int(K)] if isinstance(K, int) else [int(x) for x in K]
+    kk = op.Reshape(op.Constant(value_ints=ks), op.Constant(value_ints=[-1, 1]))  # (H|1, 1)
+    if min(ks) < 0:
+        kk = op.Where(op.Less(kk, i64(0)), as_cols(lg), kk)  # (H|1, Sq)
     if causal:
         c0 = op.Min(op.Add(base, i64(s - 1)), lg1)
-        start = op.Max(op.Sub(c0, i64(K - 1)), i64(0))
+        start = op.Max(op.Add(op.Sub(c0, kk), i64(1)), i64(0))
         end = op.Add(xi, i64(1))
     else:
-        wl, wr = K // 2, K // 2 + K % 2 - 1
+        wl = op.Div(kk, i64(2))
+        wr = op.Sub(op.Add(wl, op.Mod(kk, i64(2))), i64(1))
         c0 = op.Min(op.Add(base, i64(s // 2)), lg1)
-        c = op.Min(op.Max(c0, i64(wl)), op.Sub(lg1, i64(wr)))
-        start = op.Sub(c, i64(wl))
-        end = op.Add(c, i64(wr + 1))
+        c = op.Min(op.Max(c0, wl), op.Sub(lg1, wr))
+        start = op.Sub(c, wl)
+        end = op.Add(c, op.Add(wr, i64(1)))
     ki = as_cols(op.Div(xk, i64(d)))
     same = op.Equal(as_cols(op.Mod(xk, i64(d))), as_rows(g))
-    inside = op.And(op.GreaterOrEqual(ki, as_rows(start)), op.Less(ki, as_rows(end)))
-    return op.And(same, inside)
+
+    def rows(x):  # (..., Sq) -> (..., Sq, 1)
+        return op.Unsqueeze(x, op.Constant(value_ints=[-1]))
+
+    inside = op.And(op.GreaterOrEqual(ki, rows(start)), op.Less(ki, rows(end)))
+    return op.And(same, inside)  # (H|1, Sq, Sk)
 
 
 @register_translation(torch.ops.attnc.neighborhood_attention.default)
 def neighborhood_attention_onnx(q, k, v, grid, kernel_size, dilation, stride, is_causal,
-                                scale=None):
+                                scale=None, key_padding_mask=None, num_global: int = 0,
+                                head_kernel_size=None):
     s = seq_len(q)
     gl = [int(x) for x in grid] or [-1]
+    n = op.Sub(s, i64(num_global))  # grid tokens
     known = math.prod(x for x in gl if x != -1)
-    sizes = [op.Div(s, i64(known)) if x == -1 else i64(x) for x in gl]
-    t = positions(s)  # (S,)
+    sizes = [op.Div(n, i64(known)) if x == -1 else i64(x) for x in gl]
+    heads = reference.head_kernels(kernel_size, head_kernel_size, q.shape[1], len(gl))
+    t = op.Sub(positions(s), i64(num_global))  # (S,): grid index, < 0 for a global token
+    tc = op.Max(t, i64(0))
     vis = None
     inner = None  # product of the extents after the current axis
     for a in reversed(range(len(gl))):
-        coord = t if inner is None else op.Div(t, inner)
+        coord = tc if inner is None else op.Div(tc, inner)
         coord = op.Mod(coord, sizes[a]) if a > 0 else coord
-        m = _axis_visible(coord, coord, sizes[a], int(kernel_size[a]),
-                          int(dilation[a]), int(stride[a]), bool(is_causal[a]))
+        kk = heads[0][a] if len(heads) == 1 else [h[a] for h in heads]
+        m = _axis_visible(coord, coord, sizes[a], kk, int(dilation[a]), int(stride[a]),
+                          bool(is_causal[a]))
         vis = m if vis is None else op.And(vis, m)
         inner = sizes[a] if inner is None else op.Mul(inner, sizes[a])
-    return attention_with_mask(q, k, v, vis, scale)  # vis (S, S)
+    if num_global:
+        glob = op.Less(t, i64(0))
+        vis = op.And(vis, op.And(op.Not(as_rows(glob)), op.Not(as_cols(glob))))
+        vis = op.Or(vis, op.Or(as_rows(glob), as_cols(glob)))
+    vis = with_padding(vis, key_padding_mask)  # (B|1, H|1, S, S)
+    return attention_with_mask(q, k, v, vis, scale, zero_unseen=key_padding_mask is not None)

@@ -56,6 +56,23 @@ def run_pattern(q, k, v, *, scale, causal: bool, pattern, layout, density: float
     return ref()
 
 
+def site_reason(site, op_name: str, *, self_only: bool, causal: bool) -> str | None:
+    """Why an `attnc.graph.sites.AttentionSite` cannot become a pattern op, or None (the
+    pattern's own arguments are checked by the op's `can_use_*`). The site's mask is carried as a
+    key padding mask: the op checks at run time that it masks only keys on the pattern's support
+    (a padding mask, or a causal mask on a causal pattern) and raises KernelError otherwise. A
+    score bias is not carried, and a causal site needs a pattern whose keys all satisfy j <= i."""
+    if self_only and site.kind != "self":
+        return f"site {site.index} is {site.kind}-attention; {op_name} needs Sq == Skv"
+    if site.score != "none":
+        return f"site {site.index} adds a {site.score} score, which {op_name} would drop"
+    if site.causal and not causal:
+        return f"site {site.index} is causal; a bidirectional {op_name} would see later keys"
+    if site.num_kv_heads < 1 or site.num_heads % site.num_kv_heads:
+        return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} kv heads"
+    return None
+
+
 def sdpa_masked(q, k, v, allowed, scale):
     """SDPA with a bool mask; rows that see no key give zeros (SDPA would give NaN)."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
@@ -90,10 +107,38 @@ def as_cols(x):
     return op.Unsqueeze(x, op.Constant(value_ints=[0]))  # (1, S)
 
 
-def attention_with_mask(q, k, v, allowed, scale):
+def attention_with_mask(q, k, v, allowed, scale, zero_unseen: bool = False):
+    """opset-23 Attention with a bool mask; `zero_unseen`: rows that see no key give zeros
+    (reference.masked_attention) whatever the runtime does with a fully masked row."""
     kw = {} if scale is None else {"scale": float(scale)}
     res = op.Attention(q, k, v, allowed, **kw)  # (Y, present_key, present_value, qk)
-    return res[0] if isinstance(res, (tuple, list)) else res
+    out = res[0] if isinstance(res, (tuple, list)) else res
+    if not zero_unseen:
+        return out
+    seen = op.ReduceMax(op.Cast(allowed, to=1), op.Constant(value_ints=[-1]), keepdims=1)
+    return op.Where(op.Greater(seen, op.Constant(value_float=0.0)), out,
+                    op.CastLike(op.Constant(value_float=0.0), out))
+
+
+def with_padding(vis, mask):
+    """`vis` (..., Sq, Skv) AND the op's padding mask: a (B, Skv) key padding mask, or a mask
+    broadcastable to (B, H|1, Sq, Skv) (bool, or float with masked entries <= -1e4) ANDed as it
+    is (exact: the torch op checked that it masks only keys on the pattern's support)."""
+    if mask is None:
+        return vis
+    rank = len(mask.shape)
+    if mask.dtype != 9:  # not BOOL: a Hugging Face float mask
+        mask = op.Greater(mask, op.CastLike(op.Constant(value_float=-1e4), mask))
+    if rank == 2:  # (B, Skv) -> (B, 1, 1, Skv)
+        mask = op.Unsqueeze(mask, op.Constant(value_ints=[1, 2]))
+    return op.And(vis, mask)
+
+
+def head_ints(values, unbounded: int | None = None):
+    """A per-head int64 constant of shape (H, 1, 1) (-1 entries replaced by `unbounded`)."""
+    vals = [unbounded if (unbounded is not None and x < 0) else int(x) for x in values]
+    return op.Constant(value_ints=vals) if len(vals) == 1 else op.Reshape(
+        op.Constant(value_ints=vals), op.Constant(value_ints=[-1, 1, 1]))
 
 
 # ------------------------------------------------------------------ attnc::attention_colsum

@@ -19,10 +19,13 @@ from attnc.kernels.patterns import (
     as_rows,
     attention_with_mask,
     flash_module,
+    head_ints,
     i64,
     positions,
     run_pattern,
     seq_len,
+    site_reason,
+    with_padding,
 )
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
@@ -46,11 +49,27 @@ def can_use_sliding_window(window: int, num_sinks: int = 0, head_windows=None,
     return None
 
 
-def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = True) -> str:
+def can_use_sliding_window_site(site, window: int, num_sinks: int = 0, is_causal: bool = True,
+                                head_windows=None) -> str | None:
+    """`can_use_sliding_window` for an `attnc.graph.sites.AttentionSite`: a self-attention site
+    whose mask (if any) the op carries as a key padding mask (patterns.site_reason); a site
+    that already has a window keeps only windows no wider than its own."""
+    reason = site_reason(site, "a sliding window", self_only=True, causal=is_causal)
+    if reason is None and site.window is not None:
+        wins = [window] if head_windows is None else list(head_windows)
+        if not is_causal or num_sinks or any(w < 0 or w > site.window for w in wins):
+            reason = (f"site {site.index} has a causal window of {site.window}: a window must be "
+                      f"causal, without sinks and at most that wide")
+    return reason or can_use_sliding_window(window, num_sinks, head_windows, site.num_heads)
+
+
+def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = True,
+              plain: bool = True) -> str:
     """The ONNX form the translation emits (recorded in reports): ORT's contrib
     GroupQueryAttention with `local_window_size` for causal windows without sinks over q and k of
-    one (symbolic) length, else standard Attention with an in-graph mask."""
-    if is_causal and num_sinks == 0 and same_length:
+    one (symbolic) length (`plain`: no padding mask, one window for every head), else standard
+    Attention with an in-graph mask."""
+    if is_causal and num_sinks == 0 and same_length and plain:
         return "com.microsoft.GroupQueryAttention(local_window_size)"
     return "Attention(opset 23) + in-graph Range/Sub/Abs window mask"
 
@@ -170,18 +189,22 @@ def _static_ints(shape, axes) -> bool:
 
 @register_translation(torch.ops.attnc.sliding_window_attention.default)
 def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
-                                  is_causal: bool = True, scale: float | None = None):
+                                  is_causal: bool = True, scale: float | None = None,
+                                  key_padding_mask=None, head_windows=None):
     same = _static_ints(q.shape, (1, 3)) and _static_ints(k.shape, (1,)) and (
         str(q.shape[2]) == str(k.shape[2]))
-    if onnx_form(window, num_sinks, is_causal, same).startswith("com.microsoft"):
+    plain = key_padding_mask is None and head_windows is None
+    if onnx_form(window, num_sinks, is_causal, same, plain).startswith("com.microsoft"):
         return _gqa_local(q, k, v, window, scale)
     i = as_rows(positions(seq_len(q)))  # (Sq, 1)
     j = as_cols(positions(seq_len(k)))  # (1, Skv)
     dist = op.Sub(i, j)
     sink = op.Less(j, i64(num_sinks))
+    w = i64(window) if head_windows is None else head_ints(head_windows, 1 << 62)  # (H, 1, 1)
     if is_causal:
-        local = op.And(op.GreaterOrEqual(dist, i64(0)), op.Less(dist, i64(window)))
+        local = op.And(op.GreaterOrEqual(dist, i64(0)), op.Less(dist, w))
         vis = op.And(op.Or(local, sink), op.LessOrEqual(j, i))
     else:
-        vis = op.Or(op.Less(op.Abs(dist), i64(window)), sink)
-    return attention_with_mask(q, k, v, vis, scale)  # vis (Sq, Skv)
+        vis = op.Or(op.Less(op.Abs(dist), w), sink)
+    vis = with_padding(vis, key_padding_mask)  # (B|1, H|1, Sq, Skv)
+    return attention_with_mask(q, k, v, vis, scale, zero_unseen=key_padding_mask is not None)

@@ -21,8 +21,11 @@ def test_neighborhood_site():
     assert can_use_neighborhood_site(SITE, 196, [-1, 14], [7, 7], [2, 1]) is None
     assert "cross" in can_use_neighborhood_site(dataclasses.replace(SITE, kind="cross"), 196,
                                                 [14, 14], [7, 7])
-    assert "bool mask" in can_use_neighborhood_site(dataclasses.replace(SITE, mask="bool"), 196,
-                                                    [14, 14], [7, 7])
+    # a site's mask is carried as a key padding mask (issue 14 item 4); a score bias is not
+    assert can_use_neighborhood_site(dataclasses.replace(SITE, mask="bool"), 196, [14, 14],
+                                     [7, 7]) is None
+    assert "alibi" in can_use_neighborhood_site(dataclasses.replace(SITE, score="alibi"), 196,
+                                                [14, 14], [7, 7])
     assert "kv heads" in can_use_neighborhood_site(dataclasses.replace(SITE, num_kv_heads=3), 196,
                                                    [14, 14], [7, 7])
     assert can_use_neighborhood_site(SITE, 196, [14, 14], [15, 7]) is not None  # K > extent
