@@ -254,7 +254,9 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
     if kind == 3:
         masks.check_layout(layout, pattern.block_size, SQ, SKV)
         lay, lsb = _layout_args(layout)
-    loop = na_loop(pattern, cfg)
+    # a mask (padding, a site's own mask) must reach every tile: no unmasked `full` tiles and
+    # no neighborhood fast loops (they check only the window bounds)
+    loop = na_loop(pattern, cfg) if mask_kind == 0 else None
     fast = loop is not None
     tma = bool(cfg.get("kv_tma")) and _tma_ok(q, k, v)
     if tma:

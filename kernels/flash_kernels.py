@@ -374,9 +374,9 @@ def _fwd_kernel(
             n = tl.load(ib + i)
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, qtok, qvalid, n, 0, kbase, vbase, skn,
                                     svn, offs_d, dmask, SKV, qk_scale, W, P, G, mbase, smm, smn,
-                                    lbase, slq, slk, True, IS_CAUSAL, MASK_KIND, PATTERN, NDIM,
-                                    TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD, 0,
-                                    KV_TMA, LAY_TILED)
+                                    lbase, slq, slk, MASK_KIND == 0, IS_CAUSAL, MASK_KIND,
+                                    PATTERN, NDIM, TK0, TK1, TK2, BLOCK_N, IEEE, FASTNA, FOLD,
+                                    0, KV_TMA, LAY_TILED)  # a mask reaches `full` tiles too
         ib = PIDX + (bh // H).to(tl.int64) * sib + (bh % H) * sih + start_m.to(tl.int64) * NKL
         for i in range(0, tl.load(PNUM + lb)):
             n = tl.load(ib + i)

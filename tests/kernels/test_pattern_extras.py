@@ -373,3 +373,31 @@ def test_block_sparse_onnx(tmp_path):
         want = fn(*inputs).numpy()
         for o in outs:
             assert np.abs(o - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["natten", "sliding", "block"])
+@pytest.mark.parametrize("bool_mask", [True, False])
+def test_flash_pattern_with_a_mask_masks_every_tile(kind, bool_mask):
+    """flash.attention_fwd with a pattern and a site's mask (what attnc.graph.stats calls): the
+    mask reaches the `full` tiles and the neighborhood fast loops too."""
+    from attnc.kernels import flash
+
+    s = 48
+    q, k, v = rand_qkv(2, 4, 2, s, s, 32, torch.float32, seed=8)
+    kpm = padding(2, s)
+    layout = None
+    if kind == "natten":
+        pat = flash.natten_pattern([6, 8], [5, 5], [1, 1], [1, 1], [False, False])
+        allowed = masks.natten_mask([6, 8], [5, 5], [1, 1], [1, 1], [False, False], DEVICE)
+    elif kind == "sliding":
+        pat = flash.Pattern("sliding", window=20, num_sinks=2)
+        allowed = masks.sliding_window_mask(s, s, 20, 2, False, DEVICE)
+    else:
+        layout = torch.ones(1, 1, 3, 3, dtype=torch.bool, device=DEVICE)
+        pat = flash.Pattern("block", block_size=16)
+        allowed = masks.block_layout_mask(layout, 16, s, s)
+    mask = kpm[:, None, None, :]
+    if not bool_mask:
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    out, lse = flash.attention_fwd(q, k, v, mask=mask, scale=SCALE, pattern=pat, layout=layout)
+    check(out, lse, q, k, v, allowed & mask if bool_mask else allowed & kpm[:, None, None, :])
