@@ -14,7 +14,10 @@ Usage::
 With ``--minutes`` the cosine schedule follows wall-clock progress, so the step count depends on
 the machine; ``--steps N`` gives a step-driven, reproducible schedule. Training images are drawn
 fresh from the "train" stream (index = step * batch + i); held-out accuracy is measured on the
-fixed "eval" split, which the training stream never produces.
+fixed "eval" split, which the training stream never produces. Training follows a curriculum: the
+make_shapes difficulty (background texture contrast, clutter, smallest shape size) ramps from
+--d0 to 1 over the first --curriculum share of the run; held-out images are always difficulty 1.
+Without it (--curriculum 0) a 6-layer model stayed at chance for 7,000 images.
 """
 
 from __future__ import annotations
@@ -111,6 +114,14 @@ def lr_at(progress: float, step: int, args) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def difficulty_at(progress: float, args) -> float:
+    """Curriculum: make_shapes difficulty from args.d0 up to 1 (the held-out task) over the first
+    args.curriculum of training, then 1."""
+    if args.curriculum <= 0:
+        return 1.0
+    return args.d0 + (1.0 - args.d0) * min(progress / args.curriculum, 1.0)
+
+
 def train(args) -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -138,7 +149,8 @@ def train(args) -> None:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, step, args)
-        pix, lab = make_batch("train", range(step * args.batch, (step + 1) * args.batch))
+        diff = difficulty_at(progress, args)
+        pix, lab = make_batch("train", range(step * args.batch, (step + 1) * args.batch), diff)
         with autocast(args.bf16):
             logits = model(pixel_values=pix).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), lab)
@@ -147,14 +159,15 @@ def train(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        run_loss += float(loss)
+        run_loss += float(loss.detach())
         run_acc += float((logits.argmax(-1) == lab).float().mean())
         if step % args.log_every == 0:
             rec = {
                 "step": step,
                 "images": step * args.batch,
                 "seconds": round(time.time() - start, 1),
-                "lr": opt.param_groups[0]["lr"],
+                "lr": round(opt.param_groups[0]["lr"], 6),
+                "difficulty": round(diff, 3),
                 "train_loss": round(run_loss / args.log_every, 4),
                 "train_acc": round(run_acc / args.log_every, 4),
             }
@@ -282,16 +295,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--d0", type=float, default=0.2, help="starting make_shapes difficulty")
+    ap.add_argument("--curriculum", type=float, default=0.4, help="share of training to reach 1")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--val-images", type=int, default=512)
+    ap.add_argument("--val-images", type=int, default=256)
     ap.add_argument("--final-images", type=int, default=2048)
     ap.add_argument("--locality-images", type=int, default=64)
     ap.add_argument("--probe", action="store_true", help="time a few configs and exit")
