@@ -51,6 +51,15 @@ def _config(name: str):
         return tf.CohereConfig(
             **SMALL, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64
         ), "CohereForCausalLM"
+    if name == "mixtral":
+        return tf.MixtralConfig(
+            **SMALL,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        ), "MixtralForCausalLM"
     if name == "gpt_neox_sequential":
         return tf.GPTNeoXConfig(
             **SMALL, intermediate_size=64, use_parallel_residual=False, max_position_embeddings=64
@@ -279,3 +288,24 @@ def test_self_and_cross_attention_are_two_units():
         assert (got - _zeroed(loaded, [path])).abs().max().item() <= 1e-5
         gone = _params(program.gm) - _params(dropped.gm)
         assert gone == _owned(loaded, path)
+
+
+@pytest.mark.slow
+def test_moe_mlp_and_block_drops_take_the_router_too():
+    """MoE routing writes in place (`index_put_` into an `empty_like`, `div_` of the top-k
+    weights): once the MoE output is dead those writes are unobservable and go, with the router
+    and the norm before it (they used to keep the router, the norm and, for a block, the
+    attention alive)."""
+    loaded, program = _load("mixtral")
+    before = _params(program.gm)
+    dropped = D.drop_units(program, ["mlp@model.layers.1"])
+    gone = before - _params(dropped.gm)
+    assert gone == _owned(loaded, "model.layers.1.mlp", "model.layers.1.post_attention_layernorm")
+    with torch.no_grad():
+        got = dropped(*loaded.example_args)
+    assert (got - _zeroed(loaded, ["model.layers.1.mlp"])).abs().max().item() <= 1e-5
+    block = D.drop_units(program, ["block@model.layers.1"])
+    assert before - _params(block.gm) == {
+        n for n in before if n.startswith("model.model.layers.1.")
+    }
+    assert len(block.sites) == 1
