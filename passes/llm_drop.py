@@ -28,6 +28,8 @@ from attnc.graph.taps import CosineStat, run_taps
 from attnc.recipe.manager import Decision, PassInfo, register_pass
 from attnc.recipe.selectors import Selector
 
+from .llm_drop_report import render as render_report
+
 log = logging.getLogger(__name__)
 
 Target = Literal["attention", "mlp", "block", "all"]
@@ -232,5 +234,6 @@ register_pass(
         exact=False,
         summary="drop redundant attention / MLP / block sublayers by input-output cosine",
         paper="arXiv 2406.15786",
+        report=render_report,
     )
 )

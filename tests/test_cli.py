@@ -89,7 +89,7 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(stdout)
     for name in ("model.onnx", "model.pt2", "model.attnc.json", "report.json", "report.md",
-                 "similarity.svg"):
+                 "llm-drop-similarity.svg"):
         assert (out / name).exists(), name
     assert len(report["sites_before"]) == 6 and len(report["sites_after"]) == 4
     assert report["onnx"]["attention_nodes"] == 4 and report["verification"]["ok"]
@@ -98,7 +98,7 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     dropped = [d for d in report["passes"][0]["decisions"] if d["action"] == "drop"]
     assert len(dropped) == 2
     md = (out / "report.md").read_text()
-    assert "llm-drop" in md and "similarity.svg" in md
+    assert "## Pass `llm-drop`" in md and "](llm-drop-similarity.svg)" in md
     # speed and task-level fidelity, side by side, measured in this build
     assert {t["runtime"] for t in report["bench"]["timings"]} == {"onnxruntime-cpu", "torch"}
     assert all(t["speedup"] > 0 for t in report["bench"]["timings"]) and report["bench"]["device"]

@@ -3,7 +3,8 @@
 A pass is a frozen config dataclass plus `plan(program, config, ctx) -> list[Decision]` (pure
 analysis) and `apply(program, decisions, config) -> Program` (graph edits). Passes live in
 `attnc.passes` and are found through the `attnc.passes` entry-point group, so a user's package can
-add its own the same way; the core never imports them directly.
+add its own the same way; the core never imports them directly. A pass may also register `report`,
+the renderer of its own section of report.md and its plots (`attnc.report.section`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnc.errors import AttncError, PassError, RecipeError
+
+if TYPE_CHECKING:
+    from attnc.report.section import PassSection, ReportPart
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ class PassInfo:
     exact: bool
     summary: str
     paper: str = ""
+    # renders the pass's section of report.md and its plots (attnc.report.section); None: the
+    # report shows the pass's decisions as a table
+    report: Callable[[PassSection], ReportPart] | None = None
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -56,6 +63,13 @@ def register_pass(info: PassInfo) -> PassInfo:
         )
     _REGISTRY[info.id] = info
     return info
+
+
+def unregister_pass(pass_id: str) -> PassInfo:
+    """Remove a registered pass (a test's or a session's own); an unknown id is a RecipeError."""
+    if pass_id not in _REGISTRY:
+        raise RecipeError(f"pass {pass_id!r} is not registered")
+    return _REGISTRY.pop(pass_id)
 
 
 def _entry_points():

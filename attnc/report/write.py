@@ -1,64 +1,87 @@
-"""report.json (machine-readable), report.md (a person's view) and a per-layer similarity plot
-(SVG, no plotting dependency)."""
+"""report.json (machine-readable), report.md (a person's view) and the passes' plots.
+
+The report knows no pass: each pass's section (and its plot files) comes from the renderer the
+pass registered (`PassInfo.report`, see `attnc.report.section`), or a table of its decisions.
+"""
 
 from __future__ import annotations
 
-import html
 import json
+import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
+from attnc.errors import AttncError, PassError, RecipeError
+from attnc.recipe.manager import get_pass
+from attnc.report.section import PassSection, ReportPart, generic_part, table
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.6g}"
-    return str(v)
+log = logging.getLogger(__name__)
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def similarity_svg(rows: list[tuple[str, float, bool]], title: str) -> str:
-    """Horizontal bars of similarity per sublayer; dropped ones drawn in red."""
-    if not rows:
-        return ""
-    vals = [v for _, v, _ in rows if not math.isnan(v)]
-    lo = min(0.0, min(vals)) if vals else 0.0
-    width, bar_h, left, right = 760, 18, 300, 90
-    height = 40 + bar_h * len(rows) + 20
-    span = (1.0 - lo) or 1.0
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="monospace" font-size="11">',
-        f'<text x="10" y="20" font-size="13">{html.escape(title)}</text>',
-    ]
-    for i, (label, v, dropped) in enumerate(rows):
-        y = 35 + i * bar_h
-        frac = 0.0 if math.isnan(v) else (v - lo) / span
-        w = max(1.0, frac * (width - left - right))
-        color = "#d62728" if dropped else "#1f77b4"
-        out.append(f'<text x="10" y="{y + 12}">{html.escape(label[:44])}</text>')
-        out.append(
-            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 4}" fill="{color}"/>'
-        )
-        out.append(f'<text x="{left + w + 5:.1f}" y="{y + 12}">{_fmt(v)}</text>')
-    out.append(f'<text x="{left}" y="{height - 5}">red: dropped; axis from {lo:.2f} to 1.0</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+def _prefixes(entries: list[dict]) -> list[str]:
+    """File-name prefix per pass entry: its id, and its occurrence when it runs again."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in entries:
+        n = seen[p["pass_id"]] = seen.get(p["pass_id"], 0) + 1
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", p["pass_id"])
+        out.append(f"{stem}-" if n == 1 else f"{stem}-{n}-")
+    return out
+
+
+def render_pass(entry: dict, prefix: str) -> tuple[PassSection, ReportPart]:
+    """The section of one entry of report["passes"], by the pass's renderer or the generic one."""
+    section = PassSection.from_entry(entry, prefix)
+    try:
+        renderer = get_pass(section.pass_id).report
+    except RecipeError:
+        log.warning("pass %r is not registered: its report section is a plain decisions table",
+                    section.pass_id)
+        renderer = None
+    if renderer is None:
+        return section, generic_part(section)
+    where = f"while rendering the report section of pass {section.pass_id!r}"
+    try:
+        part = renderer(section)
+    except AttncError as exc:
+        raise type(exc)(f"{exc.message} ({where})", exc.hint) from exc
+    except Exception as exc:  # noqa: BLE001 - a renderer's bug is reported as a PassError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassError(f"{first} {where}") from exc
+    if not isinstance(part, ReportPart):
+        raise PassError(f"the report renderer of pass {section.pass_id!r} returned "
+                        f"{type(part).__name__}, not a ReportPart")
+    for name, data in part.files.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise PassError(f"pass {section.pass_id!r} names a report file {name!r}",
+                            "a plain file name: letters, digits, '.', '_' and '-'")
+        if not isinstance(data, (str, bytes)):
+            raise PassError(f"pass {section.pass_id!r} gives report file {name!r} as "
+                            f"{type(data).__name__}, not text or bytes")
+    return section, part
+
+
+def render_passes(report: dict) -> list[tuple[PassSection, ReportPart]]:
+    entries = report.get("passes") or []
+    return [render_pass(p, pre) for p, pre in zip(entries, _prefixes(entries), strict=True)]
 
 
 def write_report(report: dict, folder: Path) -> None:
+    """report.json, report.md and each pass's files (named `<pass id>-<name>`) into `folder`."""
+    parts = render_passes(report)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    rows = []
-    for p in report.get("passes", []):
-        for d in p["decisions"]:
-            cos = d["metrics"].get("cosine")
-            if cos is not None:
-                rows.append((d["site"], float(cos), d["action"] == "drop"))
-    svg = similarity_svg(rows, "input/output cosine similarity per sublayer (calibration)")
-    if svg:
-        (folder / "similarity.svg").write_text(svg)
-    (folder / "report.md").write_text(render_markdown(report, has_plot=bool(svg)))
+    for section, part in parts:
+        for name, data in part.files.items():
+            path = folder / section.file(name)
+            if isinstance(data, bytes):
+                path.write_bytes(data)
+            else:
+                path.write_text(data)
+    (folder / "report.md").write_text(render_markdown(report, parts))
 
 
 def _json_default(o: Any):
@@ -69,13 +92,9 @@ def _json_default(o: Any):
     return str(o)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def render_markdown(r: dict, has_plot: bool) -> str:
+def render_markdown(r: dict, parts: list[tuple[PassSection, ReportPart]] | None = None) -> str:
+    if parts is None:
+        parts = render_passes(r)
     m = r["model"]
     out = [
         "# attnc build report",
@@ -91,7 +110,7 @@ def render_markdown(r: dict, has_plot: bool) -> str:
         "",
         "## Attention sites (before)",
         "",
-        _table(
+        table(
             [
                 "#",
                 "layer",
@@ -126,46 +145,25 @@ def render_markdown(r: dict, has_plot: bool) -> str:
     if r.get("candidates"):
         out += ["", "Hand-written attention candidates not matched:", ""]
         out += [f"- `{c['node']}` in `{c['module']}`: {c['reason']}" for c in r["candidates"]]
-    for p in r.get("passes", []):
+    for section, part in parts:
         out += [
             "",
-            f"## Pass `{p['pass_id']}` ({p['seconds']:.1f} s)",
+            f"## Pass `{section.pass_id}` ({section.seconds:.1f} s)",
             "",
-            f"config: `{p['config']}`",
+            f"config: `{section.config}`",
             "",
+            part.markdown.rstrip("\n"),
         ]
-        out.append(
-            _table(
-                ["site", "action", "reason"],
-                [[d["site"], d["action"], d["reason"]] for d in p["decisions"]],
-            )
-        )
-        trail = next(
-            (
-                d["metrics"].get("auto_trail")
-                for d in p["decisions"]
-                if d["metrics"].get("auto_trail")
-            ),
-            None,
-        )
-        if trail:
-            keys = [k for k in trail[0] if k != "count"]
-            out += ["", "automatic count search:", ""]
-            out.append(
-                _table(["count", *keys], [[t["count"], *[t[k] for k in keys]] for t in trail])
-            )
-    if has_plot:
-        out += ["", "![similarity per sublayer](similarity.svg)"]
     v = r["verification"]
     out += ["", "## Verification (held-out calibration batches)", ""]
     rows = [
-        [name, *[_fmt(res.get(k, "")) for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")]]
+        [name, *[res.get(k, "") for k in ("max_abs_diff", "cosine", "sqnr_db", "top1")]]
         for name, res in v["comparisons"].items()
     ]
-    out.append(_table(["comparison", "max abs diff", "cosine", "SQNR dB", "top-1"], rows))
+    out.append(table(["comparison", "max abs diff", "cosine", "SQNR dB", "top-1"], rows))
     if r.get("fidelity"):
         out += ["", "Task-level fidelity (`attnc eval` metrics, held-out batches):", ""]
-        out.append(_table(["metric", "value"], [[k, val] for k, val in r["fidelity"].items()]))
+        out.append(table(["metric", "value"], [[k, val] for k, val in r["fidelity"].items()]))
     bound = {k: b for k, b in v["bound"].items() if b is not None}
     src = v.get("bound_source", "recipe")
     out += ["", f"fidelity bound ({src}): `{bound}` → **{'met' if v['ok'] else 'MISSED'}**"]
@@ -175,7 +173,7 @@ def render_markdown(r: dict, has_plot: bool) -> str:
                 f"- {q['bytes_before'] / 1e6:.1f} MB → {q['bytes_after'] / 1e6:.1f} MB",
                 "- its cost, measured apart from the passes' (ONNX Runtime, held-out batches):",
                 ""]
-        out.append(_table(["metric", "value"], [[k, val] for k, val in q["fidelity"].items()]))
+        out.append(table(["metric", "value"], [[k, val] for k, val in q["fidelity"].items()]))
     b = r.get("bench")
     if b:
         out += ["", "## Speed (same run, interleaved medians)", "",
@@ -186,7 +184,7 @@ def render_markdown(r: dict, has_plot: bool) -> str:
              t["runs"]]
             for t in b["timings"]
         ]
-        out.append(_table(["runtime", "shapes", "original ms", "optimized ms", "speed-up",
+        out.append(table(["runtime", "shapes", "original ms", "optimized ms", "speed-up",
                            "runs"], rows))
     if r.get("onnx"):
         o = r["onnx"]
