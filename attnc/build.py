@@ -252,10 +252,10 @@ def build(
         raise VerificationError(
             f"the optimized model misses the {_bound_name(recipe)} fidelity bound: "
             + "; ".join(fails),
-            "drop less, or loosen the bound in the recipe"
+            "make the passes less aggressive, or loosen the bound in the recipe"
             if recipe.fidelity_source == "recipe"
-            else "the recipe sets no bound, so the default applies: drop less, or set fidelity: "
-            "in the recipe (attnc passes lists the bound keys)",
+            else "the recipe sets no bound, so the default applies: make the passes less "
+            "aggressive, or set fidelity: in the recipe (attnc passes lists the bound keys)",
         )
 
     check_free_space(parent, _bytes_needed(program, original, recipe, opts))
