@@ -88,7 +88,7 @@ def _sources_hash() -> str:
     here = Path(__file__).parent
     h = hashlib.sha1()
     for name in ("flash.py", "flash_kernels.py", "colsum.py", "masks.py", "autotune.py",
-                 "tile_lists.py"):
+                 "tile_lists.py", "pattern_extras.py"):
         p = here / name
         if p.exists():
             h.update(p.read_bytes())

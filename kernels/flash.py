@@ -249,8 +249,8 @@ def _launch(q, k, v, pattern, cfg, mask, causal, scale, layout):
             raise KernelError(f"neighborhood attention needs Sq == Skv == prod(grid) "
                               f"{pattern.grid}, got {SQ}, {SKV}")
         reach = [kk * dd for kk, dd in zip(pattern.kernel_size, pattern.dilation, strict=True)]
-        tq = masks.natten_tile_shape(bm, pattern.grid, reach)
-        tk = masks.natten_tile_shape(bn, pattern.grid, reach)
+        tq = tile_lists.natten_tile_shape(bm, pattern.grid, reach)
+        tk = tile_lists.natten_tile_shape(bn, pattern.grid, reach)
     if kind == 3:
         masks.check_layout(layout, pattern.block_size, SQ, SKV)
         lay, lsb = _layout_args(layout)

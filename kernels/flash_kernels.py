@@ -8,7 +8,7 @@ One kernel, `_fwd_kernel`, specialised by constexpr switches:
              gather through the row-major grid; multi-dim tiling, so 2-D/3-D windows hit few tiles).
   PATTERN 2  sliding window + global sink keys, causal or bidirectional.
   PATTERN 3  block-sparse from a (B|1, H|1, nq, nkv) bool layout of block size LBS.
-Patterns 1-3 walk FlexAttention-style block lists built on the host (masks.compact_lists): per
+Patterns 1-3 walk FlexAttention-style block lists built on the host (tile_lists.compact_lists): per
 query tile, `full` key tiles (no mask arithmetic at all) then `partial` ones (predicate per
 element). The helpers (`_na_win`, `_visible`, `_dot`) are shared with `colsum.py`.
 """
@@ -98,7 +98,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _na_cut(qk, fl, BIT: tl.constexpr, kc, start, end):
-    # the window bounds of one axis that can cut this tile (flags from masks.natten_tile_flags)
+    # the window bounds of one axis that can cut this tile (flags from tile_lists.natten_tile_flags)
     if (fl & BIT) != 0:
         qk = tl.where(kc[None, :] >= start[:, None], qk, float("-inf"))
     if (fl & (2 * BIT)) != 0:
@@ -171,7 +171,7 @@ def _na_class_loop(acc, l_i, m_i, q, qtok, qvalid, R0, R1, R2, kbase, vbase, skn
 
 @triton.jit
 def _na_flags(a, TK: tl.constexpr, max_start, min_end):
-    # masks.natten_tile_flags for key tile a of one axis: bit 0 `k >= start`, bit 1 `k < end`
+    # tile_lists.natten_tile_flags for key tile a of one axis: bit 0 `k >= start`, bit 1 `k < end`
     return (a * TK < max_start).to(tl.int32) | ((a * TK + TK - 1 >= min_end).to(tl.int32) << 1)
 
 

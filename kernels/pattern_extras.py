@@ -263,9 +263,9 @@ def _lead_strides(lists):
 def _head_lists(key, pred, heads: int, sq: int, skv: int, bm: int, bn: int, device):
     """Cached (1, H|1, ...) full/partial tile lists of a per-head predicate (H|1, r, c)."""
     def build():
-        a, b = masks.tile_any_all(pred, sq, skv, bm, bn, device,
+        a, b = tile_lists.tile_any_all(pred, sq, skv, bm, bn, device,
                                   chunk_elems=max(1 << 20, (1 << 26) // max(heads, 1)))
-        return masks.compact_lists(a[None], b[None])
+        return tile_lists.compact_lists(a[None], b[None])
 
     return tile_lists._cached((*key, sq, skv, bm, bn, str(device)), build)
 
