@@ -239,6 +239,17 @@ def test_column_sums_match_dense_reference(S, kind):
     assert res.count.tolist() == real.sum(0).tolist()
 
 
+def test_positions_never_real_are_null_in_json():
+    import json
+
+    acc = ColumnSumAccumulator("last")
+    acc.update(torch.ones(1, 2, 4), torch.tensor([2]), torch.tensor([[1, 1, 0, 0]]))
+    res = acc.result()
+    assert res.count.tolist() == [1, 1, 0, 0]
+    text = json.dumps(res.to_json(), allow_nan=False)
+    assert json.loads(text)["mean"] == [[0.5, 0.5, None, None]] * 2
+
+
 def test_head_output_norms_match_dense_reference():
     g = torch.Generator().manual_seed(0)
     B, H, S, Dv, E = 2, 3, 7, 5, 11
@@ -270,3 +281,219 @@ def test_bad_inputs_fail_loudly():
         kept_mass(q, k, [P.block_sparse(torch.ones(1, 1, 1, 1, dtype=torch.bool), 2)])
     with pytest.raises(PassError, match="backend"):
         kept_mass(q, k, [P.window(2)], backend="cuda")
+
+
+# ------------------------------------------------------------------ the Triton path
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_triton_path_matches_torch_path(kind):
+    """Under TRITON_INTERPRET=1 (tests/conftest.py) the Triton lse/colsum kernels run on CPU:
+    kept mass from exp(lse_P - lse_A) and kernel column sums equal the chunked torch path."""
+    pytest.importorskip("triton")
+    S = 37
+    q, k, mask, is_causal, real = _inputs(2, 4, 2, S, 16, kind, seed=5)
+    causal = kind == "bool"
+    cands = [P.window(4, 2, causal), P.block_sparse("power", 8, local_blocks=2),
+             P.neighborhood([-1], 5, dilation=2, is_causal=causal),  # kernel forms
+             P.neighborhood([-1, 4], 3, num_global=1), _per_head_fn]  # torch path
+    assert [c.flash_form(S, S) is not None for c in P.as_candidates(cands)] == [1, 1, 1, 0, 0]
+    kw = dict(attn_mask=mask, is_causal=is_causal, query_mask=real)
+    got = kept_mass(q, k, cands, backend="triton", **kw)
+    ref = kept_mass(q, k, cands, backend="torch", **kw)
+    assert list(got.queries) == list(ref.queries)
+    for a, b in zip(got.patterns, ref.patterns, strict=True):
+        for key in ("mean", "quantile", "min", "density"):
+            np.testing.assert_allclose(getattr(a, key), getattr(b, key), atol=ATOL, rtol=0)
+    rows = real & (torch.arange(S) % 3 == 0)
+    torch.testing.assert_close(column_sums(q, k, rows, attn_mask=mask, backend="triton"),
+                               column_sums(q, k, rows, attn_mask=mask, backend="torch"),
+                               atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ memory at S = 8192
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, time, torch
+    torch.set_num_threads(1)
+    from attnc.graph import stats_patterns as P
+    from attnc.graph.stats import kept_mass
+    g = torch.Generator().manual_seed(0)
+    S = 8192
+    q, k = torch.randn(1, 4, S, 64, generator=g), torch.randn(1, 4, S, 64, generator=g)
+    cands = [P.window(256, 4), P.window(1024, 4), P.block_sparse("power", 128)]
+    kept_mass(q[:, :, :512], k[:, :, :512], cands, is_causal=True)  # warm every code path
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    res = kept_mass(q, k, cands, is_causal=True)
+    seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"extra_mb": (after - before) / 1024, "seconds": seconds,
+                      "density": [p.density.tolist() for p in res.patterns],
+                      "mean": [p.mean.tolist() for p in res.patterns]}))
+""")
+
+
+@pytest.mark.slow
+def test_kept_mass_at_8192_tokens_stays_within_64_mb(root):
+    """B=1, H=4, S=8192, D=64, three candidates, causal: the S x S float32 probabilities would be
+    256 MB per head (1 GB for the four); kept_mass raises the peak resident memory by about
+    38 MB (tiles of 64 query rows x 8192 keys x 4 heads, 8 MB each) and takes about 14 s on
+    this shared 2-core machine (one thread). Asserted: < 64 MB, in a fresh process."""
+    import json
+
+    run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], cwd=root, capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ,
+                                                      "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["extra_mb"] < 64, out
+    # densities are exact counts: query i keeps min(i + 1, w) window keys plus the sinks before
+    i = np.arange(8192)
+    for w, dens in ((256, out["density"][0]), (1024, out["density"][1])):
+        kept = np.minimum(i + 1, w) + np.clip(i + 1 - w, 0, 4)
+        np.testing.assert_allclose(dens, kept.sum() / (i + 1).sum(), rtol=1e-12)
+    assert all(0 < a < b < 1 for a, b in zip(out["mean"][0], out["mean"][1], strict=True))
+
+
+# ------------------------------------------------------------------ the collector on a model
+
+
+def _llama_batches():
+    """Two right-padded batches of different lengths (token_mask = attention_mask)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for S, lengths in ((16, (16, 9)), (12, (5, 12))):
+        ids = torch.randint(0, 512, (2, S), generator=g)
+        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
+        out.append((ids, mask))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from attnc.capture.program import capture
+    from attnc.load.models import wrap_hf
+
+    model = hf_models.build("llama")
+    return model, capture(wrap_hf(model, "llama", None, None))
+
+
+SPEC = StatsSpec(candidates=[P.window(4, 1), P.window(8, 0),
+                             P.block_sparse("power", 4, local_blocks=1)],
+                 colsum_rows="last", head_norms=True)
+
+
+@pytest.mark.slow  # capturing the model takes 5-15 s
+def test_collector_on_hf_llama_equals_eager_attention_probabilities(llama):
+    import copy
+
+    from attnc.load.calibration import Batch
+
+    model, program = llama
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    batches = _llama_batches()
+    got = collect_site_stats(program, None, [Batch((i, m), m) for i, m in batches], SPEC)
+    sites = program.sites
+    assert list(got) == [s.node for s in sites] and len(sites) == 2
+    probs = {s.node: [] for s in sites}
+    xs = {s.node: [] for s in sites}
+    for layer, s in enumerate(sites):
+        o = eager.model.layers[layer].self_attn.o_proj
+        o.register_forward_pre_hook(lambda _m, a, n=s.node: xs[n].append(a[0]))
+    with torch.no_grad():
+        for ids, m in batches:
+            att = eager(input_ids=ids, attention_mask=m, output_attentions=True).attentions
+            for s, a in zip(sites, att, strict=True):
+                probs[s.node].append(a.double())
+    for layer, s in enumerate(sites):
+        st = got[s.node]
+        assert st.queries == sum(int(m.sum()) for _, m in batches) == 42
+        assert st.layer == layer and st.num_heads == 4
+        # kept mass: the eager probabilities summed over each pattern, real queries only
+        for cand, pm in zip(SPEC.candidates, st.kept.patterns, strict=True):
+            kept, allowed, ref_pat = [], [], []
+            for (_, m), a in zip(batches, probs[s.node], strict=True):
+                S = m.shape[1]
+                pat = cand.mask_mod(S, S)(0, torch.arange(4)[:, None, None],
+                                          torch.arange(S)[None, :, None],
+                                          torch.arange(S)[None, None, :])
+                real = m.bool()
+                vis = (torch.arange(S)[None, :] <= torch.arange(S)[:, None]) & real[:, None, None]
+                kept.append(((a * pat).sum(-1)).transpose(1, 2)[real])  # (n, H)
+                allowed.append(((vis & pat).sum(-1).transpose(1, 2)[real].double(),
+                                vis.sum(-1).expand(-1, 4, -1).transpose(1, 2)[real].double()))
+                ref_pat.append(pat)
+            kept = torch.cat(kept)
+            np.testing.assert_allclose(pm.mean, kept.mean(0).numpy(), atol=ATOL)
+            np.testing.assert_allclose(pm.min, kept.amin(0).numpy(), atol=ATOL)
+            dens = sum(x[0].sum(0) for x in allowed) / sum(x[1].sum(0) for x in allowed)
+            np.testing.assert_allclose(pm.density, dens.numpy(), atol=1e-12)
+        # column sums from each sequence's last real token
+        tot, cnt = torch.zeros(4, 16, dtype=torch.double), torch.zeros(16)
+        for (_, m), a in zip(batches, probs[s.node], strict=True):
+            for b in range(2):
+                n = int(m[b].sum())
+                tot[:, :n] += a[b, :, n - 1, :n]
+                cnt[:n] += 1
+        np.testing.assert_allclose(st.colsum.mean, (tot / cnt).numpy(), atol=ATOL)
+        assert st.colsum.count.tolist() == cnt.long().tolist()
+        # head output norms through o_proj, over real tokens
+        w = eager.model.layers[layer].self_attn.o_proj.weight.detach().double()
+        norms = torch.zeros(4, dtype=torch.double)
+        for (_, m), x in zip(batches, xs[s.node], strict=True):
+            xh = x.double().reshape(*x.shape[:2], 4, 16)
+            for h in range(4):
+                y = xh[:, :, h] @ w[:, h * 16:(h + 1) * 16].T
+                norms[h] += y.norm(dim=-1)[m.bool()].sum()
+        np.testing.assert_allclose(st.head_norms, (norms / 42).numpy(), atol=ATOL)
+        assert json_roundtrip(st.to_json())
+
+
+def json_roundtrip(obj) -> bool:
+    import json
+
+    return json.loads(json.dumps(obj)) == obj
+
+
+@pytest.mark.slow
+def test_collector_reads_attnc_attention_by_its_schema(llama):
+    """After lower_dense every site is attnc::attention(q, k, v, mask, is_causal, scale), read
+    by its own schema (not SDPA's positions); the statistics stay those of the SDPA program."""
+    from attnc.export.artifacts import lower_dense
+    from attnc.load.calibration import Batch
+
+    _, program = llama
+    lowered = program.clone()
+    assert lower_dense(lowered) == 2
+    batches = [Batch((i, m), m) for i, m in _llama_batches()]
+    spec = StatsSpec(candidates=SPEC.candidates)
+    a = collect_site_stats(program, None, batches, spec)
+    b = collect_site_stats(lowered, None, batches, spec)
+    for x, y in zip(a.values(), b.values(), strict=True):
+        for p, r in zip(x.kept.patterns, y.kept.patterns, strict=True):
+            np.testing.assert_allclose(p.mean, r.mean, atol=1e-6)
+
+
+class _Bidirectional(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.ops.attnc.attention(q, k, v, None, False, 0.3)
+
+
+def test_call_args_of_attnc_attention_and_refusals():
+    import attnc.kernels  # noqa: F401 - registers the ops
+
+    from attnc.graph.stats_collect import call_args
+
+    gm = torch.fx.symbolic_trace(_Bidirectional())
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    a = call_args(node)
+    assert a["is_causal"] is False and a["scale"] == 0.3 and a["attn_mask"] is None
+    node.meta["attnc_attention_region"] = {"q": "q"}
+    with pytest.raises(PassError, match="region"):
+        call_args(node)
+    del node.meta["attnc_attention_region"]
+    node.target = torch.ops.aten.relu.default
+    with pytest.raises(PassError, match="not dense attention"):
+        call_args(node)

@@ -60,7 +60,7 @@ class PatternMass:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.config,
-                **{k: getattr(self, k).tolist() for k in ("mean", "quantile", "min", "density")}}
+                **{k: json_list(getattr(self, k)) for k in ("mean", "quantile", "min", "density")}}
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,12 @@ class ColumnSums:
     count: np.ndarray  # (S,)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "mean": self.mean.tolist(), "count": self.count.tolist()}
+        return {"rows": self.rows, "mean": json_list(self.mean), "count": self.count.tolist()}
+
+
+def json_list(a: np.ndarray) -> list:
+    """A float array as nested lists, NaN (no data) as None, so the report stays valid JSON."""
+    return np.where(np.isnan(a), None, a.astype(object)).tolist()
 
 
 # ---------------------------------------------------------------------------- kept mass
@@ -144,7 +149,7 @@ class KeptMassAccumulator:
               with_scores: list[int], count_rows: bool) -> None:
         allowed = call.allowed(b, rows)
         if with_scores:
-            p, total, valid = call.probs(b, rows, allowed)
+            p, total, valid = call.probs(b, rows, allowed, normalize=False)
         else:  # densities only: the rows the kernels already scored
             valid = (allowed.any(-1) if allowed is not None
                      else torch.ones(1, rows.numel(), dtype=torch.bool, device=call.device))

@@ -71,26 +71,31 @@ class CallInputs:
             out = kp if out is None else out & kp
         return out
 
-    def probs(self, b: int, rows: torch.Tensor, allowed: torch.Tensor | None):
-        """(p (H, n, Skv) float32, row total (H, n), row valid (H, n)): softmax over A_i."""
+    def probs(self, b: int, rows: torch.Tensor, allowed: torch.Tensor | None,
+              normalize: bool = True):
+        """(p (H, n, Skv) float32, row total (H, n), row valid (H, n)): softmax over A_i, or
+        without `normalize` exp(s - row max), which `total` normalises."""
         if self._kf is None or self._kf[0] != b:
             self._kf = (b, self.k[b if self.k.shape[0] > 1 else 0].float())
         g, n = self.H // self.Hkv, rows.numel()
         qb = self.q[b].index_select(1, rows).float().reshape(self.Hkv, g * n, self.D)
-        s = torch.matmul(qb, self._kf[1].transpose(-1, -2)).view(self.H, n, self.Skv)
-        s.mul_(self.scale)
+        s = torch.matmul(qb * self.scale, self._kf[1].transpose(-1, -2)).view(self.H, n, self.Skv)
         if self.softcap:
             s = torch.tanh(s / self.softcap).mul_(self.softcap)
         if self.bias is not None:
             s.add_(_tile(self.bias, b, rows).float())
         if allowed is not None:
             s.masked_fill_(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # (H, n)
-        valid = torch.isfinite(lse)
-        s.sub_(torch.where(valid, lse, 0.0).unsqueeze(-1)).exp_()  # p; -inf rows stay 0
+        mx = s.amax(-1, keepdim=True)  # (H, n, 1); -inf: the row sees no key
+        finite = torch.isfinite(mx)
+        s.sub_(torch.where(finite, mx, 0.0)).exp_()  # rows that see nothing stay 0
+        total, valid = s.sum(-1), finite[..., 0]
+        if normalize:
+            s.div_(torch.where(finite, total.unsqueeze(-1), 1.0))
+            total = torch.where(valid, 1.0, 0.0)
         if self.qm is not None:
             valid = valid & self.qm[b].index_select(0, rows)[None, :]
-        return s, s.sum(-1), valid
+        return s, total, valid
 
     def index_grids(self, b: int, rows: torch.Tensor):
         """(b, h, q, kv) integer tensors for a `MaskMod` over one tile."""

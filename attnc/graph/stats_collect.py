@@ -31,6 +31,7 @@ from attnc.graph.stats import (
     KeptMassAccumulator,
     column_sums,
     head_output_norms,
+    json_list,
 )
 from attnc.graph.stats_patterns import Candidate
 from attnc.load.calibration import Batch
@@ -72,7 +73,7 @@ class SiteStats:
                 "num_heads": self.num_heads, "queries": self.queries,
                 "kept": self.kept.to_json() if self.kept else None,
                 "colsum": self.colsum.to_json() if self.colsum else None,
-                "head_norms": None if self.head_norms is None else self.head_norms.tolist()}
+                "head_norms": None if self.head_norms is None else json_list(self.head_norms)}
 
 
 def call_args(node: Node) -> dict[str, Any]:
@@ -82,6 +83,8 @@ def call_args(node: Node) -> dict[str, Any]:
                         f"{node.meta.get('attnc_score', 'other')}); statistics read SDPA calls",
                         "leave the site out of the statistics")
     target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):  # traced as torch.ops.ns.op(...)
+        target = target.default
     dense = target is SDPA or str(target) == "attnc.attention.default"
     if not dense or not hasattr(target, "_schema"):
         raise PassError(f"site {node.name} runs {target}, not dense attention; statistics are "
