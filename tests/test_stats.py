@@ -59,7 +59,8 @@ def _inputs(B, Hq, Hkv, S, D, kind, seed=0, skv=None):
         mask = (causal[None] & real[:, None, :])[:, None]
     elif kind == "float":  # bidirectional, padding at the float minimum plus a per-head bias
         bias = torch.randn(1, Hq, S, skv, generator=g)
-        mask = torch.where(real[:, None, None, :], bias, torch.finfo(torch.float32).min)
+        pad = torch.finfo(torch.float32).min if seed % 2 else -1e4  # HF's, older models'
+        mask = torch.where(real[:, None, None, :], bias, pad)
     elif kind != "none":
         raise KeyError(kind)
     return q, k, mask, is_causal, real
@@ -78,7 +79,7 @@ def _dense(q, k, mask, is_causal, real, scale=None, softcap=None):
         allowed &= mask
     elif mask is not None:
         s = s + mask.double()
-        allowed &= mask > torch.finfo(mask.dtype).min
+        allowed &= mask > -1e4  # HF's finfo.min, older models' -1e4
     if is_causal:
         allowed &= torch.arange(Skv)[None, :] <= torch.arange(Sq)[:, None]
     if real is not None and Skv == real.shape[1]:

@@ -4,9 +4,9 @@ The attention is SDPA's: q (B, Hq, Sq, D), k (B, Hkv, Skv, D) with Hq % Hkv == 0
 (True = attend) or float (added) `attn_mask` broadcastable to (B, Hq, Sq, Skv), `is_causal`
 (top-left: j <= i), `scale` (default D^-1/2) and an optional soft-cap tanh(s / c) * c. On top,
 `key_padding_mask` (B, Skv) and `query_mask` (B, Sq) say which tokens are real. The keys the
-original attention allows, A_i, are those its masks leave (a float entry at the dtype's minimum
-or -inf counts as masked); p_ij = softmax over A_i. Rows that allow no key, and padding queries,
-are left out of every statistic.
+original attention allows, A_i, are those its masks leave (a float entry <= -1e4, such as the
+dtype's minimum or -inf, counts as masked, as in `kernels.masks.mask_allowed`); p_ij is the
+softmax over A_i. Rows that allow no key, and padding queries, are left out of every statistic.
 
 - kept mass of a candidate pattern P (`stats_patterns.Candidate`): m_i = sum_{j in A_i & P_i} p_ij,
   per head: the mean over real queries, the minimum, a low quantile (default the 5th percentile)

@@ -10,6 +10,10 @@ import torch
 
 from attnc.errors import KernelError, PassError
 
+# a float mask entry at or below this masks its key (kernels.masks.mask_allowed's rule: Hugging
+# Face masks with finfo.min or -inf, older models with -1e4; exp of it underflows in float32)
+MASKED = -1e4
+
 
 class CallInputs:
     """One attention call's inputs, checked, with per-tile scores and allowed-key masks."""
@@ -61,7 +65,7 @@ class CallInputs:
             out = _tile(self.bool_mask, b, rows)
         if self.bias is not None:
             t = _tile(self.bias, b, rows)
-            ok = t > torch.finfo(t.dtype).min
+            ok = t > MASKED
             out = ok if out is None else out & ok
         if self.causal:
             c = torch.arange(self.Skv, device=self.device)[None, None, :] <= rows[None, :, None]
@@ -104,11 +108,10 @@ class CallInputs:
                 rows[None, :, None], torch.arange(self.Skv, device=dev)[None, None, :])
 
     def flash_mask(self) -> torch.Tensor | None:
-        """The site's mask (padding keys and float-minimum entries folded in) for the kernels."""
+        """The site's mask (padding keys folded in, masked float entries -inf) for the kernels."""
         m = self.bool_mask
         if self.bias is not None:
-            m = self.bias.float().masked_fill(self.bias <= torch.finfo(self.bias.dtype).min,
-                                              float("-inf"))
+            m = self.bias.float().masked_fill(self.bias <= MASKED, float("-inf"))
         if self.kpm is not None:
             kp = self.kpm[:, None, None, :]
             if m is None or m.dtype == torch.bool:

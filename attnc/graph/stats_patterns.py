@@ -180,11 +180,9 @@ def _neighborhood_mod(p: dict, causal: bool, sq: int, skv: int) -> MaskMod:
     grid = masks.resolve_grid(p["grid"], sq - ng)
     args = (grid, p["kernel_size"], p["dilation"], p["stride"], p["is_causal"])
 
-    def mod(b, h, q, kv):
+    def mod(b, h, q, kv):  # the grid starts after the global tokens (clamped: they see all)
         vis = masks.natten_visible((q - ng).clamp(min=0), (kv - ng).clamp(min=0), *args)
-        if ng:
-            vis = vis | (kv < ng) | (q < ng)
-        return vis
+        return masks.with_global(vis, q, kv, ng)
 
     return mod
 
