@@ -59,19 +59,51 @@ class Program:
             return self.gm(*args)
 
     def clone(self) -> Program:
-        """A deep copy whose graph can be edited without touching this one (weights are shared)."""
-        gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-        gm.meta.update(self.gm.meta)
+        """A copy that no edit of it reaches this one through: its own graph (every node's meta
+        copied deeply, except the fake tensors in `val`, which edits replace and never mutate),
+        its own module tree, buffers (copied), subgraph modules and `gm.meta`, and its own
+        records. Parameters (the weights) are shared and must be treated as read-only."""
+        fake_keys = ("val", "example_value", "tensor_meta")
+
+        def copy_meta(meta: dict) -> dict:
+            out = {k: v for k, v in meta.items() if k in fake_keys}
+            for k, v in meta.items():
+                if k not in fake_keys:
+                    try:
+                        out[k] = copy.deepcopy(v)
+                    except Exception:  # noqa: BLE001 - an uncopyable value: shallow, as fx does
+                        out[k] = copy.copy(v)
+            return out
+
+        def clone_gm(src: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            graph = copy.deepcopy(src.graph)
+            for a, b in zip(src.graph.nodes, graph.nodes, strict=True):
+                b.meta = copy_meta(a.meta)
+            gm = torch.fx.GraphModule(src, graph)  # fresh module tree; tensors by reference
+            gm.meta.update(copy_meta(src.meta))
+            copies: dict[int, torch.Tensor] = {}  # aliases of one buffer stay aliases
+            for name, buf in list(gm.named_buffers(remove_duplicate=False)):
+                owner_path, _, attr = name.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                owner.register_buffer(attr, copies.setdefault(id(buf), buf.clone()))
+            for node in graph.find_nodes(op="get_attr"):  # subgraphs (torch.cond branches...)
+                owner_path, _, attr = node.target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                sub = getattr(owner, attr)
+                if isinstance(sub, torch.fx.GraphModule):
+                    setattr(owner, attr, clone_gm(sub))
+            return gm
+
         return Program(
-            gm,
+            clone_gm(self.gm),
             self.example_args,
             list(self.input_names),
             self.kind,
-            dict(self.dynamic_dims),
-            list(self.history),
+            copy.deepcopy(self.dynamic_dims),
+            copy.deepcopy(self.history),
             list(self.candidates),
             self.source,
-            dict(self.dim_ranges),
+            copy.deepcopy(self.dim_ranges),
             list(self.output_names),
         )
 

@@ -23,32 +23,19 @@ log = logging.getLogger(__name__)
 
 
 def lower_dense(program: Program) -> int:
-    """Route every remaining SDPA node through `attnc::attention` (Triton on CUDA)."""
+    """Route every remaining SDPA node (without dropout) through `attnc::attention` (Triton on
+    CUDA), in place, by `attnc.graph.replace`: the call keeps its inputs, flag and scale."""
     import attnc.kernels  # noqa: F401  (registers the ops)
+    from attnc.graph.replace import replace_attention_node
 
     graph = program.gm.graph
     n = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != SDPA:
             continue
-        a = sdpa_args(node)
-        if float(a.get("dropout_p", 0.0) or 0.0) != 0.0:
+        if float(sdpa_args(node).get("dropout_p", 0.0) or 0.0) != 0.0:
             continue
-        with graph.inserting_after(node):
-            new = graph.call_function(
-                torch.ops.attnc.attention.default,
-                (
-                    a["query"],
-                    a["key"],
-                    a["value"],
-                    a.get("attn_mask"),
-                    bool(a.get("is_causal", False)),
-                    a.get("scale"),
-                ),
-            )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        replace_attention_node(program.gm, node, torch.ops.attnc.attention.default)
         n += 1
     graph.lint()
     program.gm.recompile()

@@ -8,13 +8,15 @@ never from the model's name.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch.fx import GraphModule, Node
+
+if TYPE_CHECKING:
+    from attnc.graph.calls import Pattern
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -45,7 +47,7 @@ class AttentionSite:
     mask: Literal["none", "bool", "float"]
     scale: float
     window: int | None
-    pattern: str
+    pattern: Pattern | str  # calls.Pattern (name + parameters); equals its name
     q_proj: str | None
     k_proj: str | None
     v_proj: str | None
@@ -57,44 +59,49 @@ class AttentionSite:
     softcap: float | None = None  # c of a soft-cap score tanh(s / c) * c
 
     def row(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The site as plain values (the pattern as text: `sliding_window(window=64, ...)`)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["pattern"] = str(self.pattern)
+        return out
 
 
 def is_attention(node: Node) -> bool:
-    """SDPA, an `attnc::` attention op, or the output of a marked attention region."""
+    """SDPA, an `attnc::` attention op (any op with a reader in `attnc.graph.calls`, and an
+    `attnc::` op named like attention without one, which `read_call` then refuses loudly), or
+    the output of a marked attention region."""
     if node.op != "call_function":
         return False
-    if node.target == SDPA or REGION_META in node.meta:
+    if node.target is SDPA or REGION_META in node.meta:
         return True
-    ns = getattr(node.target, "namespace", None)
-    return ns == "attnc" and "attention" in str(node.target)
+    if not hasattr(node.target, "_schema"):
+        return False
+    from attnc.graph import calls
+
+    return calls.registered(node) or calls.unregistered_attnc_attention(node)
 
 
 def attention_args(node: Node) -> dict:
-    """`sdpa_args` of an attention node; for a region, the same keys read from its meta (q, k, v,
-    mask nodes found upstream by name) plus `mask_kind` and `mask_inverted`."""
-    region = node.meta.get(REGION_META)
-    if not region:
-        return sdpa_args(node)
-    keys = {"query": "q", "key": "k", "value": "v", "attn_mask": "mask"}
-    want = {region[r]: a for a, r in keys.items() if region.get(r)}
-    out: dict = {a: None for a in keys}
-    seen, frontier = {node}, [node]
-    while frontier and want and len(seen) < 20000:  # breadth first: q, k, v are a few hops up
-        nxt = []
-        for n in frontier:
-            if n.name in want:
-                out[want.pop(n.name)] = n
-            nxt += [a for a in n.all_input_nodes if a not in seen]
-            seen.update(n.all_input_nodes)
-        frontier = nxt
-    out.update(
-        is_causal=False,
-        scale=region.get("scale"),
-        mask_kind=region.get("mask_kind", "none"),
-        mask_inverted=region.get("mask_inverted", False),
-    )
-    return out
+    """An attention node's call (`attnc.graph.calls.read_call`) under SDPA's argument names:
+    query, key, value, attn_mask (the op's mask, a pattern op's key padding mask, a region's),
+    dropout_p, is_causal (the op's flag), scale (as passed), enable_gqa, plus `mask_kind` and
+    `mask_inverted`."""
+    from attnc.graph.calls import read_call
+
+    call = read_call(node)
+    if call is None:
+        raise KeyError(f"{node.name} is not an attention node")
+    return {
+        "query": call.q,
+        "key": call.k,
+        "value": call.v,
+        "attn_mask": call.mask,
+        "dropout_p": call.dropout_p,
+        "is_causal": call.is_causal,
+        "scale": call.scale_arg,
+        "enable_gqa": call.enable_gqa,
+        "mask_kind": call.mask_kind,
+        "mask_inverted": call.mask_inverted,
+    }
 
 
 def module_path(node: Node) -> str:
@@ -200,10 +207,13 @@ def kv_heads(k: Node) -> int:
 
 
 def sdpa_args(node: Node) -> dict:
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
-    out = dict(zip(names, node.args, strict=False))  # trailing args may be defaulted
-    out.update(node.kwargs)
-    return out
+    """The arguments an SDPA node passes, by SDPA's schema (defaults not filled in); for another
+    attention op, `attention_args` (its call under SDPA's names)."""
+    from attnc.graph.calls import bind
+
+    if node.op == "call_function" and node.target is SDPA:
+        return bind(node, defaults=False)
+    return attention_args(node)
 
 
 @dataclass(frozen=True)
@@ -325,24 +335,23 @@ def norm_before(node: Node) -> Node | None:
 
 
 def find_sites(gm: GraphModule) -> list[AttentionSite]:
+    """Every attention call of the graph as a site, in graph order, read afresh each time."""
+    from attnc.graph.calls import read_call
+
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
-        if not is_attention(node):
-            continue
-        sites.append(_site(len(sites), node))
+        call = read_call(node) if is_attention(node) else None
+        if call is not None:
+            sites.append(_site(len(sites), node, call))
     return sites
 
 
-def _site(index: int, node: Node) -> AttentionSite:
-    a = attention_args(node)
-    region = node.meta.get(REGION_META)
-    q, k, v = a["query"], a["key"], a["value"]
-    qs = _shape(q) or (0, 0, 0, 0)
-    mask = a.get("attn_mask")
-    mask_kind = "none" if mask is None else ("bool" if _dtype(mask) == torch.bool else "float")
-    mask_kind = a.get("mask_kind", mask_kind)
-    head_dim = int(qs[-1]) if qs else 0
-    scale = a.get("scale") or (1.0 / math.sqrt(head_dim) if head_dim else 0.0)
+def _site(index: int, node: Node, call=None) -> AttentionSite:
+    """The site of attention node `node`, derived from its call (`attnc.graph.calls`)."""
+    from attnc.graph.calls import read_call
+
+    call = call if call is not None else read_call(node)
+    q, k, v = call.q, call.k, call.v
     q_lin, k_lin, v_lin = (_walk_back_linear(x) if x is not None else None for x in (q, k, v))
     self_attn = (
         q_lin is not None
@@ -354,11 +363,6 @@ def _site(index: int, node: Node) -> AttentionSite:
     if res is not None:
         o_lin = _walk_back_linear(res.branch)
     path = module_path(node)
-    causal = bool(a.get("is_causal", False)) or bool(node.meta.get("attnc_causal", False))
-    sdpa = node.target is torch.ops.aten.scaled_dot_product_attention.default
-    pattern = "dense" if sdpa else str(getattr(node.target, "__name__", node.target)).split(".")[0]
-    if region:
-        pattern = "region"  # hand-written attention with a score function SDPA cannot express
     norm = None
     if res is not None:
         norm = res.out if res.style == "post-norm" else norm_before(q)
@@ -368,14 +372,14 @@ def _site(index: int, node: Node) -> AttentionSite:
         module=path,
         node=node.name,
         kind="self" if self_attn or q_lin is None else "cross",
-        num_heads=int(qs[1]) if qs else 0,
-        num_kv_heads=kv_heads(k),
-        head_dim=head_dim,
-        causal=causal,
-        mask=mask_kind,
-        scale=float(scale),
+        num_heads=call.num_heads,
+        num_kv_heads=call.num_kv_heads,
+        head_dim=call.head_dim,
+        causal=call.causal,
+        mask=call.mask_kind,
+        scale=float(call.scale),
         window=node.meta.get("attnc_window"),
-        pattern=pattern,
+        pattern=call.pattern,
         q_proj=q_lin.name if q_lin else None,
         k_proj=k_lin.name if k_lin else None,
         v_proj=v_lin.name if v_lin else None,
@@ -383,8 +387,8 @@ def _site(index: int, node: Node) -> AttentionSite:
         residual_add=res.add.name if res else None,
         norm=norm.name if norm is not None else None,
         block_style=res.style if res else "unknown",
-        score=node.meta.get("attnc_score", "none"),
-        softcap=region.get("softcap") if region else None,
+        score=call.score,
+        softcap=call.softcap,
     )
 
 
