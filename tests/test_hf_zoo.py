@@ -23,8 +23,17 @@ import zoo_triage as zt
 from attnc.errors import AttncError
 
 # name -> "stage: first error line" (from `.venv/bin/python tests/zoo_triage.py`)
-XFAIL_INSPECT: dict[str, str] = {}
-XFAIL_DROP: dict[str, str] = {}
+XFAIL_INSPECT: dict[str, str] = {
+    "longformer": "capture: torch.export failed: Could not guard on data-dependent expression "
+    "Eq(u0, 1)",
+    "paligemma": "capture: the captured program differs from the model by 0.109 (a bare "
+    "torch.export of the model differs as much: its image-prefix mask under export)",
+}
+XFAIL_DROP: dict[str, str] = {
+    **XFAIL_INSPECT,
+    "falcon_alibi": "ort (internal): [ONNXRuntimeError] NOT_IMPLEMENTED: Could not find an "
+    "implementation for Mul(14) node",
+}
 
 
 def _params(names, xfails, slow=False):
