@@ -121,7 +121,7 @@ def neighborhood_attention(
     flash = flash_module()
     pattern_ = None if flash is None or extras else flash.natten_pattern(
         g, kernel_size, dilation, stride, is_causal)
-    reach = [math.prod(abs(x) for x in ks) for ks in heads]
+    reach = [math.prod(L if x < 0 else x for L, x in zip(g, ks, strict=True)) for ks in heads]
     density = min(1.0, (max(reach) + num_global) / max(s, 1))
     return run_pattern(q, k, v, scale=scale, causal=False, pattern=pattern_, layout=None,
                        density=density, dense_mask=dense, ref=ref, fwd=fwd if extras else None)
