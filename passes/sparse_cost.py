@@ -1,0 +1,364 @@
+"""The sparse pass's cost model: the predicted time of a pattern op against the dense attention
+it replaces, at the build's target length, on the backend the build is for.
+
+Each backend is priced by what it actually runs:
+
+- ``cuda``: the dense site runs torch SDPA (FlashAttention). The pattern op runs attnc's Triton
+  kernels over BLOCK_M x BLOCK_N tiles per (batch, head): tiles the pattern leaves empty are
+  never visited, full tiles cost ``C_FULL``, partial tiles ``C_PARTIAL`` (the pattern evaluated
+  per element), plus a launch overhead per call. Problems the op itself sends to SDPA with a dense
+  bool mask (``kernels.autotune.dense_is_cheaper``: short or nearly dense ones) cost masked SDPA
+  plus building the mask, which is slower than dense SDPA. A site with a mask (a Hugging Face
+  padding mask) also pays, per call, the op's check that the mask only pads keys
+  (``masks.resolve_padding``: two passes over B x Hm x S x S). ``C_FULL``, the SDPA figures and
+  ``C_PARTIAL`` are fitted to ``benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json``
+  (``fit_cuda`` re-derives them); the overheads are stated assumptions, not measurements.
+- ``onnxruntime-cpu``: the exported pattern op is today opset-23 ``Attention`` with an in-graph
+  bool mask (Range/Sub/Less... over S x S): every score is still computed, and the mask is built
+  and applied on top, so every pattern predicts at most 1.0x until blocked ONNX forms exist. The
+  ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding mask) is
+  priced as dense: no gain measured.
+- ``torch-cpu``: the op runs its reference (``kernels/reference.py``): float32 scores
+  materialised, the dense mask built and the padding checked, against SDPA's fused CPU kernel:
+  at most 1.0x.
+
+Tile counts come from the same ``kernels.masks`` predicates the ops run, evaluated on up to
+``SAMPLE_TILES`` query tiles (all of them when there are fewer) and scaled to the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Backend = Literal["onnxruntime-cpu", "cuda", "torch-cpu"]
+BACKENDS: tuple[str, ...] = ("onnxruntime-cpu", "cuda", "torch-cpu")
+Pred = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (r, 1), (1, S) -> (r, S) bool
+
+# ---- cuda (H100 bf16, D = 128, 64 x 64 tiles; per (batch, head) tile)
+BM, BN, D_REF = 64, 64, 128
+C_FULL = 4.45e-9  # attnc dense S=8192 B2 H16: 2.334 ms / 524,288 tiles
+C_PARTIAL = 22.0e-9  # fit_cuda: na1d w=2048 and sliding w=2048+4 sinks at S=32768
+C_SDPA = 5.83e-9  # SDPA dense S=8192: 3.059 ms / 524,288 tiles
+C_SDPA_CAUSAL = 6.46e-9  # SDPA causal S=8192: 1.707 ms / 264,192 visible tiles
+C_SDPA_MASKED = 7.51e-9  # SDPA with a bool mask S=32768 H16: 31.47 ms / 4,194,304 tiles
+OVH_SDPA = 10e-6  # assumption: one SDPA launch
+OVH_ATTNC = 40e-6  # assumption: the op's Python launcher, cached tile lists, one launch
+C_GPU_ELEM = 0.0015e-9  # assumption: one elementwise op on one bool element (~2 TB/s)
+PAD_CHECK_OPS = 8  # resolve_padding: compare, and, any, equal over the mask, twice
+
+# ---- cpu (2 threads, float32): assumptions of the order this machine shows
+F_CPU = 30e9  # GEMM FLOP/s
+C_SOFTMAX = 1.0e-9  # per score: max, exp, sum, scale
+C_CPU_ELEM = 0.5e-9  # one elementwise op on one element (bool or int64 mask arithmetic)
+MASK_OPS = {"window": 8, "neighborhood": 14, "block": 4}  # in-graph mask ops per S x S entry
+REF_EXTRA = 3.0  # the reference's float32 score, masked_fill, logsumexp, exp, where passes
+
+SAMPLE_TILES = 24
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """The attention call being priced, at the target length."""
+
+    seq: int
+    heads: int
+    head_dim: int
+    causal: bool
+    batch: int = 1
+    mask: bool = False  # the site carries a mask the op takes as key padding
+
+
+@dataclass(frozen=True)
+class PatternCost:
+    """A pattern as the cost model sees it: per distinct head parameter, its predicate at the
+    target length and how many heads share it (a None predicate: a dense head)."""
+
+    kind: str  # window | neighborhood | block
+    heads: tuple[tuple[Pred | None, int], ...]
+    onnx_form: str
+    extras: bool  # padding mask, global tokens or per-head params: the 1-D-tile kernels
+    mask_heads: int = 1  # heads of the in-graph ONNX mask (1 unless per-head parameters)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    backend: str
+    speedup: float
+    dense_ms: float
+    pattern_ms: float
+    density: float  # computed pairs / pairs the dense site computes, at the target length
+    form: str  # what runs: the kernel, SDPA with a mask, the ONNX form, the reference
+    note: str = ""
+
+    def metrics(self) -> dict:
+        return {"backend": self.backend, "predicted_speedup": round(self.speedup, 4),
+                "dense_ms": round(self.dense_ms, 5), "pattern_ms": round(self.pattern_ms, 5),
+                "density": round(self.density, 5), "runs_as": self.form}
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto`: cuda where a CUDA device is present, else onnxruntime-cpu."""
+    if backend != "auto":
+        return backend
+    return "cuda" if torch.cuda.is_available() else "onnxruntime-cpu"
+
+
+# ------------------------------------------------------------------------------- tile counts
+
+
+@dataclass(frozen=True)
+class Tiles:
+    full: float
+    partial: float
+    visible: float  # visible (query, key) pairs
+
+
+def tile_counts(pred: Pred | None, sq: int, skv: int, bm: int = BM, bn: int = BN,
+                sample: int = SAMPLE_TILES) -> Tiles:
+    """Full and partial bm x bn tiles and visible pairs of one head's pattern (None: every pair),
+    from up to `sample` evenly spaced query tiles, scaled to all of them."""
+    nq, nk = -(-sq // bm), -(-skv // bn)
+    if pred is None:
+        return Tiles(float(nq * nk), 0.0, float(sq * skv))
+    picks = sorted({round(x * (nq - 1) / max(sample - 1, 1)) for x in range(min(sample, nq))})
+    cols = torch.arange(nk * bn)[None, :]
+    full = part = vis = 0
+    for t in picks:
+        rows = torch.arange(t * bm, min((t + 1) * bm, sq))[:, None]
+        m = pred(rows, cols.clamp(max=skv - 1)) & (cols < skv)  # (r, nk*bn)
+        m = m.reshape(-1, rows.shape[0], nk * bn).any(0)  # a head-broadcast predicate
+        tiles = m.reshape(rows.shape[0], nk, bn)
+        a, b = tiles.any(-1).any(0), tiles.all(-1).all(0)
+        if skv % bn:
+            b[-1] = False
+        full += int(b.sum())
+        part += int((a & ~b).sum())
+        vis += int(m.sum())
+    scale = nq / len(picks)
+    last = sq - (nq - 1) * bm  # the last tile's rows when scaling visible pairs
+    rows_seen = sum(bm if t < nq - 1 else last for t in picks)
+    return Tiles(full * scale, part * scale, vis * sq / rows_seen)
+
+
+def dense_pairs(seq: int, causal: bool) -> float:
+    return seq * (seq + 1) / 2 if causal else float(seq * seq)
+
+
+# ------------------------------------------------------------------------------- prediction
+
+
+def predict(backend: str, shape: SiteShape, pattern: PatternCost) -> Prediction:
+    """The pattern op's predicted time against the dense site's, at `shape.seq`."""
+    backend = resolve_backend(backend)
+    counts = [(tile_counts(p, shape.seq, shape.seq), n) for p, n in pattern.heads]
+    visible = sum(t.visible * n for t, n in counts)
+    density = visible / (dense_pairs(shape.seq, shape.causal) * shape.heads)
+    if backend == "cuda":
+        return _cuda(shape, pattern, counts, density)
+    if backend == "onnxruntime-cpu":
+        return _ort(shape, pattern, density)
+    if backend == "torch-cpu":
+        return _torch_cpu(shape, pattern, density)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _sdpa_dense(shape: SiteShape) -> float:
+    s, d = shape.seq, shape.head_dim / D_REF
+    nt = -(-s // BM)
+    tiles = nt * (nt + 1) / 2 if shape.causal else nt * nt
+    c = C_SDPA_CAUSAL if shape.causal else C_SDPA
+    return OVH_SDPA + c * shape.batch * shape.heads * tiles * d
+
+
+def _pad_check(shape: SiteShape, per_elem: float) -> float:
+    if not shape.mask:
+        return 0.0
+    return PAD_CHECK_OPS * shape.batch * shape.seq * shape.seq * per_elem
+
+
+def _cuda(shape: SiteShape, pattern: PatternCost, counts, density: float) -> Prediction:
+    from attnc.kernels import autotune
+
+    dense = _sdpa_dense(shape)
+    s, d = shape.seq, shape.head_dim / D_REF
+    tile_density = sum((t.full + t.partial) * n for t, n in counts) / (
+        shape.heads * (-(-s // BM)) * (-(-s // BN)))
+    if autotune.dense_is_cheaper(s, s, tile_density):
+        nt = -(-s // BM)
+        build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s * s * C_GPU_ELEM
+        t = OVH_SDPA + build + C_SDPA_MASKED * shape.batch * shape.heads * nt * nt * d
+        t += _pad_check(shape, C_GPU_ELEM)
+        return Prediction("cuda", dense / t, dense * 1e3, t * 1e3, density,
+                          "SDPA with a dense bool mask (the op's own small-problem route)")
+    work = sum((t.full * C_FULL + t.partial * C_PARTIAL) * n for t, n in counts)
+    t = OVH_ATTNC + shape.batch * work * d + _pad_check(shape, C_GPU_ELEM)
+    form = "Triton kernel (1-D tile lists)" if pattern.extras else "Triton kernel"
+    return Prediction("cuda", dense / t, dense * 1e3, t * 1e3, density, form)
+
+
+def _cpu_dense(shape: SiteShape) -> float:
+    pairs = shape.batch * shape.heads * float(shape.seq) ** 2  # CPU kernels compute every score
+    return pairs * (4 * shape.head_dim / F_CPU + C_SOFTMAX)
+
+
+def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
+    dense = _cpu_dense(shape)
+    if pattern.onnx_form.startswith("com.microsoft"):
+        return Prediction("onnxruntime-cpu", 1.0, dense * 1e3, dense * 1e3, density,
+                          pattern.onnx_form, "priced as dense: no gain measured")
+    s2 = float(shape.seq) ** 2
+    build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s2 * C_CPU_ELEM
+    apply = shape.batch * shape.heads * s2 * C_CPU_ELEM  # the bool mask applied to every score
+    pad = 0.0
+    if shape.mask:  # AND with the padding mask, and the zero rows (ReduceMax, Cast, Where)
+        pad = 4 * shape.batch * pattern.mask_heads * s2 * C_CPU_ELEM
+    t = dense + build + apply + pad
+    return Prediction("onnxruntime-cpu", dense / t, dense * 1e3, t * 1e3, density,
+                      pattern.onnx_form, "every score is still computed")
+
+
+def _torch_cpu(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
+    dense = _cpu_dense(shape)
+    s2 = float(shape.seq) ** 2
+    pairs = shape.batch * shape.heads * s2
+    build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s2 * C_CPU_ELEM
+    t = dense + pairs * REF_EXTRA * C_CPU_ELEM + build + _pad_check(shape, C_CPU_ELEM)
+    return Prediction("torch-cpu", dense / t, dense * 1e3, t * 1e3, density,
+                      "the op's reference (dense float32 scores and mask)",
+                      "every score is still computed")
+
+
+# ------------------------------------------------------------------------------- calibration
+
+
+def fit_cuda(path: str | Path) -> dict[str, float]:
+    """Re-derive C_FULL, the SDPA figures and C_PARTIAL from a kernels benchmark JSON: the dense
+    rows give the per-tile costs; the 1-D rows whose tiles the predicates reproduce (na1d and
+    the causal sliding window, both at one config) give C_PARTIAL by subtracting the full tiles.
+    Returns {} entries only for what the file holds."""
+    from attnc.kernels import masks
+
+    rows = {r["case"]: r for r in json.loads(Path(path).read_text())["results"]}
+    out: dict[str, float] = {}
+
+    def per_tile(r: dict, ms: float, causal: bool) -> float:
+        cfg = r.get("config") or {"BLOCK_M": BM, "BLOCK_N": BN}
+        nq, nk = -(-r["S"] // cfg["BLOCK_M"]), -(-r["S"] // cfg["BLOCK_N"])
+        tiles = nq * (nq + 1) / 2 if causal else nq * nk
+        area = cfg["BLOCK_M"] * cfg["BLOCK_N"] / (BM * BN)
+        return ms * 1e-3 / (r["B"] * r["H"] * tiles * area) * D_REF / r["D"]
+
+    dense = rows.get("dense S=8192")
+    if dense:
+        out["C_FULL"] = per_tile(dense, dense["ms_attnc"], False)
+        out["C_SDPA"] = per_tile(dense, dense["ms_sdpa_dense"], False)
+    causal = rows.get("dense causal S=8192")
+    if causal:
+        ms = causal.get("ms_sdpa_dense_causal", causal["ms_sdpa_dense"])
+        out["C_SDPA_CAUSAL"] = per_tile({**causal, "config": None}, ms, True)
+    fits = []
+    for name, r in rows.items():
+        if not r.get("ms_attnc") or "C_FULL" not in out:
+            continue
+        if name.startswith("na1d"):
+            k = int(name.split("w=")[1])
+            pred = _natten1d(r["S"], k, masks)
+        elif name.startswith("sliding") and "causal" in name:
+            w, sinks = int(name.split("w=")[1].split("+")[0]), int(name.split("+")[1].split()[0])
+            pred = _window(w, sinks, True, masks)
+        else:
+            continue
+        if r.get("ms_sdpa_masked"):
+            nt = -(-r["S"] // BM)
+            out.setdefault("C_SDPA_MASKED", r["ms_sdpa_masked"] * 1e-3 / (
+                r["B"] * r["H"] * nt * nt) * D_REF / r["D"])
+        cfg = r["config"]
+        t = tile_counts(pred, r["S"], r["S"], cfg["BLOCK_M"], cfg["BLOCK_N"])
+        area = cfg["BLOCK_M"] * cfg["BLOCK_N"] / (BM * BN)
+        per_head = r["ms_attnc"] * 1e-3 / (r["B"] * r["H"]) * D_REF / r["D"]
+        fits.append((per_head - t.full * area * out["C_FULL"]) / (t.partial * area))
+    if fits:
+        out["C_PARTIAL"] = sum(fits) / len(fits)
+    return out
+
+
+def _natten1d(s: int, k: int, masks) -> Pred:
+    return lambda i, j: masks.natten_axis_visible(i, j, s, k, 1, 1, False)
+
+
+def _window(w: int, sinks: int, causal: bool, masks) -> Pred:
+    return lambda i, j: masks.sliding_window_visible(i, j, w, sinks, causal)
+
+
+def window_cost(windows: Sequence[int], num_sinks: int, causal: bool, onnx_form: str,
+                extras: bool) -> PatternCost:
+    """A sliding window per head (-1 or None: a dense head) as a PatternCost."""
+    from attnc.kernels import masks
+
+    groups: dict[int, int] = {}
+    for w in windows:
+        groups[w] = groups.get(w, 0) + 1
+    heads = tuple((None if w < 0 else _window(w, num_sinks, causal, masks), n)
+                  for w, n in groups.items())
+    per_head = len(groups) > 1
+    return PatternCost("window", heads, onnx_form, extras, len(windows) if per_head else 1)
+
+
+def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dilation, stride,
+                      is_causal, num_global: int, extras: bool) -> PatternCost:
+    """NATTEN on `grid` after `num_global` global tokens, one kernel per head (-1 entries: the
+    whole axis; a kernel of all -1: a dense head)."""
+    from attnc.kernels import masks
+
+    groups: dict[tuple[int, ...], int] = {}
+    for ks in kernels:
+        groups[tuple(ks)] = groups.get(tuple(ks), 0) + 1
+
+    def pred(ks):
+        if all(k < 0 for k in ks):
+            return None
+        return lambda i, j: masks.natten_heads_visible(i, j, list(grid), [list(ks)], dilation,
+                                                       stride, is_causal, num_global)[0]
+
+    heads = tuple((pred(ks), n) for ks, n in groups.items())
+    per_head = len(groups) > 1
+    return PatternCost("neighborhood", heads, "Attention(opset 23) + in-graph neighborhood mask",
+                       extras, len(kernels) if per_head else 1)
+
+
+def block_cost(layout: torch.Tensor, block_size: int, causal: bool, extras: bool,
+               heads: int) -> PatternCost:
+    """A (1, H|1, n, n) block layout over `heads` heads (a head whose blocks are all kept and
+    not causal counts as dense)."""
+    groups: dict[bytes, tuple[torch.Tensor, int]] = {}
+    for h in range(layout.shape[1]):
+        key = layout[0, h].numpy().tobytes()
+        lay, n = groups.get(key, (layout[0, h], 0))
+        groups[key] = (lay, n + (heads if layout.shape[1] == 1 else 1))
+
+    def pred(lay):
+        if bool(lay.all()) and not causal:
+            return None
+
+        def p(i, j):
+            qb = (i[:, 0] // block_size).clamp(max=lay.shape[0] - 1)
+            kb = (j[0] // block_size).clamp(max=lay.shape[1] - 1)
+            m = lay[qb][:, kb]  # (r, S)
+            return (m & (j <= i)) if causal else m
+
+        return p
+
+    heads = tuple((pred(lay), n) for lay, n in groups.values())
+    return PatternCost("block", heads, "Attention(opset 23) + in-graph block-layout mask", extras,
+                       layout.shape[1] if len(groups) > 1 else 1)
+
+
+def fmt_speedup(x: float) -> str:
+    return f"{x:.2f}x" if math.isfinite(x) else "n/a"

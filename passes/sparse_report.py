@@ -1,0 +1,56 @@
+"""sparse's section of report.md: per site the chosen pattern, its density and predicted
+speed-up, the reason for every site kept dense, and per site a plot of kept attention mass
+against density for every candidate family (`<prefix>mass-<i>.svg`, the chosen point marked)."""
+
+from __future__ import annotations
+
+import re
+
+from attnc.report.plots import curve_svg
+from attnc.report.section import PassSection, ReportPart, table
+
+MAX_PLOTS = 64
+
+
+def _name(i: int, site: str) -> str:
+    return f"mass-{i:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', site)[:60]}.svg"
+
+
+def render(section: PassSection) -> ReportPart:
+    ds = section.decisions
+    fired = [d for d in ds if d.action == "sparse"]
+    m0 = next((d.metrics for d in ds if d.metrics.get("backend")), {})
+    head = (f"rewrote {len(fired)} of {len(ds)} site(s); kept mass is the "
+            f"{m0.get('statistic', 'quantile')} per query over the calibration data "
+            f"(min_mass {m0.get('min_mass', '')}); speed-ups are the cost model's predictions "
+            f"for {m0.get('backend', '?')} at the target length, batch 1, not measurements.")
+    rows = []
+    for d in ds:
+        m = d.metrics
+        rows.append([d.site, d.action, m.get("pattern", ""), m.get("density", ""),
+                     m.get("kept_mass_min", ""), m.get("predicted_speedup", ""),
+                     m.get("target_length", ""), d.reason])
+    out = [head, "", table(["site", "action", "pattern", "density", "kept mass (min head)",
+                            "predicted speed-up", "target length", "reason"], rows)]
+    files: dict[str, str | bytes] = {}
+    plotted = 0
+    for i, d in enumerate(ds):
+        curves = d.metrics.get("curves")
+        if not curves or plotted >= MAX_PLOTS:
+            continue
+        marks = []
+        if d.action == "sparse":
+            marks.append((float(d.metrics["density_calib"]), float(d.metrics["kept_mass"]),
+                          "chosen"))
+        svg = curve_svg({k: [tuple(p) for p in v] for k, v in curves.items()},
+                        f"{d.site}: kept attention mass vs density (calibration, "
+                        f"{d.metrics.get('calibration_length')} tokens)",
+                        "density (share of the site's keys kept)",
+                        f"kept mass ({d.metrics.get('statistic')}, mean over heads)",
+                        xlim=(0.0, 1.0), marks=marks)
+        if svg:
+            name = _name(i, d.site)
+            files[name] = svg
+            out += ["", f"![{d.site}]({section.file(name)})"]
+            plotted += 1
+    return ReportPart("\n".join(out), files)
