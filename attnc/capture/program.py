@@ -231,9 +231,12 @@ def _export(module, args, names, dynamic_dims):
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 
-def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = True) -> Program:
+def capture(
+    loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = True, check: bool = True
+) -> Program:
     """torch.export the model (dynamic batch and sequence where the model allows), keep SDPA as
-    one node, and canonicalise hand-written attention into SDPA."""
+    one node, and canonicalise hand-written attention into SDPA; with `check`, the program must
+    match the model on the example inputs (`check_parity`)."""
     names, args = loaded.input_names, loaded.example_args
     module = loaded.module
     want = _default_dynamic_dims(names, args) if dynamic else {}
@@ -279,7 +282,52 @@ def capture(loaded: LoadedModel, *, dynamic: bool = True, canonicalize: bool = T
     program.dim_ranges = _dim_ranges(ep, names, used)
     if seen:
         program.output_names = seen[-1]
+    if check:
+        check_parity(module, gm, tuple(args), loaded.source)
     return program
+
+
+def check_parity(module, gm, args: tuple, source: str) -> float:
+    """The captured program must compute what the model computes on the example inputs: a
+    capture that silently changes the model (an export-time mask that eager mode skips, say)
+    is refused here, before any pass could be blamed for it. Returns the max abs diff."""
+    with torch.no_grad():
+        ref = pytree.tree_leaves(module(*args))
+        got = pytree.tree_leaves(gm(*args))
+    ref = [t for t in ref if isinstance(t, torch.Tensor)]
+    got = [t for t in got if isinstance(t, torch.Tensor)]
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=True)):
+        raise CaptureError(
+            f"the captured program of {source} returns other outputs than the model "
+            f"({[tuple(t.shape) for t in got]} vs {[tuple(t.shape) for t in ref]})"
+        )
+    worst = 0.0
+    for a, b in zip(ref, got, strict=True):
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                raise CaptureError(f"the captured program of {source} differs from the model")
+            continue
+        a64, b64 = a.double(), b.double()
+        fin = torch.isfinite(a64)
+        if not torch.equal(fin, torch.isfinite(b64)):
+            raise CaptureError(
+                f"the captured program of {source} has non-finite values where the model has "
+                "none (or the reverse)"
+            )
+        if not fin.any():
+            continue
+        diff = float((a64 - b64)[fin].abs().max())
+        scale = max(1.0, float(a64[fin].abs().max()))
+        tol = (1e-3 if a.dtype == torch.float32 or a.dtype == torch.float64 else 3e-2) * scale
+        worst = max(worst, diff)
+        if diff > tol:
+            raise CaptureError(
+                f"torch.export changed what {source} computes: the captured program differs "
+                f"from the model by {diff:.3g} on the example inputs (allowed {tol:.3g})",
+                "the model takes another path under torch.export (data-dependent masks or "
+                "control flow); attnc refuses it rather than optimise a different model",
+            )
+    return worst
 
 
 def keyword_module(program: Program) -> torch.fx.GraphModule:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from attnc.errors import VerificationError
+from attnc.errors import ExportError, VerificationError
 from attnc.load.calibration import Batch
 
 
@@ -160,6 +161,11 @@ def meets(metrics: dict[str, float], bound: Any) -> tuple[bool, list[str]]:
     return (not fails), fails
 
 
+def _ort_msg(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
 def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
     """A callable running the ONNX file in ONNX Runtime (CUDA provider when present)."""
     import onnxruntime as ort
@@ -176,12 +182,22 @@ def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
         for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
         if p in ort.get_available_providers()
     ]
-    sess = ort.InferenceSession(onnx_path, so, providers=providers)
+    try:
+        sess = ort.InferenceSession(onnx_path, so, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT's errors are many: one line, named
+        name = Path(onnx_path).name
+        raise ExportError(f"ONNX Runtime cannot load {name}: {_ort_msg(exc)}") from exc
     names = [i.name for i in sess.get_inputs()]
 
     def run(*args: torch.Tensor):
         feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=False)}
-        return torch.from_numpy(sess.run(None, feed)[0])
+        try:
+            return torch.from_numpy(sess.run(None, feed)[0])
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(
+                f"ONNX Runtime cannot run {Path(onnx_path).name}: {_ort_msg(exc)}",
+                "the exported graph uses an op/dtype pair this ONNX Runtime build lacks",
+            ) from exc
 
     run.providers = sess.get_providers()  # type: ignore[attr-defined]
     return run
