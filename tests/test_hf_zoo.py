@@ -33,10 +33,6 @@ REFUSED_INSPECT: dict[str, tuple[str, str]] = {
 }
 REFUSED_DROP: dict[str, tuple[str, str]] = {
     **REFUSED_INSPECT,
-    # Falcon builds its ALiBi in bfloat16 even in an fp32 model; ORT's CPU build has no bf16 Mul
-    "falcon_alibi": (
-        "ort", "ONNX Runtime cannot load model.onnx: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED"
-    ),
 }
 XFAIL_INSPECT: dict[str, str] = {}
 XFAIL_DROP: dict[str, str] = {}

@@ -167,7 +167,14 @@ def export_onnx(
             f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}"
         ) from exc
     onnx.save(model, str(path))
-    return onnx_summary(model)
+    from attnc.export.ort_dtypes import widen_unsupported_bf16
+
+    widened = widen_unsupported_bf16(path)  # bf16 islands ORT's CPU build cannot run
+    if widened:
+        model = onnx.load(str(path))
+    summary = onnx_summary(model)
+    summary["bf16_nodes_run_in_fp32"] = widened
+    return summary
 
 
 def _torch_onnx_export(program: Program, module, output_names: list[str], opset: int):
