@@ -28,15 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from attnc.kernels import masks
-from attnc.kernels.patterns import site_reason
-from attnc.kernels.sliding_window import onnx_form
 
 from attnc.errors import PassError, RecipeError
 from attnc.graph.calls import read_call
 from attnc.graph.replace import replace_attention_node
 from attnc.graph.sites import find_sites
 from attnc.graph.stats_collect import StatsSpec, collect_site_stats
+from attnc.kernels import masks
+from attnc.kernels.patterns import site_reason
+from attnc.kernels.sliding_window import onnx_form
 from attnc.recipe.manager import Decision, PassInfo, register_pass
 from attnc.recipe.selectors import Selector
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from attnc.kernels import masks
 
 from attnc.errors import RecipeError
 from attnc.graph import stats_patterns as P
 from attnc.graph.stats_patterns import Candidate
+from attnc.kernels import masks
 
 FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 MAX_LAYOUT_BYTES = 64 << 20

@@ -78,10 +78,11 @@ class SiteShape:
 @dataclass(frozen=True)
 class PatternCost:
     """A pattern as the cost model sees it: per distinct head parameter, its predicate at the
-    target length and how many heads share it (a None predicate: a dense head)."""
+    target length, how many heads share it (a None predicate: a dense head) and a hashable key
+    naming the predicate (tile counts are cached on it; None: not cached)."""
 
     kind: str  # window | neighborhood | block
-    heads: tuple[tuple[Pred | None, int], ...]
+    heads: tuple[tuple[Pred | None, int, object], ...]
     onnx_form: str
     extras: bool  # padding mask, global tokens or per-head params: the 1-D-tile kernels
     mask_heads: int = 1  # heads of the in-graph ONNX mask (1 unless per-head parameters)
@@ -147,6 +148,20 @@ def tile_counts(pred: Pred | None, sq: int, skv: int, bm: int = BM, bn: int = BN
     return Tiles(full * scale, part * scale, vis * sq / rows_seen)
 
 
+_TILES: dict[tuple, Tiles] = {}
+
+
+def _counts(pred: Pred | None, key, seq: int) -> Tiles:
+    if key is None or pred is None:
+        return tile_counts(pred, seq, seq)
+    k = (key, seq)
+    if k not in _TILES:
+        if len(_TILES) > 4096:
+            _TILES.clear()
+        _TILES[k] = tile_counts(pred, seq, seq)
+    return _TILES[k]
+
+
 def dense_pairs(seq: int, causal: bool) -> float:
     return seq * (seq + 1) / 2 if causal else float(seq * seq)
 
@@ -157,7 +172,7 @@ def dense_pairs(seq: int, causal: bool) -> float:
 def predict(backend: str, shape: SiteShape, pattern: PatternCost) -> Prediction:
     """The pattern op's predicted time against the dense site's, at `shape.seq`."""
     backend = resolve_backend(backend)
-    counts = [(tile_counts(p, shape.seq, shape.seq), n) for p, n in pattern.heads]
+    counts = [(_counts(p, key, shape.seq), n) for p, n, key in pattern.heads]
     visible = sum(t.visible * n for t, n in counts)
     density = visible / (dense_pairs(shape.seq, shape.causal) * shape.heads)
     if backend == "cuda":
@@ -305,8 +320,8 @@ def window_cost(windows: Sequence[int], num_sinks: int, causal: bool, onnx_form:
     groups: dict[int, int] = {}
     for w in windows:
         groups[w] = groups.get(w, 0) + 1
-    heads = tuple((None if w < 0 else _window(w, num_sinks, causal, masks), n)
-                  for w, n in groups.items())
+    heads = tuple((None if w < 0 else _window(w, num_sinks, causal, masks), n,
+                   ("window", w, num_sinks, causal)) for w, n in groups.items())
     per_head = len(groups) > 1
     return PatternCost("window", heads, onnx_form, extras, len(windows) if per_head else 1)
 
@@ -327,7 +342,9 @@ def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dil
         return lambda i, j: masks.natten_heads_visible(i, j, list(grid), [list(ks)], dilation,
                                                        stride, is_causal, num_global)[0]
 
-    heads = tuple((pred(ks), n) for ks, n in groups.items())
+    key = ("neighborhood", tuple(grid), tuple(dilation), tuple(stride), tuple(is_causal),
+           num_global)
+    heads = tuple((pred(ks), n, (*key, ks)) for ks, n in groups.items())
     per_head = len(groups) > 1
     return PatternCost("neighborhood", heads, "Attention(opset 23) + in-graph neighborhood mask",
                        extras, len(kernels) if per_head else 1)
@@ -355,7 +372,8 @@ def block_cost(layout: torch.Tensor, block_size: int, causal: bool, extras: bool
 
         return p
 
-    heads = tuple((pred(lay), n) for lay, n in groups.values())
+    heads = tuple((pred(lay), n, ("block", k, tuple(lay.shape), block_size, causal))
+                  for k, (lay, n) in groups.items())
     return PatternCost("block", heads, "Attention(opset 23) + in-graph block-layout mask", extras,
                        layout.shape[1] if len(groups) > 1 else 1)
 
