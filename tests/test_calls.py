@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
-import attnc.kernels  # noqa: F401  (registers the attnc:: ops)
 import hf_models
 import pytest
 import torch
 from torch import nn
 
+import attnc.kernels  # noqa: F401  (registers the attnc:: ops)
 from attnc.capture.canonicalize import canonicalize_attention
 from attnc.capture.program import capture, reexport
 from attnc.errors import CaptureError, PassError
@@ -316,6 +316,34 @@ def test_replace_checks_params_and_causality(llama):
     assert program.sites[1].pattern == Dense()
     args = loaded.example_args
     assert (out(*args) - program(*args)).abs().max() > 1e-3
+
+
+def test_replace_with_a_layout_and_back_to_sdpa(llama):
+    """A tensor parameter becomes a buffer of the graph; a failed in-place edit takes it out
+    again; swapping back to SDPA keeps the (causal) mask without a second causal flag."""
+    loaded, program = llama
+    args = loaded.example_args
+    layout = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    out = replace_attention(program, 0, ops.block_sparse_attention, layout=layout, block_size=4)
+    pat = out.sites[0].pattern
+    assert isinstance(pat, BlockSparse) and (pat.block_size, pat.causal, pat.density) == (
+        4, True, 1.0)
+    assert pat.layout_shape == (1, 1, 4, 4) and hasattr(out.gm, pat.layout)
+    torch.testing.assert_close(out(*args), program(*args), atol=1e-5, rtol=0)
+    back = replace_attention(out, 0, SDPA)
+    node = next(n for n in back.gm.graph.nodes if n.target == SDPA)
+    assert not sdpa_args(node).get("is_causal") and sdpa_args(node)["attn_mask"] is not None
+    assert back.sites[0].pattern == "dense" and back.sites[0].causal
+    assert not hasattr(back.gm, pat.layout)  # the layout left with its op
+    torch.testing.assert_close(back(*args), program(*args), atol=1e-5, rtol=0)
+    c = program.clone()
+    names = [n.name for n in c.gm.graph.nodes]
+    first = next(n for n in c.gm.graph.nodes if n.target == SDPA)
+    with pytest.raises(PassError, match="is causal"):
+        replace_attention_node(c.gm, first, ops.block_sparse_attention.default, layout=layout,
+                               block_size=4, is_causal=False)
+    assert [n.name for n in c.gm.graph.nodes] == names
+    assert not any(b.startswith("attnc_layout") for b, _ in c.gm.named_buffers())
 
 
 def test_clone_isolates_graph_meta_buffers_and_records(llama):

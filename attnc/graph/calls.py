@@ -124,6 +124,7 @@ class AttentionCall:
     mask_inverted: bool  # a region's bool mask whose True marks masked-out entries
     is_causal: bool  # the op's own flag (neighborhood: every axis causal, no global tokens)
     causal: bool  # every query sees only keys j <= i: the flag, or the mask (capture.masks)
+    causal_mask: bool  # the mask alone is causal (capture.masks' analysis on the examples)
     scale: float  # the scale applied to q·kᵀ (resolved: 1/sqrt(head_dim) when not given)
     scale_arg: float | None  # the scale as the call passes it
     dropout_p: float
@@ -259,6 +260,7 @@ def read_call(node: Node) -> AttentionCall | None:
         mask_inverted=False,
         is_causal=bool(flag),
         causal=bool(flag) or bool(node.meta.get("attnc_causal", False)),
+        causal_mask=mask is not None and bool(node.meta.get("attnc_causal", False)),
         scale=float(scale_arg) if scale_arg is not None else (hd**-0.5 if hd else 0.0),
         scale_arg=None if scale_arg is None else float(scale_arg),
         dropout_p=float(vals.get("dropout_p", 0.0) or 0.0),
@@ -269,7 +271,7 @@ def read_call(node: Node) -> AttentionCall | None:
         score=node.meta.get("attnc_score", "none"),
         softcap=None,
         pattern=pattern,
-        args=tuple(vals.items()),
+        args=tuple((a, tuple(x) if isinstance(x, list) else x) for a, x in vals.items()),
     )
 
 
@@ -305,6 +307,7 @@ def _read_region(node: Node) -> AttentionCall:
         mask_inverted=bool(region.get("mask_inverted", False)),
         is_causal=False,
         causal=bool(node.meta.get("attnc_causal", False)),
+        causal_mask=bool(node.meta.get("attnc_causal", False)),
         scale=float(scale) if scale is not None else (hd**-0.5 if hd else 0.0),
         scale_arg=None if scale is None else float(scale),
         dropout_p=0.0,

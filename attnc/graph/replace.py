@@ -29,42 +29,50 @@ def replace_attention(program, site: AttentionSite | str | int, op: Any, **param
     name or index) runs `op` (an `attnc::` OpOverload, its packet, or "attnc::<name>") with
     `params`; `program` is left as it is. PassError (one line, naming the parameter) when the
     parameters do not fit the op's schema or the call cannot be carried over exactly."""
+    from attnc.graph.edit import prune
+
     out = program.clone()
     replace_attention_node(out.gm, _site_node(out.gm, site), op, **params)
-    out.gm.graph.lint()
-    out.gm.recompile()
+    prune(out.gm)  # what only the old call read (a block layout) leaves; lints, recompiles
     return out
 
 
 def replace_attention_node(gm: GraphModule, node: Node, op: Any, **params: Any) -> Node:
     """In place: the attention call at `node` becomes a call of `op`; returns the new node.
-    The caller lints and recompiles `gm` once after its edits."""
+    The caller lints and recompiles `gm` once after its edits (or runs `edit.prune`)."""
     op = _resolve(op)
     name = op._schema.name
     call = read_call(node)
     if call is None:
         raise PassError(f"{node.name} is not an attention call")
     _refuse(node, call, name)
-    vals = _bind(gm, node, call, op, params)
-    args, kwargs = _layout(op, vals)
+    vals = _bind(call, op, params)
     graph = gm.graph
-    with graph.inserting_after(node):
-        new = graph.call_function(op, args, kwargs)
-    new.meta.update({k: v for k, v in node.meta.items() if k not in _NOT_COPIED})
+    new = None
+    added: list[Node] = []  # get_attr nodes of tensor parameters, taken out again on failure
     try:
+        for key, value in params.items():
+            if isinstance(value, torch.Tensor):
+                vals[key] = _tensor_param(gm, node, key, value, added)
+        args, kwargs = _layout(op, vals)
+        with graph.inserting_after(node):
+            new = graph.call_function(op, args, kwargs)
+        new.meta.update({k: v for k, v in node.meta.items() if k not in _NOT_COPIED})
         val = _fake_value(op, args, kwargs)
         if val is not None:
             new.meta["val"] = val
         got = read_call(new)
         # a causal call stays causal: by the new op's flag, or by the full mask it carries
-        mask_causal = call.causal and not call.is_causal and got.mask_arg == "attn_mask"
-        if call.causal and not (got.is_causal or mask_causal):
+        if call.causal and not (got.is_causal or (got.mask_arg == "attn_mask" and got.causal_mask)):
             raise PassError(
                 f"{call.node} is causal; {name} with is_causal={vals.get('is_causal')} would "
                 f"see later keys"
             )
     except Exception:
-        graph.erase_node(new)
+        for n in ([new] if new is not None else []) + added:
+            graph.erase_node(n)
+            if n.op == "get_attr":
+                delattr(gm, n.target)
         raise
     node.replace_all_uses_with(new, propagate_meta=False)
     graph.erase_node(node)
@@ -116,9 +124,10 @@ def _refuse(node: Node, call: AttentionCall, name: str) -> None:
         raise PassError(f"{call.node} returns more than attention's output ({call.op})")
 
 
-def _bind(gm: GraphModule, node: Node, call: AttentionCall, op, params: dict) -> dict:
+def _bind(call: AttentionCall, op, params: dict) -> dict:
     """The new op's arguments by name: the call's q, k, v, mask, causality, scale and GQA flag,
-    then `params`, each checked against the schema."""
+    then `params`, each checked against the schema and the op's own checks (a tensor parameter
+    stays a tensor here; the caller puts it in the graph)."""
     schema = op._schema
     name = schema.name
     by_name = {a.name: a for a in schema.arguments}
@@ -144,9 +153,18 @@ def _bind(gm: GraphModule, node: Node, call: AttentionCall, op, params: dict) ->
             raise PassError(
                 f"{call.node} adds a {call.score} score in its mask, which {name} would drop"
             )
+        val = call.mask.meta.get("val")
+        rank = val.dim() if isinstance(val, torch.Tensor) else None
+        if mask_arg != call.mask_arg and rank == 2:  # (Sq, Skv) for SDPA, (B, Skv) for the rest
+            raise PassError(f"{call.node}'s 2-D {call.mask_arg} would be read differently as "
+                            f"{name}'s {mask_arg}")
         vals[mask_arg] = call.mask
     full_mask = mask_arg == "attn_mask" and call.mask is not None
     causal = call.is_causal if full_mask else call.causal  # a full mask keeps its own causality
+    if full_mask and call.mask_arg == "key_padding_mask" and call.is_causal:
+        if not call.causal_mask:
+            raise PassError(f"{call.node}: {name} cannot take both a causal flag and its mask")
+        causal = False  # the mask itself is causal (capture's mask analysis)
     inherit = {"is_causal": causal, "scale": call.scale_arg, "enable_gqa": call.enable_gqa}
     for key, value in inherit.items():
         if key in by_name and key not in params:
@@ -155,7 +173,7 @@ def _bind(gm: GraphModule, node: Node, call: AttentionCall, op, params: dict) ->
                 value = [bool(value)] * len(params.get("grid") or [None])
             vals[key] = value
     for key, value in params.items():
-        vals[key] = _param(gm, node, name, by_name[key], value)
+        vals[key] = _param(name, by_name[key], value)
     for a in schema.arguments:
         if a.name not in vals and not a.has_default_value():
             raise PassError(f"{name} needs the parameter {a.name!r} ({a.type})")
@@ -163,25 +181,30 @@ def _bind(gm: GraphModule, node: Node, call: AttentionCall, op, params: dict) ->
     return vals
 
 
-def _param(gm: GraphModule, node: Node, op_name_: str, arg, value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and _fits(arg.type, value):
-        base = f"attnc_{arg.name}_{node.name}"
-        attr, i = base, 0
-        while hasattr(gm, attr):
-            i += 1
-            attr = f"{base}_{i}"
-        gm.register_buffer(attr, value.detach().clone())
-        with gm.graph.inserting_before(node):
-            get = gm.graph.get_attr(attr)
-        mode = _fake_mode(node)
-        if mode is not None:
-            get.meta["val"] = mode.from_tensor(getattr(gm, attr), static_shapes=True)
-        return get
+def _param(op_name_: str, arg, value: Any) -> Any:
     if isinstance(value, tuple):
         value = list(value)
     if not _fits(arg.type, value):
-        raise PassError(f"{op_name_}: {arg.name}={value!r} is not a {arg.type}")
+        shown = f"a tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise PassError(f"{op_name_}: {arg.name}={shown} does not fit its type {arg.type}")
     return value
+
+
+def _tensor_param(gm: GraphModule, node: Node, key: str, value: torch.Tensor, added: list) -> Node:
+    """A tensor parameter (a block layout) as a buffer of `gm`, read by a get_attr node."""
+    base = f"attnc_{key}_{node.name}"
+    attr, i = base, 0
+    while hasattr(gm, attr):
+        i += 1
+        attr = f"{base}_{i}"
+    gm.register_buffer(attr, value.detach().clone())
+    with gm.graph.inserting_before(node):
+        get = gm.graph.get_attr(attr)
+    added.append(get)
+    mode = _fake_mode(node)
+    if mode is not None:
+        get.meta["val"] = mode.from_tensor(getattr(gm, attr), static_shapes=True)
+    return get
 
 
 def _fits(t, value: Any) -> bool:
