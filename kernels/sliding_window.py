@@ -4,15 +4,17 @@
     bidirectional: query i sees key j iff |i - j| < window or j < num_sinks
 
 (StreamingLLM when causal; top-left aligned like SDPA when Sq != Skv). Triton on CUDA (block
-lists: full tiles skip the mask, tiles outside window and sinks are never loaded), reference
-elsewhere. ONNX: in-graph mask from Range arithmetic + opset-23 Attention (`onnx_form` below
-says which form a site gets).
+lists: full tiles skip the mask, tiles outside window and sinks are never loaded). Elsewhere,
+the blocked torch form of window_blocked.py when the cost rule (`window_blocked.blocked_pays`)
+says it pays, else the reference. ONNX (`onnx_form` says which form a site gets): the blocked
+form (query blocks gathering their key windows + sinks), ORT's GroupQueryAttention local window,
+or an in-graph mask from Range arithmetic + opset-23 Attention.
 """
 
 from __future__ import annotations
 
 import torch
-from attnc.kernels import masks, reference
+from attnc.kernels import masks, reference, window_blocked
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
     as_cols,
@@ -63,15 +65,28 @@ def can_use_sliding_window_site(site, window: int, num_sinks: int = 0, is_causal
     return reason or can_use_sliding_window(window, num_sinks, head_windows, site.num_heads)
 
 
+DENSE_FORM = "Attention(opset 23) + in-graph Range/Sub/Abs window mask"
+GQA_FORM = "com.microsoft.GroupQueryAttention(local_window_size)"
+BLOCKED_FORM = window_blocked.FORM
+
+
 def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = True,
-              plain: bool = True) -> str:
-    """The ONNX form the translation emits (recorded in reports): ORT's contrib
-    GroupQueryAttention with `local_window_size` for causal windows without sinks over q and k of
-    one (symbolic) length (`plain`: no padding mask, one window for every head), else standard
-    Attention with an in-graph mask."""
+              plain: bool = True, *, seq: int | None = -1, head_windows=None,
+              mask_rank: int | None = None) -> str:
+    """The ONNX form the translation emits (recorded in reports). The blocked form
+    (window_blocked.py) where every head has a window, any mask is a key padding mask (2-D,
+    or 4-D over q and k of one length) and the cost rule says it pays at `seq` (None: the
+    length is unknown, see `window_blocked.blocked_pays`; -1: do not consider it); else
+    ORT's contrib GroupQueryAttention with `local_window_size` for causal windows without sinks
+    over q and k of one (symbolic) length (`plain`: no padding mask, one window for every head);
+    else standard Attention with an in-graph mask."""
+    wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
+    mask_ok = mask_rank in (None, 2) or (mask_rank == 4 and same_length)
+    if seq != -1 and mask_ok and window_blocked.blocked_pays(seq, wins, is_causal):
+        return BLOCKED_FORM
     if is_causal and num_sinks == 0 and same_length and plain:
-        return "com.microsoft.GroupQueryAttention(local_window_size)"
-    return "Attention(opset 23) + in-graph Range/Sub/Abs window mask"
+        return GQA_FORM
+    return DENSE_FORM
 
 
 def _register_gqa_schema() -> None:
@@ -142,6 +157,11 @@ def sliding_window_attention(
     extras = key_padding_mask is not None or head_windows is not None
 
     def ref():
+        if window_blocked.blocked_pays(max(sq, skv), wins, is_causal):  # skip the unseen work
+            kp = None if key_padding_mask is None else masks.resolve_padding(
+                key_padding_mask, q.shape[0], sq, skv, pattern)
+            return window_blocked.blocked_attention(q, k, v, wins, num_sinks, is_causal, scale,
+                                                    kp)
         return reference.sliding_window_attention_ref(q, k, v, window, num_sinks, is_causal,
                                                       scale, key_padding_mask, head_windows)
 
@@ -191,10 +211,21 @@ def _static_ints(shape, axes) -> bool:
 def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
                                   is_causal: bool = True, scale: float | None = None,
                                   key_padding_mask=None, head_windows=None):
-    same = _static_ints(q.shape, (1, 3)) and _static_ints(k.shape, (1,)) and (
-        str(q.shape[2]) == str(k.shape[2]))
+    static = _static_ints(q.shape, (1, 3)) and _static_ints(k.shape, (1,))
+    same = static and str(q.shape[2]) == str(k.shape[2])
     plain = key_padding_mask is None and head_windows is None
-    if onnx_form(window, num_sinks, is_causal, same, plain).startswith("com.microsoft"):
+    rank = None if key_padding_mask is None else len(key_padding_mask.shape)
+    seq = q.shape[2] if _static_ints(q.shape, (2,)) else window_blocked.seq_hint()
+    form = onnx_form(window, num_sinks, is_causal, same, plain, seq=seq if static else -1,
+                     head_windows=head_windows, mask_rank=rank)
+    if form == BLOCKED_FORM:
+        wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
+        pad = key_padding_mask
+        if rank == 4:
+            pad = window_blocked.diagonal_padding(pad)
+        return window_blocked.blocked_onnx(q, k, v, wins, num_sinks, is_causal, scale, pad,
+                                           same_length=same)
+    if form == GQA_FORM:
         return _gqa_local(q, k, v, window, scale)
     i = as_rows(positions(seq_len(q)))  # (Sq, 1)
     j = as_cols(positions(seq_len(k)))  # (1, Skv)
