@@ -78,15 +78,16 @@ def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = 
     or 4-D over q and k of one length) and the cost rule says it pays at `seq` (None: the
     length is unknown, see `window_blocked.blocked_pays`; -1: do not consider it); else
     ORT's contrib GroupQueryAttention with `local_window_size` for causal windows without sinks
-    over q and k of one (symbolic) length (`plain`: no padding mask, one window for every head);
-    else standard Attention with an in-graph mask."""
+    over q and k of one (symbolic) length (`plain`: no padding mask, one window for every head;
+    also at an unknown length, where it is the smaller graph); else standard Attention with an
+    in-graph mask (benchmarks/onnx_window.py measures all of them)."""
     wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
     mask_ok = mask_rank in (None, 2) or (mask_rank == 4 and same_length)
-    if seq != -1 and mask_ok and window_blocked.blocked_pays(seq, wins, is_causal):
+    gqa = is_causal and num_sinks == 0 and same_length and plain
+    if seq != -1 and not (gqa and seq is None) and mask_ok and window_blocked.blocked_pays(
+            seq, wins, is_causal):  # measured: blocked >= GQA at every length, 2.6x at 4096
         return BLOCKED_FORM
-    if is_causal and num_sinks == 0 and same_length and plain:
-        return GQA_FORM
-    return DENSE_FORM
+    return GQA_FORM if gqa else DENSE_FORM
 
 
 def _register_gqa_schema() -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -81,6 +83,48 @@ def _key_range(nb: int, sq_skv: tuple[int, int], wmax: int, causal: bool, bq: in
     return n, start[:, None] + torch.arange(weff, device=device)  # (nb,), (nb, W'')
 
 
+@functools.lru_cache(maxsize=32)
+def _block_plan(sq: int, skv: int, wins: tuple[int, ...], num_sinks: int, causal: bool, bq: int,
+                hkv: int, g: int, device: str):
+    """(keys (nb, K), vis (1, Hkv|1, nb, g|1, bq, K) bool, a real query row sees no key): the
+    gathered key indices and the in-tile mask, which depend only on the shapes (cached)."""
+    nb = -(-sq // bq)
+    n, idx = _key_range(nb, (sq, skv), max(wins), causal, bq, device)
+    ns = min(num_sinks, skv)
+    keys = torch.cat([torch.arange(ns, device=device).expand(nb, ns), idx], 1)  # (nb, K)
+    qi = (n[:, None] * bq + torch.arange(bq, device=device))[:, None, :, None]  # (nb,1,bq,1)
+    kj = keys[:, None, None, :]  # (nb, 1, 1, K)
+    w = torch.as_tensor(wins, device=device)
+    w = w.view(hkv, 1, g, 1, 1) if len(wins) > 1 else w.view(())
+    dist = qi - kj
+    near = (dist >= 0) & (dist < w) if causal else dist.abs() < w
+    vis = near & (kj >= num_sinks)  # (Hkv|., nb, g|1, bq, K)
+    if ns:  # sink positions hold keys < num_sinks, which the window part excludes
+        sink = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
+        vis = vis | (sink & (torch.arange(keys.shape[1], device=device) < ns))
+    vis = vis.reshape((1,) * (6 - vis.dim()) + tuple(vis.shape))
+    if vis.dim() == 6 and vis.shape[1] == 1 and len(wins) > 1:
+        vis = vis.expand(1, hkv, *vis.shape[2:])
+    real_rows = (qi < sq).reshape(1, 1, nb, 1, bq, 1)
+    unseen = bool((~vis.any(-1, keepdim=True) & real_rows).any())
+    return keys, vis, unseen
+
+
+def _mask_bias(vis: torch.Tensor, b: int, hkv: int, g: int, dtype: torch.dtype):
+    """vis (B|1, Hkv|1, nb, g|1, bq, K) as SDPA's (B*Hkv | 1, nb, g*bq, K) bool mask and additive
+    bias (0 or -inf)."""
+    _, _, nb, _, bq, kk = vis.shape
+    b, hkv = (b, hkv) if vis.shape[0] > 1 or vis.shape[1] > 1 else (1, 1)
+    mask = vis.expand(b, hkv, nb, g, bq, kk).reshape(b * hkv, nb, g * bq, kk)
+    return mask, torch.zeros((), dtype=dtype, device=vis.device).masked_fill(~mask, -math.inf)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan_bias(sq, skv, wins, num_sinks, causal, bq, hkv, g, device, b, dtype):
+    return _mask_bias(_block_plan(sq, skv, wins, num_sinks, causal, bq, hkv, g, device)[1], b,
+                      hkv, g, dtype)
+
+
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Sequence[int],
                       num_sinks: int, causal: bool, scale: float | None,
                       key_padding_mask: torch.Tensor | None = None,
@@ -93,36 +137,25 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows
     if sq == 0 or skv == 0:
         return q.new_zeros(q.shape)
     nb = -(-sq // bq)
-    wins = [int(w) for w in windows]
-    n, idx = _key_range(nb, (sq, skv), max(wins), causal, bq, q.device)
-    ns = min(num_sinks, skv)
-    keys = torch.cat([torch.arange(ns, device=q.device).expand(nb, ns), idx], 1)  # (nb, K)
-    kw = k[:, :, keys].reshape(b * hkv, nb, keys.shape[1], d)
-    vw = v[:, :, keys].reshape(b * hkv, nb, keys.shape[1], d)
-    qi = (n[:, None] * bq + torch.arange(bq, device=q.device))[:, None, :, None]  # (nb,1,bq,1)
-    kj = keys[:, None, None, :]  # (nb, 1, 1, K)
-    w = torch.as_tensor(wins, device=q.device)
-    w = w.view(hkv, 1, g, 1, 1) if len(wins) > 1 else w.view(())
-    dist = qi - kj
-    near = (dist >= 0) & (dist < w) if causal else dist.abs() < w
-    vis = near & (kj >= num_sinks)  # (Hkv|., nb, g|1, bq, K)
-    if ns:
-        sink = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
-        vis = torch.where(torch.arange(keys.shape[1], device=q.device) < ns, sink, vis)
-    if vis.dim() == 4:
-        vis = vis[None]
+    keys, vis, unseen = _block_plan(sq, skv, tuple(int(w) for w in windows), num_sinks, causal,
+                                    bq, hkv, g, str(q.device))
+    kk = keys.shape[1]
+    kw = k.index_select(2, keys.flatten()).view(b * hkv, nb, kk, d)
+    vw = v.index_select(2, keys.flatten()).view(b * hkv, nb, kk, d)
     if key_padding_mask is not None:
         real = key_padding_mask.to(device=q.device, dtype=torch.bool)[:, keys]  # (B|1, nb, K)
-        vis = vis[None] & real[:, None, :, None, None, :]  # (B|1, Hkv|1, nb, g|1, bq, K)
+        vis = vis & real[:, None, :, None, None, :]  # (B|1, Hkv|1, nb, g|1, bq, K)
+        mask, bias = _mask_bias(vis, b, hkv, g, q.dtype)
+        unseen = True
     else:
-        vis = vis[None]
-    bm = b if vis.shape[0] > 1 or vis.shape[1] > 1 else 1
-    hm = hkv if bm > 1 else 1
-    mask = vis.expand(bm, hm, nb, g, bq, keys.shape[1]).reshape(bm * hm, nb, g * bq, -1)
-    qb = F.pad(q, (0, 0, 0, nb * bq - sq)).view(b, hkv, g, nb, bq, d).transpose(2, 3)
+        mask, bias = _plan_bias(sq, skv, tuple(int(w) for w in windows), num_sinks, causal, bq,
+                                hkv, g, str(q.device), b, q.dtype)
+    qb = q if nb * bq == sq else F.pad(q, (0, 0, 0, nb * bq - sq))
+    qb = qb.view(b, hkv, g, nb, bq, d).transpose(2, 3)
     qb = qb.reshape(b * hkv, nb, g * bq, d)
-    out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask, scale=scale)
-    out = torch.where(mask.any(-1, keepdim=True), out, 0.0)  # rows that see no key: zeros
+    out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=bias, scale=scale)
+    if unseen:  # rows that see no key give zeros (SDPA gives NaN)
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     out = out.view(b, hkv, nb, g, bq, d).transpose(2, 3).reshape(b, hq, nb * bq, d)
     return out[:, :, :sq].to(q.dtype).contiguous()
 

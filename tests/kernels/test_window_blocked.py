@@ -8,10 +8,11 @@ from __future__ import annotations
 import itertools
 import warnings
 
-import attnc.kernels
 import numpy as np
 import pytest
 import torch
+
+import attnc.kernels
 from attnc.kernels import reference, sliding_window, window_blocked
 
 ort = pytest.importorskip("onnxruntime")

@@ -1,0 +1,163 @@
+"""Causal sliding window + sinks on CPU: the blocked forms against dense attention, same run.
+
+ONNX Runtime (CPU provider, `--threads` intra-op threads): one export per form with a dynamic
+batch and sequence, all timed interleaved at each length (median of `--runs`):
+  dense     SDPA(is_causal=True) exported: opset-23 `Attention` (what the unmodified model runs);
+  masked    the op's masked-dense form: `Attention` + in-graph window mask;
+  blocked   the op's blocked form (kernels/window_blocked.py);
+  gqa       ORT `GroupQueryAttention(local_window_size)`, the window without sinks (reference);
+  blocked0  the blocked form without sinks (what GQA competes with).
+torch CPU: the op (blocked when the cost rule picks it, else the reference) against torch SDPA
+(is_causal=True). B=1, H=4, D=64, window 256 + 4 sinks by default.
+
+    python benchmarks/onnx_window.py [--runs 15] [--threads 2] [--seqs 512 1024 2048 4096]
+
+Prints a table and writes benchmarks/results/onnx_window-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from llm_drop import cpu_name, session  # noqa: E402
+
+
+def export(fn, path: Path, hint, d: int, heads: int) -> str:
+    import torch
+
+    import attnc.kernels
+    from attnc.kernels import window_blocked
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fn(q, k, v)
+
+    s = torch.export.Dim("S", min=2, max=65536)
+    b = torch.export.Dim("B", min=1, max=64)
+    x = torch.randn(1, heads, 40, d)
+    with warnings.catch_warnings(), window_blocked.onnx_seq_hint(hint):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(M(), (x, x, x), dynamo=True, opset_version=23,
+                                 custom_translation_table=attnc.kernels.translation_table(),
+                                 dynamic_shapes=({0: b, 2: s},) * 3, verbose=False)
+    prog.save(str(path))
+    import onnx
+
+    return ",".join(sorted({n.op_type for n in onnx.load(str(path)).graph.node} &
+                           {"Attention", "GroupQueryAttention", "Gather", "Softmax"}))
+
+
+def interleaved(fns: dict, runs: int) -> dict[str, float]:
+    for f in fns.values():
+        f()
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    a = ap.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import attnc.kernels  # noqa: F401
+    from attnc.kernels import reference, sliding_window, window_blocked
+
+    torch.set_num_threads(a.threads)
+    w, ns, h, d = a.window, a.sinks, a.heads, a.head_dim
+    op = torch.ops.attnc.sliding_window_attention
+    forms = {
+        "dense": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 2),
+        "masked": (lambda q, k, v: op(q, k, v, w, ns, True), 2),
+        "blocked": (lambda q, k, v: op(q, k, v, w, ns, True), None),
+        "gqa": (lambda q, k, v: op(q, k, v, w, 0, True), 2),
+        "blocked0": (lambda q, k, v: op(q, k, v, w, 0, True), None),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, graph_ops = {}, {}
+        for name, (fn, hint) in forms.items():
+            p = Path(tmp) / f"{name}.onnx"
+            graph_ops[name] = export(fn, p, hint, d, h)
+            sessions[name] = session(str(p), a.threads)
+        for s in a.seqs:
+            g = torch.Generator().manual_seed(s)
+            q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in range(3))
+            feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+            feeds = {n: {i.name: x for i, x in zip(sess.get_inputs(), feed.values(), strict=True)}
+                     for n, sess in sessions.items()}
+            want = reference.sliding_window_attention_ref(q, k, v, w, ns, True).numpy()
+            want0 = reference.sliding_window_attention_ref(q, k, v, w, 0, True).numpy()
+            err = {n: float(np.abs(sessions[n].run(None, feeds[n])[0] - ref).max())
+                   for n, ref in (("masked", want), ("blocked", want), ("gqa", want0),
+                                  ("blocked0", want0))}
+            ort_ms = interleaved({n: (lambda n=n, f=feeds: sessions[n].run(None, f[n]))
+                                  for n in sessions}, a.runs)
+            torch_fns = {
+                "sdpa": lambda x=(q, k, v): F.scaled_dot_product_attention(*x, is_causal=True),
+                "op": lambda x=(q, k, v): op(*x, w, ns, True),
+                "blocked": lambda x=(q, k, v): window_blocked.blocked_attention(
+                    *x, [w], ns, True, None),
+                "reference": lambda x=(q, k, v): reference.sliding_window_attention_ref(
+                    *x, w, ns, True),
+            }
+            with torch.inference_mode():
+                t_ms = interleaved(torch_fns, max(5, a.runs // 2))
+                t_err = float((window_blocked.blocked_attention(q, k, v, [w], ns, True, None)
+                               - torch.from_numpy(want)).abs().max())
+            row = {"S": s, "ort_ms": {k2: round(x, 3) for k2, x in ort_ms.items()},
+                   "ort_speedup_vs_dense": {k2: round(ort_ms["dense"] / x, 3)
+                                            for k2, x in ort_ms.items()},
+                   "ort_max_abs_err": err,
+                   "onnx_form_chosen": sliding_window.onnx_form(w, ns, True, seq=s),
+                   "torch_ms": {k2: round(x, 3) for k2, x in t_ms.items()},
+                   "torch_speedup_vs_sdpa": {k2: round(t_ms["sdpa"] / x, 3)
+                                             for k2, x in t_ms.items()},
+                   "torch_blocked_max_abs_err": t_err,
+                   "torch_op_runs": "blocked" if window_blocked.blocked_pays(s, [w], True)
+                   else "reference"}
+            rows.append(row)
+            print(f"S={s:5d} ORT ms " + " ".join(f"{k2}={x:.2f}" for k2, x in ort_ms.items())
+                  + " | torch ms " + " ".join(f"{k2}={x:.2f}" for k2, x in t_ms.items()),
+                  flush=True)
+    dev = cpu_name()
+    out = {"benchmark": "onnx_window", "device": dev, "threads": a.threads, "runs": a.runs,
+           "shape": {"B": 1, "H": h, "D": d, "window": w, "sinks": ns, "causal": True},
+           "onnx_graph_ops": graph_ops, "results": rows,
+           "versions": {"torch": torch.__version__,
+                        "onnxruntime": __import__("onnxruntime").__version__}}
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    path = ROOT / "benchmarks" / "results" / f"onnx_window-{slug}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
