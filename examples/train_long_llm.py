@@ -11,7 +11,7 @@ positions are trained. The cosine schedule runs over the whole budget (or ``--st
 After training it saves an fp16 Hugging Face folder, then measures held-out bits/byte on every
 held-out byte at 2048 and at 256 context, and per layer/head attention statistics at 2048 with
 eager attention (``attention.json``: share of attention mass in a sliding window of 64/128/256
-keys plus 4 sink tokens). ``--analyze-only`` re-runs those measurements on a saved folder.
+keys plus 4 sink tokens, and 512). ``--analyze-only`` re-runs those measurements on a saved folder.
 
     python examples/train_long_llm.py --minutes 50 --threads 1 \
         --out examples/models/attnc-long-llama
@@ -51,7 +51,7 @@ from train_tiny_llm import (  # noqa: E402
 CONTEXT = 2048  # BOS + 2047 bytes
 SHORT = 512  # curriculum phase 1: BOS + 511 bytes
 SINKS = 4
-WINDOWS = (64, 128, 256)
+WINDOWS = (64, 128, 256, 512)
 FAR_Q = 256  # queries at least this far in are where a window actually drops keys
 HERE = Path(__file__).resolve().parent
 
