@@ -225,7 +225,8 @@ def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
         if rank == 4:
             pad = window_blocked.diagonal_padding(pad)
         return window_blocked.blocked_onnx(q, k, v, wins, num_sinks, is_causal, scale, pad,
-                                           same_length=same)
+                                           same_length=same, padding_is_bool=pad is None or
+                                           key_padding_mask.dtype == 9)  # BOOL
     if form == GQA_FORM:
         return _gqa_local(q, k, v, window, scale)
     i = as_rows(positions(seq_len(q)))  # (Sq, 1)

@@ -187,10 +187,11 @@ def diagonal_padding(mask):
 
 
 def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
-                 scale: float | None, padding=None, same_length: bool = False, bq: int = BQ):
+                 scale: float | None, padding=None, same_length: bool = False, bq: int = BQ,
+                 padding_is_bool: bool = True):
     """The ONNX graph of `blocked_attention`. q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) with
     static heads and head size; `padding` a (B|1, Skv) key padding mask (bool, or float with
-    masked entries <= -1e4) or None; `same_length`: Sq == Skv (no row can see nothing)."""
+    masked entries <= -1e4: `padding_is_bool` False) or None; `same_length`: Sq == Skv."""
     hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
     g = hq // hkv
     wins = [int(w) for w in windows]
@@ -238,7 +239,7 @@ def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
         vis = op.Or(vis, op.And(op.Less(pos, _c(num_sinks)), sink))
     zero_unseen = padding is not None or not same_length
     if padding is not None:
-        if padding.dtype != 9:  # a float mask: 0 attend, <= -1e4 masked
+        if not padding_is_bool:  # a float mask: 0 attend, <= -1e4 masked
             padding = op.Greater(padding, op.CastLike(op.Constant(value_float=-1e4), padding))
         real = op.Gather(padding, keys, axis=1)  # (B|1, nb, K)
         vis = op.And(vis, op.Unsqueeze(real, _ints([1, 3, 4])))  # (B|1, Hkv|1, nb, g|1, bq, K)

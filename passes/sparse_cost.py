@@ -13,12 +13,16 @@ Each backend is priced by what it actually runs:
   (``masks.resolve_padding``: two passes over B x Hm x S x S). ``C_FULL``, the SDPA figures and
   ``C_PARTIAL`` are fitted to ``benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json``
   (``fit_cuda`` re-derives them); the overheads are stated assumptions, not measurements.
-- ``onnxruntime-cpu``: the exported pattern op is today opset-23 ``Attention`` with an in-graph
-  bool mask (Range/Sub/Less... over S x S): every score is still computed, and the mask is built
-  and applied on top, so every pattern predicts at most 1.0x until blocked ONNX forms exist. The
-  ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding mask) is
-  priced as dense: no gain measured.
-- ``torch-cpu``: the op runs its reference (``kernels/reference.py``): float32 scores
+- ``onnxruntime-cpu``: a sliding window where ``window_blocked.blocked_pays`` picks the blocked
+  form (S > 2 (span + 64), every head windowed) exports as blocked local attention: only the
+  query blocks' key ranges and the sinks are scored, priced per score at ``BLOCKED_EFF`` times
+  the dense kernel (fitted to ``benchmarks/onnx_window.py``), so long windows predict > 1x. Any
+  other pattern op is opset-23 ``Attention`` with an in-graph bool mask (Range/Sub/Less... over
+  S x S): every score is still computed, and the mask is built and applied on top: at most
+  1.0x. The ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding
+  mask) is priced as dense: no gain measured.
+- ``torch-cpu``: the blocked window form likewise (SDPA per query block, against SDPA's causal
+  kernel); otherwise the op runs its reference (``kernels/reference.py``): float32 scores
   materialised, the dense mask built and the padding checked, against SDPA's fused CPU kernel:
   at most 1.0x.
 
@@ -59,6 +63,8 @@ C_SOFTMAX = 1.0e-9  # per score: max, exp, sum, scale
 C_CPU_ELEM = 0.5e-9  # one elementwise op on one element (bool or int64 mask arithmetic)
 MASK_OPS = {"window": 8, "neighborhood": 14, "block": 4}  # in-graph mask ops per S x S entry
 REF_EXTRA = 3.0  # the reference's float32 score, masked_fill, logsumexp, exp, where passes
+BLOCKED_EFF = 2.2  # blocked window form: per-score cost / dense kernel's (onnx_window, S>=2048)
+BLOCKED_OVH = 0.4e-3  # assumption: ~40 small ONNX ops / torch calls of the blocked form
 
 SAMPLE_TILES = 24
 
@@ -86,6 +92,7 @@ class PatternCost:
     onnx_form: str
     extras: bool  # padding mask, global tokens or per-head params: the 1-D-tile kernels
     mask_heads: int = 1  # heads of the in-graph ONNX mask (1 unless per-head parameters)
+    window: tuple | None = None  # (windows, num_sinks, causal): a window the blocked form takes
 
 
 @dataclass(frozen=True)
@@ -223,11 +230,36 @@ def _cpu_dense(shape: SiteShape) -> float:
     return pairs * (4 * shape.head_dim / F_CPU + C_SOFTMAX)
 
 
+def _blocked(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | None:
+    """Seconds of the blocked window form (kernels/window_blocked.py) where the op and its ONNX
+    translation pick it at this length (None elsewhere): query blocks of BQ times (sinks + the
+    block's key range) scores, the K/V window gathers and the in-tile mask, at BLOCKED_EFF times
+    the dense kernel's per-score cost (small batched GEMMs, a separate Softmax and bias Add)."""
+    from attnc.kernels import window_blocked as wb
+
+    if pattern.window is None:
+        return None
+    wins, ns, causal = pattern.window
+    if not wb.blocked_pays(shape.seq, wins, causal):
+        return None
+    s, bq = shape.seq, wb.BQ
+    keys = ns + min(s, bq + max(wins) - 1 if causal else bq + 2 * max(wins) - 2)
+    scores = shape.batch * shape.heads * (-(-s // bq)) * bq * keys
+    gathers = 2 * shape.batch * shape.heads * (-(-s // bq)) * keys * shape.head_dim
+    mask = MASK_OPS["window"] * pattern.mask_heads * (-(-s // bq)) * bq * keys
+    per = 4 * shape.head_dim / F_CPU + C_SOFTMAX + C_CPU_ELEM
+    return BLOCKED_EFF * (scores * per + (gathers + mask) * C_CPU_ELEM) + BLOCKED_OVH, wb.FORM
+
+
 def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     dense = _cpu_dense(shape)
-    if pattern.onnx_form.startswith("com.microsoft"):
+    if pattern.onnx_form.startswith("com.microsoft"):  # what an export of unknown length emits
         return Prediction("onnxruntime-cpu", 1.0, dense * 1e3, dense * 1e3, density,
                           pattern.onnx_form, "priced as dense: no gain measured")
+    blocked = _blocked(shape, pattern)
+    if blocked is not None:
+        return Prediction("onnxruntime-cpu", dense / blocked[0], dense * 1e3, blocked[0] * 1e3,
+                          density, blocked[1], "only the blocks' key windows are computed")
     s2 = float(shape.seq) ** 2
     build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s2 * C_CPU_ELEM
     apply = shape.batch * shape.heads * s2 * C_CPU_ELEM  # the bool mask applied to every score
@@ -241,6 +273,12 @@ def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
 
 def _torch_cpu(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     dense = _cpu_dense(shape)
+    blocked = _blocked(shape, pattern)
+    if blocked is not None:  # against SDPA, whose CPU kernel skips the causal upper half
+        dense = dense / 2 if shape.causal else dense
+        return Prediction("torch-cpu", dense / blocked[0], dense * 1e3, blocked[0] * 1e3, density,
+                          "the op's blocked torch form (SDPA per query block)",
+                          "only the blocks' key windows are computed")
     s2 = float(shape.seq) ** 2
     pairs = shape.batch * shape.heads * s2
     build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s2 * C_CPU_ELEM
@@ -323,7 +361,8 @@ def window_cost(windows: Sequence[int], num_sinks: int, causal: bool, onnx_form:
     heads = tuple((None if w < 0 else _window(w, num_sinks, causal, masks), n,
                    ("window", w, num_sinks, causal)) for w, n in groups.items())
     per_head = len(groups) > 1
-    return PatternCost("window", heads, onnx_form, extras, len(windows) if per_head else 1)
+    return PatternCost("window", heads, onnx_form, extras, len(windows) if per_head else 1,
+                       (tuple(int(w) for w in windows), int(num_sinks), bool(causal)))
 
 
 def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dilation, stride,

@@ -134,10 +134,10 @@ def test_onnx_blocked(tmp_path, causal, sinks):
     _check(sessions, fn, [_qkv(2, 157, 1), _qkv(1, 9, 2), _qkv(1, 1, 3), _qkv(3, 64, 4)])
 
 
-@pytest.mark.parametrize("hf", [False, True])
+@pytest.mark.parametrize("hf", [False, True, "bool"])
 def test_onnx_blocked_padding_and_head_windows(tmp_path, hf):
     """Per-head windows with a (B, S) key padding mask, or a Hugging Face (B, 1, S, S) causal +
-    padding float mask (read off its diagonal)."""
+    padding float (or bool) mask (read off its diagonal)."""
     wins = [5, 12, 3, 7]
 
     def fn(q, k, v, m):
@@ -149,6 +149,7 @@ def test_onnx_blocked_padding_and_head_windows(tmp_path, hf):
             c = torch.tril(torch.ones(s, s, dtype=torch.bool))
             m = torch.where(c[None, None] & m[:, None, None, :], 0.0,
                             torch.finfo(torch.float32).min)
+            m = m == 0 if hf == "bool" else m
         return (*_qkv(b, s, seed), m)
 
     mdyn = {0: B, 2: S, 3: S} if hf else {0: B, 1: S}
