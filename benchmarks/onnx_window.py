@@ -4,7 +4,8 @@ ONNX Runtime (CPU provider, `--threads` intra-op threads): one export per form w
 batch and sequence, all timed interleaved at each length (median of `--runs`):
   dense     SDPA(is_causal=True) exported: opset-23 `Attention` (what the unmodified model runs);
   masked    the op's masked-dense form: `Attention` + in-graph window mask;
-  blocked   the op's blocked form (kernels/window_blocked.py);
+  blocked   the op's blocked form (kernels/window_blocked.py; exported under a long
+            `onnx_seq_hint`, the length a build targets);
   gqa       ORT `GroupQueryAttention(local_window_size)`, the window without sinks (reference);
   blocked0  the blocked form without sinks (what GQA competes with).
 torch CPU: the op (blocked when the cost rule picks it, else the reference) against torch SDPA
@@ -44,10 +45,10 @@ def export(fn, path: Path, hint, d: int, heads: int) -> str:
 
     s = torch.export.Dim("S", min=2, max=65536)
     b = torch.export.Dim("B", min=1, max=64)
-    x = torch.randn(1, heads, 40, d)
+    xs = tuple(torch.randn(1, heads, 40, d) for _ in range(3))  # distinct: export ties equal ones
     with warnings.catch_warnings(), window_blocked.onnx_seq_hint(hint):
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(M(), (x, x, x), dynamo=True, opset_version=23,
+        prog = torch.onnx.export(M(), xs, dynamo=True, opset_version=23,
                                  custom_translation_table=attnc.kernels.translation_table(),
                                  dynamic_shapes=({0: b, 2: s},) * 3, verbose=False)
     prog.save(str(path))
@@ -94,9 +95,9 @@ def main() -> None:
     forms = {
         "dense": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 2),
         "masked": (lambda q, k, v: op(q, k, v, w, ns, True), 2),
-        "blocked": (lambda q, k, v: op(q, k, v, w, ns, True), None),
+        "blocked": (lambda q, k, v: op(q, k, v, w, ns, True), 1 << 20),
         "gqa": (lambda q, k, v: op(q, k, v, w, 0, True), 2),
-        "blocked0": (lambda q, k, v: op(q, k, v, w, 0, True), None),
+        "blocked0": (lambda q, k, v: op(q, k, v, w, 0, True), 1 << 20),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
