@@ -154,3 +154,30 @@ def test_eval_needs_data_for_text_models(root, capsys):
         capsys,
     )
     assert code == 2 and "--data" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_pt2_with_attnc_ops_loads_in_a_fresh_process(tmp_path):
+    """A sparse/lowered build's model.pt2 calls attnc:: ops: load_model (what `attnc eval` and
+    `attnc bench` use) registers them itself, so a process that never imported attnc.kernels
+    (the CLI) can read the file."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import attnc.kernels  # noqa: F401
+
+    class Win(torch.nn.Module):
+        def forward(self, x):
+            q = x.reshape(1, 2, x.shape[1], 8)
+            return torch.ops.attnc.sliding_window_attention(q, q, q, 4, 0, True)
+
+    ep = torch.export.export(Win(), (torch.randn(1, 12, 16),))
+    path = tmp_path / "w.pt2"
+    torch.export.save(ep, str(path))
+    code = ("import sys; from attnc.load.models import load_model; "
+            f"m = load_model({str(path)!r}); print(type(m.module).__name__)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

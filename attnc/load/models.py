@@ -408,6 +408,8 @@ def _load_pickle(path: Path, trust: bool, input_shape) -> LoadedModel:
 
 
 def _load_pt2(path: Path, input_shape) -> LoadedModel:
+    import attnc.kernels  # noqa: F401  (registers the attnc:: ops a build's .pt2 calls)
+
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001
