@@ -1,11 +1,14 @@
 """Procedural shape images for the tiny ViT (examples/models/attnc-tiny-vit).
 
-Each image is a 64x64 RGB canvas with one large **target shape** of a random class, size,
-rotation, position and colour on a textured background, plus a few small clutter marks. The label
-is the target shape's class. Telling a ring from a disc, a frame from a square or a star from a
-cross at 3-10 patches across needs the shape's outline and interior, i.e. the spatial arrangement
-of several neighbouring patches, not a colour or a texture statistic (the background, colour and
-clutter are drawn independently of the class).
+Each image is a 64x64 RGB canvas with one large **target shape** (8 classes) of a random size,
+rotation, position and bright colour on a dark textured background (gradient, value noise, stripes
+or checkers), plus a few small clutter marks of any colour. The label is the target shape's class.
+The shape is brighter than the background in every channel, as digits are in MNIST: with random
+contrast a 4-layer ViT stayed at chance for 8,000 training images, with this polarity it learns.
+Telling a ring from a disc, a frame from a square or a star from a cross at 3-10 patches across
+needs the shape's outline and interior, i.e. the spatial arrangement of several neighbouring
+patches, not a colour or a texture statistic (background, colour and clutter are drawn
+independently of the class).
 
 Everything is deterministic: image `i` of split `s` is drawn from
 ``numpy.random.default_rng([SPLIT_SEEDS[s], i])``, so the training stream (split "train",
@@ -18,6 +21,7 @@ Usage::
     pixel_values, labels = make_batch("eval", range(256))   # (256, 3, 64, 64) in [-1, 1], (256,)
 
     python examples/make_shapes.py --out examples/data   # writes vit_calib.pt and vit_eval.pt
+    python examples/make_shapes.py --preview sheet.png   # 32 held-out images, 4 x 8
 """
 
 from __future__ import annotations
