@@ -135,7 +135,8 @@ def tile_counts(pred: Pred | None, sq: int, skv: int, bm: int = BM, bn: int = BN
     nq, nk = -(-sq // bm), -(-skv // bn)
     if pred is None:
         return Tiles(float(nq * nk), 0.0, float(sq * skv))
-    picks = sorted({round(x * (nq - 1) / max(sample - 1, 1)) for x in range(min(sample, nq))})
+    n = min(sample, nq)  # evenly spaced over all query tiles (every one when nq <= sample)
+    picks = sorted({round(x * (nq - 1) / max(n - 1, 1)) for x in range(n)})
     cols = torch.arange(nk * bn)[None, :]
     full = part = vis = 0
     for t in picks:
@@ -358,7 +359,9 @@ def window_cost(windows: Sequence[int], num_sinks: int, causal: bool, onnx_form:
     groups: dict[int, int] = {}
     for w in windows:
         groups[w] = groups.get(w, 0) + 1
-    heads = tuple((None if w < 0 else _window(w, num_sinks, causal, masks), n,
+    # a dense head (-1) of a causal op is causal: priced over the lower triangle, not S x S
+    heads = tuple((None if w < 0 and not causal else _window(w if w >= 0 else 1 << 62,
+                                                              num_sinks, causal, masks), n,
                    ("window", w, num_sinks, causal)) for w, n in groups.items())
     per_head = len(groups) > 1
     return PatternCost("window", heads, onnx_form, extras, len(windows) if per_head else 1,
@@ -376,7 +379,7 @@ def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dil
         groups[tuple(ks)] = groups.get(tuple(ks), 0) + 1
 
     def pred(ks):
-        if all(k < 0 for k in ks):
+        if all(k < 0 for k in ks) and not any(is_causal):  # a dense head; causal ones stay causal
             return None
         return lambda i, j: masks.natten_heads_visible(i, j, list(grid), [list(ks)], dilation,
                                                        stride, is_causal, num_global)[0]

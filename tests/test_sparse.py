@@ -320,3 +320,21 @@ def test_build_end_to_end_exports_onnx_that_matches(tmp_path, llama):
     plots = sorted(p.name for p in (tmp_path / "b").glob("sparse-mass-*.svg"))
     assert len(plots) == 2  # one kept-mass curve per site, linked from report.md
     assert f"]({plots[0]})" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_cost_density_is_exact_for_short_sequences_and_causal_dense_heads():
+    """The cost model's density equals the pattern mask's at lengths of fewer query tiles than it
+    samples (it once sampled only the first tiles), and a dense head (-1) of a causal window or
+    neighborhood is causal: the density of a mixed site stays <= 1 (it was 1.69 on the long LM)."""
+    from attnc.passes import sparse_cost as c
+
+    for seq, causal, wins in ((512, False, [256] * 4), (300, True, [-1, -1, -1, 100]),
+                              (2048, True, [-1, -1, -1, 1024])):
+        p = c.predict("cuda", c.SiteShape(seq, 4, 32, causal),
+                      c.window_cost(wins, 0, causal, "x", True))
+        m = masks.sliding_window_heads_mask(seq, seq, wins, 0, causal)
+        want = float(m.sum()) / (c.dense_pairs(seq, causal) * 4)
+        assert p.density == pytest.approx(want, rel=2e-3), (seq, causal, wins)
+    dense = c.predict("cuda", c.SiteShape(256, 2, 16, True),
+                      c.neighborhood_cost([256], [[-1], [-1]], [1], [1], [True], 0, True))
+    assert dense.density == pytest.approx(1.0)
