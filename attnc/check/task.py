@@ -116,7 +116,33 @@ def task_metrics(
     compared as pooled embeddings."""
     if kind in ("causal-lm", "vlm"):
         return lm_metrics(run, ref, batches, tokenizer)
-    return embedding_metrics(run, ref, batches, retrieval=kind in ("encoder", "custom"))
+    out = embedding_metrics(run, ref, batches, retrieval=kind in ("encoder", "custom"))
+    if batches and all(b.labels is not None for b in batches):
+        out.update(label_metrics(run, ref, batches))
+    return out
+
+
+def label_metrics(run: Runner, ref: Runner, batches: Sequence[Batch]) -> dict:
+    """Accuracy of both models on labelled samples (a classifier's (B, C) logits), and how
+    often they agree; empty when the output is not one score row per sample."""
+    hit_o = hit_r = agree = n = 0
+    with torch.no_grad():
+        for b in batches:
+            lo, lr = _out(run(*b.args)), _out(ref(*b.args))
+            if lo.dim() != 2 or lo.shape[0] != b.labels.shape[0]:
+                return {}
+            po, pr = lo.argmax(-1), lr.argmax(-1)
+            hit_o += int((po == b.labels).sum())
+            hit_r += int((pr == b.labels).sum())
+            agree += int((po == pr).sum())
+            n += int(b.labels.shape[0])
+    return {
+        "accuracy_original": hit_r / n,
+        "accuracy_optimized": hit_o / n,
+        "accuracy_drop_points": 100.0 * (hit_r - hit_o) / n,
+        "prediction_agreement": agree / n,
+        "labelled_samples": n,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

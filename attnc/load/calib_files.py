@@ -225,6 +225,9 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor] | list[torch.Tenso
     return data
 
 
+LABELS = "labels"  # the one non-input key a tensor file may hold: class ids, for eval
+
+
 def _key(key: Any) -> str:
     return f"tensor {key}" if isinstance(key, int) else repr(key)
 
@@ -249,6 +252,16 @@ def check_tensors(
                 "save a dict {input name: tensor}",
             )
         data = dict(zip(names, data, strict=True))
+    labels = None
+    if LABELS not in names and LABELS in data:  # class labels ride along, for eval's accuracy
+        labels = data.pop(LABELS)
+        first = next(iter(data.values()), None)
+        if (labels.dim() != 1 or labels.is_floating_point() or labels.is_complex()
+                or (first is not None and labels.shape[0] != first.shape[0])):
+            raise CalibrationError(
+                f"{p}: 'labels' must be 1-D integer class ids, one per sample; got "
+                f"{str(labels.dtype).removeprefix('torch.')} {tuple(labels.shape)}"
+            )
     extra = sorted(set(data) - set(names))
     if extra:
         raise CalibrationError(
@@ -274,6 +287,8 @@ def check_tensors(
     if len(set(seq.values())) > 1:
         desc = ", ".join(f"{n} is {tuple(s)}" for n, s in seq.items())
         raise CalibrationError(f"{p}: token inputs differ in shape ({desc})")
+    if labels is not None:
+        out[LABELS] = labels.long()
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 
 from attnc.errors import CalibrationError
 from attnc.load.calib_files import (
+    LABELS,
     TENSOR_SUFFIXES,
     Row,
     check_calibration_file,
@@ -59,6 +60,7 @@ class CalibrationConfig:
 class Batch:
     args: tuple[torch.Tensor, ...]
     token_mask: torch.Tensor | None  # (B, S) 1 for real tokens, for masked statistics
+    labels: torch.Tensor | None = None  # (B,) class labels a tensor file may carry, for eval
 
 
 @dataclass
@@ -271,10 +273,12 @@ def refuse_random_text(calib: str | None, cfg: CalibrationConfig, loaded: Any) -
 def _tensor_batches(data: dict[str, torch.Tensor], names, cfg) -> list[Batch]:
     n = min(int(data[names[0]].shape[0]), cfg.samples)
     batches = []
+    labels = data.get(LABELS) if LABELS not in names else None
     for i in range(0, n, cfg.batch_size):
         args = tuple(data[k][i : i + cfg.batch_size] for k in names)
         mask = next((data[k][i : i + cfg.batch_size] for k in names if "mask" in k), None)
-        batches.append(Batch(args, mask))
+        lab = None if labels is None else labels[i : i + cfg.batch_size]
+        batches.append(Batch(args, mask, lab))
     return batches
 
 
@@ -291,7 +295,9 @@ def _split(batches: list[Batch], cfg: CalibrationConfig, source: str) -> Calibra
         cut = max(1, int(round(n * (1 - cfg.holdout))))
         cut = min(cut, n - 1)
         part = lambda lo, hi: Batch(
-            tuple(a[lo:hi] for a in b.args), None if b.token_mask is None else b.token_mask[lo:hi]
+            tuple(a[lo:hi] for a in b.args),
+            None if b.token_mask is None else b.token_mask[lo:hi],
+            None if b.labels is None else b.labels[lo:hi],
         )
         return CalibrationData([part(0, cut)], [part(cut, n)], source)
     n_hold = max(1, int(round(len(batches) * cfg.holdout))) if cfg.holdout > 0 else 0
@@ -334,7 +340,7 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
                 args[i] = torch.cat([t, pad], 1)
         if mask is not None:
             mask = next((a for n, a in zip(names, args, strict=True) if "mask" in n), mask)
-        return Batch(tuple(args), mask)
+        return Batch(tuple(args), mask, b.labels)
 
     def regroup(batches: list[Batch]) -> list[Batch]:
         size = static(0, 0)
@@ -344,11 +350,16 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
         masks = (
             None if batches[0].token_mask is None else torch.cat([b.token_mask for b in batches])
         )
+        labels = (
+            torch.cat([b.labels for b in batches])
+            if all(b.labels is not None for b in batches) else None
+        )
         n = cols[0].shape[0]
         out = []
         for start in range(0, n, size):
             idx = torch.arange(start, start + size) % n
-            out.append(Batch(tuple(c[idx] for c in cols), None if masks is None else masks[idx]))
+            out.append(Batch(tuple(c[idx] for c in cols), None if masks is None else masks[idx],
+                             None if labels is None else labels[idx]))
         return out
 
     calib = regroup([fix_seq(b) for b in data.calib])
