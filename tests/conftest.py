@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist each worker gets its share of the cores (the README runs `-n 2` on 2 cores)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 ROOT = Path(__file__).resolve().parents[1]
 
 

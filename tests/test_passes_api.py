@@ -19,6 +19,7 @@ from attnc.recipe.manager import (
     list_passes,
     register_pass,
     run_passes,
+    unregister_pass,
 )
 from attnc.recipe.schema import PassStep, parse_recipe
 
@@ -45,15 +46,25 @@ def test_entry_point_discovery_and_duplicates():
         get_pass("no-such-pass")
 
 
-def test_failures_name_the_pass_and_history_records_runs():
-    register_pass(PassInfo("test-noop", _Cfg, _noop_plan, lambda p, d, c: p, True, "noop"))
-    register_pass(PassInfo("test-boom", _Cfg, _boom_plan, lambda p, d, c: p, True, "boom"))
+@pytest.fixture
+def noop_and_boom():
+    """Two throwaway passes, unregistered afterwards (another test may register the same ids)."""
+    register_pass(PassInfo("api-noop", _Cfg, _noop_plan, lambda p, d, c: p, True, "noop"))
+    register_pass(PassInfo("api-boom", _Cfg, _boom_plan, lambda p, d, c: p, True, "boom"))
+    try:
+        yield
+    finally:
+        unregister_pass("api-noop")
+        unregister_pass("api-boom")
+
+
+def test_failures_name_the_pass_and_history_records_runs(noop_and_boom):
     program = capture(wrap_hf(hf_models.build("gpt2"), "gpt2", None, None))
-    steps = [PassStep("test-noop", _Cfg()), PassStep("test-boom", _Cfg())]
-    with pytest.raises(PassError, match=r"kaboom while running 'test-boom' after \['test-noop'\]"):
+    steps = [PassStep("api-noop", _Cfg()), PassStep("api-boom", _Cfg())]
+    with pytest.raises(PassError, match=r"kaboom while running 'api-boom' after \['api-noop'\]"):
         run_passes(program.clone(), steps, PassContext())
     out, results = run_passes(program.clone(), steps[:1], PassContext())
-    assert [r.pass_id for r in out.history] == ["test-noop"]
+    assert [r.pass_id for r in out.history] == ["api-noop"]
     assert len(results[0].decisions) == len(program.sites) and not results[0].decisions[0].fired
 
 
