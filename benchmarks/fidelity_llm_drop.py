@@ -43,7 +43,6 @@ MODELS = [
 def run_model(name, spec, calib_file, eval_file, max_length, tmp: Path) -> dict:
 
     import attnc.passes.llm_drop as D
-
     from attnc.capture.program import capture
     from attnc.check.fidelity import ort_runner
     from attnc.check.task import task_metrics

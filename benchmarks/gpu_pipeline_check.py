@@ -20,7 +20,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     import attnc.kernels.flash as flash
-
     from attnc.capture.program import capture
     from attnc.export.artifacts import lower_dense
     from attnc.load.models import load_model

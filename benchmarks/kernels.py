@@ -59,6 +59,7 @@ def _cases(device: str):
 
 def _setup(c, device, dtype):
     import torch
+
     from attnc.kernels import flash, masks
 
     g = torch.Generator().manual_seed(0)
@@ -96,6 +97,7 @@ def _dense_mask(mask_mod, s, device):
 
 def run_cpu(out_path: Path) -> list[dict]:
     import torch
+
     from attnc.kernels import autotune, flash, reference
 
     rows = []
@@ -171,8 +173,9 @@ def run_gpu(out_path: Path, only: str | None = None, meta: dict | None = None) -
 def _gpu_case(c, dev, flex, peak, create_block_mask):
     import torch
     import torch.nn.functional as F
-    from attnc.kernels import autotune, flash
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attnc.kernels import autotune, flash
 
     q, k, v, pat, causal, layout, mod = _setup(c, dev, torch.bfloat16)
     s, d = c["s"], c["d"]

@@ -73,9 +73,9 @@ def main() -> None:
     ap.add_argument("--max-drop", type=int, default=6)
     args = ap.parse_args()
 
-    import attnc.passes.llm_drop as D
     import torch
 
+    import attnc.passes.llm_drop as D
     from attnc.capture.program import capture
     from attnc.export.artifacts import export_onnx
     from attnc.load.calibration import CalibrationConfig, load_calibration

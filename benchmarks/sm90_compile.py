@@ -39,6 +39,7 @@ COUNT = {
 def _capture(case, cfg):
     """The (args, kwargs) `flash._launch` would pass the kernel for this case and config."""
     import torch
+
     from attnc.kernels import flash
 
     sys.path.insert(0, str(HERE))
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
+
     from attnc.kernels import flash
 
     sys.path.insert(0, str(HERE))

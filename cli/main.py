@@ -423,9 +423,8 @@ def bench_cmd(
     interleaved in one run; prints medians and the speed-up. Runs no code from the folder."""
     from pathlib import Path
 
-    from attnc.cli.render import bench_table
-
     from attnc.check.bench import BenchConfig, bench_folder, parse_shapes
+    from attnc.cli.render import bench_table
 
     cfg = BenchConfig(
         shapes=parse_shapes(shapes),

@@ -16,8 +16,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from attnc.kernels.onnx import register_translation
 from onnxscript import opset23 as op23
+
+from attnc.kernels.onnx import register_translation
 
 
 def _sdpa(q, k, v, attn_mask, is_causal, scale):

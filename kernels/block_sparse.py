@@ -11,6 +11,9 @@ ONNX: the layout is gathered by (Range // block_size) in-graph, + opset-23 Atten
 from __future__ import annotations
 
 import torch
+from onnxscript import opset23 as op
+
+from attnc.errors import KernelError
 from attnc.kernels import masks, reference
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
@@ -25,9 +28,6 @@ from attnc.kernels.patterns import (
     site_reason,
     with_padding,
 )
-from onnxscript import opset23 as op
-
-from attnc.errors import KernelError
 
 
 def can_use_block_sparse(layout: torch.Tensor, block_size: int, sq: int, skv: int) -> str | None:

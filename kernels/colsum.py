@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from attnc.kernels.flash_kernels import _dot, _na_win, _visible
 
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
+from attnc.errors import KernelError
 from attnc.kernels import autotune, masks, tile_lists
 from attnc.kernels.colsum import _colsum_kernel
 from attnc.kernels.flash_kernels import _fwd_kernel
-
-from attnc.errors import KernelError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

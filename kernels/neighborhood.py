@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
+from onnxscript import opset23 as op
+
+from attnc.errors import KernelError
 from attnc.kernels import masks, reference
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
@@ -27,9 +30,6 @@ from attnc.kernels.patterns import (
     site_reason,
     with_padding,
 )
-from onnxscript import opset23 as op
-
-from attnc.errors import KernelError
 
 
 def can_use_neighborhood(seq_len: int, grid, kernel_size, dilation=None, stride=None,

@@ -28,11 +28,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from attnc.errors import KernelError
 from attnc.kernels import autotune, masks, tile_lists
 from attnc.kernels.flash import LOG2E, _ieee, _prep, can_use_flash
 from attnc.kernels.flash_kernels import _dot, _na_vis, _na_win
-
-from attnc.errors import KernelError
 
 # ------------------------------------------------------------------ shared @triton.jit helpers
 

@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from onnxscript import opset23 as op
+
 from attnc.kernels import reference
 from attnc.kernels.onnx import register_translation
-from onnxscript import opset23 as op
 
 
 def flash_module():

@@ -14,6 +14,10 @@ or an in-graph mask from Range arithmetic + opset-23 Attention.
 from __future__ import annotations
 
 import torch
+from onnxscript import opset23 as op
+from onnxscript.values import Opset
+
+from attnc.errors import KernelError
 from attnc.kernels import masks, reference, window_blocked
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
@@ -29,10 +33,6 @@ from attnc.kernels.patterns import (
     site_reason,
     with_padding,
 )
-from onnxscript import opset23 as op
-from onnxscript.values import Opset
-
-from attnc.errors import KernelError
 
 
 def can_use_sliding_window(window: int, num_sinks: int = 0, head_windows=None,

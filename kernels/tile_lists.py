@@ -21,9 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
-from attnc.kernels import masks
 
 from attnc.errors import KernelError
+from attnc.kernels import masks
 
 
 def lists(pattern, sq, skv, bm, bn, layout, tq, tk, causal, device):

@@ -117,8 +117,9 @@ def test_build_bench_step_and_bench_command(tmp_path):
     on_disk = json.loads((tmp_path / "b" / "report.json").read_text())
     assert on_disk["bench"]["timings"][0]["runtime"] == "onnxruntime-cpu"
 
-    from attnc.cli.main import app
     from typer.testing import CliRunner
+
+    from attnc.cli.main import app
 
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "b"), "--shapes", "2x9", "--repeats",
                                  "3", "--json"])

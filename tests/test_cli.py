@@ -245,7 +245,7 @@ def test_bad_input_one_line_error(case, llama_dir, factory_file, root, tmp_path,
     out = tmp_path / "out"
     if case == "unwritable output":
         out = Path("/proc/attnc-test-out")  # read-only even for root
-    argv = ["optimize", model, "-r", rpath, "-o", out]
+    argv = ["optimize", model, "-r", rpath, "-o", out, "--no-bench"]
     if calib is not None:
         argv += ["--calib", calib]
     code, _, err = run_cli(argv, capsys)

@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = "version: 1\npasses: []\ncalibration: {samples: 4, batch_size: 2}\n"
 
 
+
+def _build_args(spy, out) -> list:
+    """An optimize command line for the spy model (no speed step: these tests are not about it)."""
+    return ["optimize", spy["spec"], "-r", spy["recipe"], "-o", out, "--no-bench"]
+
 def run(args, capsys) -> tuple[int, str, str]:
     from attnc.cli.main import main
 
@@ -133,6 +138,7 @@ def test_global_flag_as_an_option_value_is_left_alone():
 
 def test_every_option_has_help():
     import typer.main
+
     from attnc.cli.main import app
 
     group = typer.main.get_command(app)
@@ -278,7 +284,7 @@ def test_replaces_empty_folder_earlier_build_and_forced_folder(spy, capsys):
     root = spy["root"]
     out = root / "out"
     out.mkdir()  # an empty folder is fine
-    code, _, err = run(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], capsys)
+    code, _, err = run(_build_args(spy, out), capsys)
     assert code == 0, err
     marker = json.loads((out / ".attnc-build").read_text().splitlines()[0])
     assert marker["tool"] == "attnc" and "report.json" in marker["files"]
@@ -289,13 +295,13 @@ def test_replaces_empty_folder_earlier_build_and_forced_folder(spy, capsys):
     assert (out / "original.pt2").exists()
     # an earlier build is replaced
     (out / "report.json").write_text("{}")
-    code, _, err = run(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], capsys)
+    code, _, err = run(_build_args(spy, out), capsys)
     assert code == 0, err
     assert json.loads((out / "report.json").read_text())["model"]["kind"]
     # a user's folder only with --force
     mine = _user_folder(root / "mine")
     code, _, err = run(
-        ["optimize", spy["spec"], "-r", spy["recipe"], "-o", mine, "--force"], capsys
+        ["optimize", spy["spec"], "-r", spy["recipe"], "-o", mine, "--force", "--no-bench"], capsys
     )
     assert code == 0, err
     assert not (mine / "notes.txt").exists() and (mine / "report.json").exists()
@@ -313,7 +319,7 @@ def test_full_disk_is_one_line_and_keeps_the_earlier_build(spy, capsys, monkeypa
     monkeypatch.setattr(artifacts, "save_pt2", full)
     out = _fake_build(spy["root"] / "build")
     before = _snapshot(out)
-    code, _, err = run(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], capsys)
+    code, _, err = run(_build_args(spy, out), capsys)
     line = one_error(code, err, 1)
     assert f"could not write {out}/model.pt2: No space left on device" in line, line
     assert _snapshot(out) == before and leftovers(spy["root"]) == []
@@ -344,7 +350,7 @@ def test_file_too_large_in_the_real_writers_is_one_line(spy):
 
     out = _fake_build(spy["root"] / "build")
     before = _snapshot(out)
-    proc = _cli(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], spy["root"],
+    proc = _cli(_build_args(spy, out), spy["root"],
                 preexec_fn=limit)
     _, err = proc.communicate(timeout=600)
     line = one_error(proc.returncode, err, 1, "File too large")
@@ -356,7 +362,7 @@ def test_file_too_large_in_the_real_writers_is_one_line(spy):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_exits_with_its_code_and_removes_staging(spy, sig, code):
     out = spy["root"] / "build"
-    proc = _cli(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], spy["root"])
+    proc = _cli(_build_args(spy, out), spy["root"])
     deadline = time.monotonic() + 300
     staged = False
     while time.monotonic() < deadline and proc.poll() is None:
@@ -379,7 +385,7 @@ def test_signal_exits_with_its_code_and_removes_staging(spy, sig, code):
 @pytest.fixture
 def built(spy, capsys):
     out = spy["root"] / "b"
-    code, _, err = run(["optimize", spy["spec"], "-r", spy["recipe"], "-o", out], capsys)
+    code, _, err = run(_build_args(spy, out), capsys)
     assert code == 0, err
     spy["mark"].unlink()
     data = spy["root"] / "d.jsonl"

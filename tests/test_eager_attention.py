@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-import attnc.passes.llm_drop as D
 import pytest
 import torch
 from torch import nn
 
+import attnc.passes.llm_drop as D
 from attnc.capture.canonicalize import SDPA, canonicalize_attention
 from attnc.capture.masks import score_kind
 from attnc.capture.program import capture

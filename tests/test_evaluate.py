@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import attnc.passes.llm_drop as D
 import hf_models
 import pytest
 
+import attnc.passes.llm_drop as D
 from attnc.capture.program import capture
 from attnc.check.task import evaluate, task_metrics
 from attnc.load.calibration import CalibrationConfig, load_calibration
@@ -101,6 +101,7 @@ def test_eval_cli_on_build_torch_and_onnx(tiny_llm, root, tmp_path, capsys):
             root / "examples/data/tiny_llm_calib.jsonl",
             "-o",
             out,
+            "--no-bench",
         ],
         capsys,
     )

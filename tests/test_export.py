@@ -4,10 +4,10 @@ test_matrix.py)."""
 
 from __future__ import annotations
 
-import attnc.passes.llm_drop as D
 import hf_models
 import torch
 
+import attnc.passes.llm_drop as D
 from attnc.capture.program import capture
 from attnc.check.fidelity import ort_runner
 from attnc.export.artifacts import export_onnx, lower_dense, save_pt2

@@ -4,11 +4,11 @@ iterative mode re-scores the dropped model, and 'auto' picks the largest count w
 
 from __future__ import annotations
 
-import attnc.passes.llm_drop as D
 import hf_models
 import pytest
 import torch
 
+import attnc.passes.llm_drop as D
 from attnc.capture.program import capture
 from attnc.check.fidelity import compare, meets, reference_outputs
 from attnc.errors import RecipeError

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-import attnc.passes.llm_drop as D
 import pytest
 import torch
 
+import attnc.passes.llm_drop as D
 from attnc.capture.program import capture
 from attnc.errors import PassError
 from attnc.load.calibration import CalibrationConfig, CalibrationData, generated_batches

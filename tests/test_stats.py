@@ -15,7 +15,6 @@ import hf_models
 import numpy as np
 import pytest
 import torch
-from attnc.kernels import masks
 
 from attnc.errors import PassError
 from attnc.graph import stats_patterns as P
@@ -27,6 +26,7 @@ from attnc.graph.stats import (
     kept_mass,
 )
 from attnc.graph.stats_collect import StatsSpec, collect_site_stats
+from attnc.kernels import masks
 
 ATOL = 1e-5
 
@@ -484,7 +484,6 @@ class _Bidirectional(torch.nn.Module):
 
 def test_call_args_of_attnc_attention_and_refusals():
     import attnc.kernels  # noqa: F401 - registers the ops
-
     from attnc.graph.stats_collect import call_args
 
     gm = torch.fx.symbolic_trace(_Bidirectional())

@@ -110,8 +110,9 @@ def check_inspect(name: str, spec: str):
 
 def inspect_cli(spec: str) -> dict:
     """`attnc inspect SPEC --json`, in-process; an AttncError or a crash propagates as is."""
-    from attnc.cli.main import app
     from typer.testing import CliRunner
+
+    from attnc.cli.main import app
 
     res = CliRunner().invoke(app, ["inspect", spec, "--json"])
     if res.exception is not None and not isinstance(res.exception, SystemExit):

@@ -3,10 +3,11 @@ broadcast batch."""
 
 from __future__ import annotations
 
-import attnc.kernels  # noqa: F401
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+import attnc.kernels  # noqa: F401
 
 
 @pytest.mark.parametrize(

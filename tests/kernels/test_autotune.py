@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attnc.kernels import autotune
 
 from attnc.errors import KernelError
+from attnc.kernels import autotune
 from tests.kernels.conftest import GPU
 
 

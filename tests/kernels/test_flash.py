@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from attnc.kernels import flash, reference
 
 from attnc.errors import KernelError
+from attnc.kernels import flash, reference
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

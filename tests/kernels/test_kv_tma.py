@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from attnc.kernels import autotune, flash, masks, reference
 
+from attnc.kernels import autotune, flash, masks, reference
 from tests.kernels.conftest import DEVICE, GPU, assert_close_attention, rand_qkv
 
 

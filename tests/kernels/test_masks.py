@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from attnc.kernels import masks
 
 

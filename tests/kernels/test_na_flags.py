@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from attnc.kernels import autotune, flash, masks, tile_lists
 
 from attnc.errors import KernelError
+from attnc.kernels import autotune, flash, masks, tile_lists
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import warnings
 
-import attnc.kernels
 import numpy as np
 import pytest
 import torch
+
+import attnc.kernels
 from attnc.kernels import masks, reference
 
 ort = pytest.importorskip("onnxruntime")

@@ -10,19 +10,19 @@ import dataclasses
 import math
 import warnings
 
-import attnc.kernels
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import attnc.kernels
+from attnc.errors import KernelError
+from attnc.graph.sites import AttentionSite
 from attnc.kernels import masks, pattern_extras, reference
 from attnc.kernels.block_sparse import can_use_block_sparse_site
 from attnc.kernels.neighborhood import can_use_neighborhood_site
 from attnc.kernels.patterns import sdpa_masked
 from attnc.kernels.sliding_window import can_use_sliding_window_site
-
-from attnc.errors import KernelError
-from attnc.graph.sites import AttentionSite
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 SCALE = 0.2

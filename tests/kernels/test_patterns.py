@@ -8,9 +8,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from attnc.kernels import flash, masks, reference, tile_lists
 
 from attnc.errors import KernelError
+from attnc.kernels import flash, masks, reference, tile_lists
 from tests.kernels.conftest import DEVICE, assert_close_attention, rand_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from attnc.graph.sites import AttentionSite
 from attnc.kernels import flash
 from attnc.kernels.neighborhood import can_use_neighborhood_site
-
-from attnc.graph.sites import AttentionSite
 
 SITE = AttentionSite(index=0, layer=0, module="blocks.0.attn", node="sdpa", kind="self",
                      num_heads=8, num_kv_heads=2, head_dim=64, causal=False, mask="none",
