@@ -214,7 +214,7 @@ README_BLOCK = re.compile(r"<!-- deploy-example -->\s*```python\n(.*?)```", re.S
 def test_readme_deploy_snippet_runs_on_the_readme_build(root, tmp_path):
     """The README's main command, then the README's own deploy snippet, in a fresh Python that
     imports only onnxruntime and the tokenizer."""
-    out = tmp_path / "build"
+    out = tmp_path / "minilm-build"  # the README's folder name: its snippet reads from it
     code = run_cli(
         [
             "optimize",
