@@ -60,7 +60,8 @@ def match_region(gm: GraphModule, sm: Node) -> Region:
     leaf = _the_leaf(x, scores)
     mask, mask_kind, inverted, inner = _outer_mask(gm, x, leaf)
     ops = matmul_operands(leaf, [])
-    assert ops is not None  # _the_leaf checked
+    if ops is None:  # _the_leaf found one; a graph that changed under us is not matched
+        raise NoMatch("the scores are not one q @ k^T matmul")
     q, sq = peel_scale(gm, ops[0], [])
     kt, sk = peel_scale(gm, ops[1], [])
     k = untranspose(kt) if isinstance(kt, Node) else None
