@@ -159,8 +159,13 @@ CASES = {
     ),
     ".pt extra tensor": (
         L, None,
+        (".pt", _pt({"input_ids": _ids(), "attention_mask": _ids() * 0, "pixels": _ids()})),
+        CalibrationError, "'pixels', which is not an input of the model",
+    ),
+    ".pt labels not one per sample": (  # 'labels' may ride along for eval, as 1-D class ids
+        L, None,
         (".pt", _pt({"input_ids": _ids(), "attention_mask": _ids() * 0, "labels": _ids()})),
-        CalibrationError, "'labels', which is not an input of the model",
+        CalibrationError, "'labels' must be 1-D integer class ids",
     ),
     ".pt missing mask": (L, None, (".pt", _pt({"input_ids": _ids()})), CalibrationError,
                          "lacks input(s) ['attention_mask']"),
