@@ -168,6 +168,21 @@ def _rich_track(enabled: bool):
     return render
 
 
+# model-loading options shared by `optimize` and `inspect`: one definition, one help text
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", help="State dict for a factory model.")
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file)."
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")
+]
+
+
 @app.command()
 def optimize(
     model: Annotated[
@@ -202,18 +217,9 @@ def optimize(
         str | None,
         typer.Option("--calib", help="Calibration JSONL/.pt; omit for generated inputs."),
     ] = None,
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="State dict for a factory model.")
-    ] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file)."
-        ),
-    ] = False,
-    input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")
-    ] = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_shape: InputShapeOpt = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")
     ] = "float32",
@@ -272,18 +278,9 @@ def inspect(
     model: Annotated[
         str, typer.Argument(help="A .pt2, HF folder, file.py:factory or pkg.mod:factory.")
     ],
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="State dict for a factory model.")
-    ] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle", help="Allow loading a pickled nn.Module (runs code from the file)."
-        ),
-    ] = False,
-    input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="Example input shape, e.g. 2,16.")
-    ] = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    input_shape: InputShapeOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the sites as JSON.")
     ] = False,
