@@ -1,0 +1,299 @@
+"""`attnc::sink_calibrated_attention`: attention with ACT's sink recalibration folded in
+(arXiv 2406.15765; spec: shared/specs/sink_calibration.md).
+
+For a head h that is active (`enable[h] > 0`, `beta[h] != 1`, `threshold[h] < 1`), with
+P = softmax(scale * q kᵀ + mask) (B, H, Sq, Skv), padding keys and padding query rows excluded:
+
+    count_j = #{valid query rows i that see key j}            (the causal count, N - j)
+    r_j     = (sum_i P[i, j] over valid rows i) / count_j      (mean attention received)
+    S0      = {j : r_j > threshold, j not padding, count_j > 0};  S = S0 minus min(S0)
+    s_i = sum_{j in S} P[i, j];  R_i = sum_{j not in S} P[i, j]
+    P'[i, j] = beta * P[i, j]                          (j in S)
+             = P[i, j] * (1 + (1 - beta) s_i / R_i)    (j not in S; rows with R_i = 0 unchanged)
+    out_i = sum_j P'[i, j] v_j = g_i (O_i - O^S_i) + beta O^S_i
+
+Layout (B, H, S, D); k, v may have fewer heads (GQA). `enable`, `beta`, `threshold` are (H,)
+float tensors: runtime buffers a search flips between runs without re-capture. Heads that are
+not active, and (b, h) whose sink set S is empty, return torch SDPA's output bit for bit, so
+beta = 1 or threshold >= 1 is exact. Padding: a key no query row may see under the mask alone
+(without causality) is padding; with Sq == Skv, query row i is padding when key i is.
+
+Paths: CUDA + Triton: three kernels (`sink_calibrated_triton.py`): lse, per-key column sums and
+counts, then the output; never an S x S tensor. CPU: the same two passes in torch, chunked over
+query rows. ONNX: standard ops over the (B, H, S, S) probabilities of opset-23 `Attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset23 as op
+
+from attnc.kernels.onnx import register_translation
+from attnc.kernels.reference import expand_kv, masked_attention, sdpa_mask
+
+CHUNK = 256  # query rows per step of the CPU path: memory O(CHUNK * Skv) per head
+
+
+# ------------------------------------------------------------------------ shared pieces
+
+
+def active_heads(enable: torch.Tensor, beta: torch.Tensor, threshold: torch.Tensor, heads: int):
+    """(H,) bool: heads whose output the calibration can change."""
+    def per_head(t):
+        return t.float().reshape(-1).expand(heads) if t.numel() == 1 else t.float().reshape(-1)
+    return (per_head(enable) > 0) & (per_head(beta) != 1) & (per_head(threshold) < 1)
+
+
+def _allowed(attn_mask, b: int, h: int, sq: int, skv: int) -> torch.Tensor | None:
+    """The mask alone as bool (B|1, H|1, Sq|1, Skv), True = may attend (no causality)."""
+    if attn_mask is None:
+        return None
+    m = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -1e4
+    return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+
+
+def validity(attn_mask, b: int, h: int, sq: int, skv: int, device):
+    """(key_valid (B, H, Skv), query_valid (B, H, Sq)) bool: padding excluded."""
+    m = _allowed(attn_mask, b, h, sq, skv)
+    if m is None:
+        kv = torch.ones(b, h, skv, dtype=torch.bool, device=device)
+    else:
+        kv = m.any(-2).expand(b, h, skv)
+    qv = kv if sq == skv else torch.ones(b, h, sq, dtype=torch.bool, device=device)
+    return kv, qv
+
+
+def sink_set(colsum, count, key_valid, threshold, active) -> torch.Tensor:
+    """(B, H, Skv) bool: the calibrated columns S = S0 minus its first element, active heads."""
+    h = colsum.shape[1]
+    thr = threshold.float().reshape(-1).expand(h) if threshold.numel() == 1 else threshold.float()
+    r = colsum / count.clamp(min=1)
+    s0 = (r > thr.reshape(1, -1, 1)) & key_valid & (count > 0)
+    first = s0 & (torch.cumsum(s0.int(), -1) == 1)
+    return s0 & ~first & active.reshape(1, -1, 1)
+
+
+def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    t = t.float().reshape(-1)
+    return t.expand(heads) if t.numel() == 1 else t
+
+
+# ------------------------------------------------------------------- plain reference (S x S)
+
+
+def sink_calibrated_attention_ref(q, k, v, enable, beta, threshold, attn_mask=None,
+                                  is_causal=False, scale=None):
+    """The executable spec: the calibrated probability matrix P' (S x S) times V."""
+    B, H, sq, d = q.shape
+    skv = k.shape[-2]
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    allowed, bias = sdpa_mask(attn_mask, is_causal, sq, skv, q.device)
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=k.shape[1] != H)
+    _, lse = masked_attention(q, k, v, allowed, s, bias)
+    scores = (q.float() @ expand_kv(k, H).float().transpose(-1, -2)) * s  # (B, H, Sq, Skv)
+    if bias is not None:
+        scores = scores + bias.float()
+    vis = torch.ones_like(scores, dtype=torch.bool)
+    if allowed is not None:
+        vis = vis & allowed
+    finite = torch.isfinite(lse)[..., None]
+    probs = torch.where(vis & finite, torch.exp(scores - torch.where(finite, lse[..., None], 0)),
+                        0.0)
+    kvalid, qvalid = validity(attn_mask, B, H, sq, skv, q.device)
+    count = (vis & qvalid[..., None]).sum(-2).float()  # (B, H, Skv)
+    colsum = (probs * qvalid[..., None]).sum(-2)
+    act = active_heads(enable, beta, threshold, H)
+    S = sink_set(colsum, count, kvalid, threshold, act)  # (B, H, Skv)
+    bt = _per_head(beta, H).reshape(1, -1, 1)
+    sm = (probs * S[:, :, None, :]).sum(-1)  # (B, H, Sq)
+    R = probs.sum(-1) - sm
+    ok = R > 0
+    gain = torch.where(ok, 1 + (1 - bt) * sm / torch.where(ok, R, 1.0), 1.0)
+    sf = torch.where(ok, bt.expand_as(sm), 1.0)
+    factor = torch.where(S[:, :, None, :], sf[..., None], gain[..., None])
+    out = (probs * factor) @ expand_kv(v, H).float()  # (B, H, Sq, Dv)
+    changed = S.any(-1)[..., None, None]
+    return torch.where(changed, out.to(q.dtype), base).contiguous()
+
+
+# ------------------------------------------------------------- the CPU path (chunked torch)
+
+
+def _chunk_scores(q, k, s, bias, allowed, i0, i1, sq, skv, is_causal):
+    sc = (q[:, :, i0:i1].float() @ k.float().transpose(-1, -2)) * s  # (B, h, C, Skv)
+    vis = torch.ones_like(sc, dtype=torch.bool)
+    if bias is not None:
+        sc = sc + bias[..., i0:i1, :].float() if bias.shape[-2] != 1 else sc + bias.float()
+    if allowed is not None:
+        vis = vis & (allowed[..., i0:i1, :] if allowed.shape[-2] != 1 else allowed)
+    if is_causal:
+        i = torch.arange(i0, i1, device=q.device)[:, None]
+        vis = vis & (torch.arange(skv, device=q.device)[None, :] <= i)
+    return sc, vis
+
+
+def calibrated_chunked(q, k, v, beta, threshold, attn_mask, is_causal, scale):
+    """(out float32, S) for heads that are all active: q (B, h, Sq, D), k and v already with h
+    heads, beta/threshold (h,), mask broadcastable with its head axis already taken."""
+    B, H, sq, d = q.shape
+    skv = k.shape[-2]
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    allowed = bias = None
+    if attn_mask is not None:
+        m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        allowed, bias = (m, None) if m.dtype == torch.bool else (None, m)
+    kvalid, qvalid = validity(attn_mask, B, H, sq, skv, q.device)
+    lse = torch.empty(B, H, sq, device=q.device)
+    colsum = torch.zeros(B, H, skv, device=q.device)
+    count = torch.zeros(B, H, skv, device=q.device)
+    for i0 in range(0, sq, CHUNK):  # pass 1: lse, column sums, counts
+        i1 = min(sq, i0 + CHUNK)
+        sc, vis = _chunk_scores(q, k, s, bias, allowed, i0, i1, sq, skv, is_causal)
+        sc = sc.masked_fill(~vis, float("-inf"))
+        ls = torch.logsumexp(sc, -1)  # (B, H, C)
+        lse[..., i0:i1] = ls
+        p = torch.exp(sc - torch.where(torch.isfinite(ls), ls, 0.0)[..., None])
+        qv = qvalid[..., i0:i1, None]
+        colsum += (p * qv).sum(-2)
+        count += (vis & qv).sum(-2)
+    S = sink_set(colsum, count, kvalid, threshold, torch.ones(H, dtype=torch.bool))
+    bt = beta.float().reshape(1, -1, 1)
+    out = torch.empty(B, H, sq, v.shape[-1], device=q.device)
+    vf, Sf = v.float(), S.float()
+    for i0 in range(0, sq, CHUNK):  # pass 2: the output with S scaled and the rest renormalised
+        i1 = min(sq, i0 + CHUNK)
+        sc, vis = _chunk_scores(q, k, s, bias, allowed, i0, i1, sq, skv, is_causal)
+        ls = lse[..., i0:i1, None]
+        p = torch.where(vis & torch.isfinite(ls), torch.exp(sc - torch.where(
+            torch.isfinite(ls), ls, 0.0)), 0.0)
+        ps = p * Sf[:, :, None, :]
+        sm, tot = ps.sum(-1), p.sum(-1)
+        R = tot - sm
+        ok = R > 0
+        gain = torch.where(ok, 1 + (1 - bt) * sm / torch.where(ok, R, 1.0), 1.0)
+        sf = torch.where(ok, bt.expand_as(sm), 1.0)
+        o_all, o_s = p @ vf, ps @ vf  # (B, H, C, Dv)
+        out[..., i0:i1, :] = gain[..., None] * (o_all - o_s) + sf[..., None] * o_s
+    return out, S
+
+
+# ------------------------------------------------------------------------------- the op
+
+
+def _take_heads(t, idx, heads):
+    """t's head axis (dim 1) restricted to the query heads `idx` (GQA: their kv heads)."""
+    if t is None:
+        return None
+    if t.dim() < 4 or t.shape[1] == 1:
+        return t
+    group = heads // t.shape[1]
+    return t.index_select(1, idx // group)
+
+
+@torch.library.custom_op("attnc::sink_calibrated_attention", mutates_args=())
+def sink_calibrated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    enable: torch.Tensor,
+    beta: torch.Tensor,
+    threshold: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    H = q.shape[1]
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=k.shape[1] != H).contiguous()
+    act = active_heads(enable, beta, threshold, H)
+    if not bool(act.any()):
+        return base
+    idx = act.nonzero().flatten().to(q.device)
+    qs, ks, vs = q.index_select(1, idx), _take_heads(k, idx, H), _take_heads(v, idx, H)
+    ks = ks if ks.shape[1] == idx.numel() else ks.expand(-1, idx.numel(), -1, -1)
+    vs = vs if vs.shape[1] == idx.numel() else vs.expand(-1, idx.numel(), -1, -1)
+    mask = _take_heads(attn_mask, idx, H) if attn_mask is not None and attn_mask.dim() == 4 \
+        else attn_mask
+    bt = _per_head(beta, H).to(q.device)[idx]
+    th = _per_head(threshold, H).to(q.device)[idx]
+    if q.is_cuda:
+        from attnc.kernels import sink_calibrated_triton as tri
+
+        out, S = tri.calibrated(qs, ks, vs, bt, th, mask, is_causal, scale)
+    else:
+        out, S = calibrated_chunked(qs, ks, vs, bt, th, mask, is_causal, scale)
+    sub = torch.where(S.any(-1)[..., None, None], out.to(q.dtype), base.index_select(1, idx))
+    return base.index_copy(1, idx, sub)
+
+
+@sink_calibrated_attention.register_fake
+def _(q, k, v, enable, beta, threshold, attn_mask=None, is_causal=False, scale=None):
+    batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    return q.new_empty((*batch, q.shape[-3], q.shape[-2], v.shape[-1]))
+
+
+# ------------------------------------------------------------------------------------ ONNX
+
+
+def _ints(*xs):
+    return op.Constant(value_ints=list(xs))
+
+
+@register_translation(torch.ops.attnc.sink_calibrated_attention.default)
+def sink_calibrated_attention_onnx(q, k, v, enable, beta, threshold, attn_mask=None,
+                                   is_causal: bool = False, scale: float | None = None):
+    from attnc.kernels.patterns import as_cols, as_rows, positions, seq_len
+
+    kw = {"is_causal": 1 if is_causal else 0, "qk_matmul_output_mode": 3}
+    if scale is not None:
+        kw["scale"] = float(scale)
+    if attn_mask is None:
+        y, _, _, probs = op.Attention(q, k, v, **kw)
+    else:
+        y, _, _, probs = op.Attention(q, k, v, attn_mask, **kw)
+    p = op.Cast(probs, to=1)  # (B, H, Sq, Skv) float32
+    one, zero = op.Constant(value_float=1.0), op.Constant(value_float=0.0)
+    sq, skv = seq_len(q), seq_len(k)
+    vis = op.Expand(op.Cast(op.Constant(value_ints=[1]), to=9), op.Shape(p))
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dtype == 9 else op.Greater(
+            attn_mask, op.CastLike(op.Constant(value_float=-1e4), attn_mask))
+        vis = op.And(vis, m)
+    kvalid = op.Cast(op.ReduceMax(op.Cast(vis, to=1), _ints(-2), keepdims=0), to=9)  # (B, H, Skv)
+    if is_causal:
+        vis = op.And(vis, op.GreaterOrEqual(as_rows(positions(sq)), as_cols(positions(skv))))
+    same = op.Equal(sq, skv)
+    qvalid = op.Where(same, op.Cast(kvalid, to=1), op.Expand(one, op.Shape(kvalid)))
+    qv = op.Unsqueeze(qvalid, _ints(-1))  # (B, H, Sq, 1); Sq == Skv when it is not all ones
+    count = op.ReduceSum(op.Mul(op.Cast(vis, to=1), qv), _ints(-2), keepdims=0)  # (B, H, Skv)
+    colsum = op.ReduceSum(op.Mul(p, qv), _ints(-2), keepdims=0)
+    r = op.Div(colsum, op.Max(count, one))
+    head = _ints(1, -1, 1)
+    thr, bt = op.Reshape(op.Cast(threshold, to=1), head), op.Reshape(op.Cast(beta, to=1), head)
+    en = op.Reshape(op.Cast(enable, to=1), head)
+    act = op.And(op.And(op.Greater(en, zero), op.Not(op.Equal(bt, one))), op.Less(thr, one))
+    s0 = op.And(op.And(op.Greater(r, thr), kvalid), op.Greater(count, zero))
+    s0f = op.Cast(s0, to=1)
+    first = op.Equal(op.CumSum(s0f, op.Constant(value_int=-1)), one)
+    S = op.And(op.And(s0, op.Not(first)), act)  # (B, H, Skv)
+    Sf = op.Unsqueeze(op.Cast(S, to=1), _ints(-2))  # (B, H, 1, Skv)
+    sm = op.ReduceSum(op.Mul(p, Sf), _ints(-1), keepdims=1)  # (B, H, Sq, 1)
+    R = op.Sub(op.ReduceSum(p, _ints(-1), keepdims=1), sm)
+    ok = op.Greater(R, zero)
+    bt4 = op.Unsqueeze(bt, _ints(-1))
+    gain = op.Where(ok, op.Add(one, op.Div(op.Mul(op.Sub(one, bt4), sm), op.Where(ok, R, one))),
+                    one)
+    sf = op.Where(ok, op.Expand(bt4, op.Shape(sm)), one)
+    factor = op.Where(op.Cast(Sf, to=9), sf, gain)  # (B, H, Sq, Skv)
+    pp = op.Mul(p, factor)
+    # GQA: (B, Hq, Sq, Skv) -> (B, Hkv, g*Sq, Skv) @ V (B, Hkv, Skv, Dv) -> (B, Hq, Sq, Dv)
+    hkv = op.Shape(v, start=1, end=2)
+    grouped = op.Reshape(pp, op.Concat(_ints(0), hkv, _ints(-1), _ints(0), axis=0))
+    out = op.MatMul(grouped, op.Cast(v, to=1))
+    out = op.Reshape(out, op.Concat(op.Shape(q, start=0, end=3), _ints(-1), axis=0))
+    changed = op.Cast(op.ReduceMax(op.Cast(S, to=1), _ints(-1), keepdims=1), to=9)  # (B, H, 1)
+    return op.Where(op.Unsqueeze(changed, _ints(-1)), op.CastLike(out, y), y)
