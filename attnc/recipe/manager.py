@@ -106,6 +106,13 @@ class PassContext:
     evaluate: Callable[[Any], dict[str, float]] | None = None
     meets_bound: Callable[[dict[str, float]], bool] | None = None
 
+    def trials(self, program: Any, objective: Any, knobs: dict[str, Any], **kw: Any) -> Any:
+        """A trial runner (`attnc.recipe.trials`) over this context's calibration batches: the
+        knobs are buffers of `program` flipped between runs; search and check batches apart."""
+        from attnc.recipe.trials import runner_from_context
+
+        return runner_from_context(self, program, objective, knobs, **kw)
+
 
 @dataclass
 class PassResult:
