@@ -16,7 +16,7 @@ import torch
 from onnxscript import opset23 as op
 
 from attnc.errors import KernelError
-from attnc.kernels import masks, reference
+from attnc.kernels import masks, neighborhood_blocked, reference
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
     as_cols,
@@ -94,6 +94,12 @@ def neighborhood_attention(
               or min(kernel_size) < 0)
 
     def ref():
+        if neighborhood_blocked.blocked_pays(s, g, heads, dilation, stride, is_causal,
+                                             num_global):  # off CUDA: skip the unseen work
+            kp = None if key_padding_mask is None else masks.resolve_padding(
+                key_padding_mask, q.shape[0], s, s, pattern)
+            return neighborhood_blocked.blocked_attention(q, k, v, g, heads, dilation, stride,
+                                                          is_causal, scale, kp, num_global)
         return reference.neighborhood_attention_ref(q, k, v, g, kernel_size, dilation, stride,
                                                     is_causal, scale, key_padding_mask,
                                                     num_global, head_kernel_size)
@@ -170,6 +176,11 @@ def _axis_visible(xq, xk, L, K, d: int, s: int, causal: bool):
 def neighborhood_attention_onnx(q, k, v, grid, kernel_size, dilation, stride, is_causal,
                                 scale=None, key_padding_mask=None, num_global: int = 0,
                                 head_kernel_size=None):
+    blocked = neighborhood_blocked.translate(q, k, v, grid, kernel_size, dilation, stride,
+                                             is_causal, scale, key_padding_mask, num_global,
+                                             head_kernel_size)  # 2-D/3-D: the halo tiles
+    if blocked is not None:
+        return blocked
     s = seq_len(q)
     gl = [int(x) for x in grid] or [-1]
     n = op.Sub(s, i64(num_global))  # grid tokens
