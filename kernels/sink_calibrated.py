@@ -84,15 +84,14 @@ def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
 # ------------------------------------------------------------------- plain reference (S x S)
 
 
-def sink_calibrated_attention_ref(q, k, v, enable, beta, threshold, attn_mask=None,
-                                  is_causal=False, scale=None):
-    """The executable spec: the calibrated probability matrix P' (S x S) times V."""
+def calibrated_probs(q, k, v, enable, beta, threshold, attn_mask=None, is_causal=False,
+                     scale=None):
+    """(P, P', S): the probabilities (B, H, Sq, Skv) float32, the calibrated ones, and the
+    calibrated columns (B, H, Skv) bool. S x S: the spec and the tests, not a runtime path."""
     B, H, sq, d = q.shape
     skv = k.shape[-2]
     s = 1.0 / math.sqrt(d) if scale is None else scale
     allowed, bias = sdpa_mask(attn_mask, is_causal, sq, skv, q.device)
-    base = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                          scale=scale, enable_gqa=k.shape[1] != H)
     _, lse = masked_attention(q, k, v, allowed, s, bias)
     scores = (q.float() @ expand_kv(k, H).float().transpose(-1, -2)) * s  # (B, H, Sq, Skv)
     if bias is not None:
@@ -115,7 +114,18 @@ def sink_calibrated_attention_ref(q, k, v, enable, beta, threshold, attn_mask=No
     gain = torch.where(ok, 1 + (1 - bt) * sm / torch.where(ok, R, 1.0), 1.0)
     sf = torch.where(ok, bt.expand_as(sm), 1.0)
     factor = torch.where(S[:, :, None, :], sf[..., None], gain[..., None])
-    out = (probs * factor) @ expand_kv(v, H).float()  # (B, H, Sq, Dv)
+    return probs, probs * factor, S
+
+
+def sink_calibrated_attention_ref(q, k, v, enable, beta, threshold, attn_mask=None,
+                                  is_causal=False, scale=None):
+    """The executable spec: the calibrated probability matrix P' (S x S) times V; (b, h) with
+    nothing calibrated keep torch SDPA's output."""
+    H = q.shape[1]
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=k.shape[1] != H)
+    _, pp, S = calibrated_probs(q, k, v, enable, beta, threshold, attn_mask, is_causal, scale)
+    out = pp @ expand_kv(v, H).float()  # (B, H, Sq, Dv)
     changed = S.any(-1)[..., None, None]
     return torch.where(changed, out.to(q.dtype), base).contiguous()
 
