@@ -14,7 +14,7 @@ import torch
 from onnxscript import opset23 as op
 
 from attnc.errors import KernelError
-from attnc.kernels import masks, reference
+from attnc.kernels import block_sparse_gather, masks, reference
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
     as_cols,
@@ -74,6 +74,11 @@ def block_sparse_attention(
     layout = layout.to(q.device)
 
     def ref():
+        if block_sparse_gather.gather_pays(skv, block_size, int(layout.sum(-1).max())):
+            kp = None if key_padding_mask is None else masks.resolve_padding(
+                key_padding_mask, q.shape[0], sq, skv, pattern)  # off CUDA: only listed blocks
+            return block_sparse_gather.gather_attention(q, k, v, layout, block_size, is_causal,
+                                                        scale, kp)
         return reference.block_sparse_attention_ref(q, k, v, layout, block_size, is_causal,
                                                     scale, key_padding_mask)
 
@@ -111,6 +116,10 @@ def _(q, k, v, layout, block_size, is_causal=False, scale=None, key_padding_mask
 @register_translation(torch.ops.attnc.block_sparse_attention.default)
 def block_sparse_attention_onnx(q, k, v, layout, block_size: int, is_causal: bool = False,
                                 scale: float | None = None, key_padding_mask=None):
+    gathered = block_sparse_gather.translate(q, k, v, layout, block_size, is_causal, scale,
+                                             key_padding_mask)  # the listed blocks only
+    if gathered is not None:
+        return gathered
     i = positions(seq_len(q))
     j = positions(seq_len(k))
     rows = op.Gather(layout, op.Div(i, i64(block_size)), axis=2)  # (B|1, H|1, Sq, nkv)
