@@ -119,13 +119,14 @@ def insert_head_gate(gm: GraphModule, attn: Node, gate: Node) -> Node:
 def fuse_head_gate(gm: GraphModule, attn: Node, gate: Node) -> Node:
     """The dense attention call `attn` becomes `attnc::routed_attention` with `gate` (B, H, S)
     fused: same q, k, v, mask, causality and scale. Returns the new node."""
-    import attnc.kernels.routed_attention as ra
+    import attnc.kernels.routed_attention  # noqa: F401  (registers the op)
     from attnc.graph.replace import replace_attention_node
 
     call = read_call(attn)
     if call is None or call.pattern != "dense" or call.op == "region":
         raise PassError(f"{attn.name} is not a dense attention call; use insert_head_gate")
-    return replace_attention_node(gm, attn, ra.routed_attention.default, gate=gate)
+    return replace_attention_node(gm, attn, torch.ops.attnc.routed_attention.default,
+                                  gate=gate)
 
 
 def topk_head_gate(gm: GraphModule, scores: Node, always_on: torch.Tensor, k_total: int,
