@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from attnc import progress
 from attnc.capture.program import Program, capture
 from attnc.check.fidelity import Memo, compare, meets, ort_runner, reference_outputs
 from attnc.errors import (
@@ -154,6 +155,7 @@ def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
         loaded = spec
     else:
         say(f"loading {spec}")
+        progress.stage("load")
         loaded = load_model(
             spec,
             weights=opts.weights,
@@ -161,6 +163,7 @@ def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
             input_shape=opts.input_shape,
             dtype=opts.dtype,
         )
+    progress.stage("calibration data")
     refuse_random_text(calib, recipe.calibration, loaded)  # random ids on a text model mislead
     extra = {}
     if loaded.kind == "vlm" and "pixel_values" in loaded.input_names:
@@ -177,6 +180,7 @@ def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
         positions=model_positions(loaded.config),
     )  # checked against the model before the (slower) capture
     say("capturing with torch.export")
+    progress.stage("capture")
     program = capture(loaded)
     if not program.sites:
         raise CaptureError(
@@ -208,6 +212,8 @@ def build(
     say = opts.progress or (lambda s: None)
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser()
+    timeline = progress.start_timeline()
+    progress.stage("preflight")
     recipe, parent = preflight(spec, recipe_path, calib, out, opts)
     loaded, original, data = prepare(spec, recipe, calib, opts)
     recipe = resolve_fidelity(recipe, loaded.kind, all(get_pass(s.id).exact for s in recipe.passes))
@@ -216,6 +222,7 @@ def build(
     top1 = loaded.kind in ("causal-lm", "vlm")
 
     say("running the original on calibration data")
+    progress.stage("original on held-out data")
     orig_run = Memo(original)
     ref_hold = reference_outputs(orig_run, data.holdout)
 
@@ -234,6 +241,7 @@ def build(
         meets_bound=lambda m: meets(m, recipe.fidelity)[0],
     )
     say(f"running passes: {[s.id for s in recipe.passes]}")
+    progress.stage("passes")
     program, results = run_passes(original.clone(), recipe.passes, ctx)
     lowered = 0
     if recipe.export.lower_dense:
@@ -242,6 +250,7 @@ def build(
         lowered = lower_dense(program)
 
     say("verifying the optimized program against the original")
+    progress.stage("verify torch")
     opt_run = Memo(program)
     comparisons = {"torch optimized vs original": compare(opt_run, data.holdout, ref_hold, top1)}
     from attnc.check.task import task_metrics
@@ -276,6 +285,7 @@ def build(
                 from attnc.export.artifacts import save_pt2
 
                 say("saving original.pt2 (what `attnc eval` compares against)")
+                progress.stage("save original.pt2")
                 save_pt2(original, stage / "original.pt2")
                 artifacts.append("original.pt2")
             report = {
@@ -327,9 +337,13 @@ def build(
                 "versions": _versions(),
                 "seconds": time.perf_counter() - t0,
             }
+            progress.stage("report")
+            report["stages"] = timeline.as_list()  # wall time and memory per stage
             from attnc.report.write import write_report
 
             write_report(report, stage)
+            progress.stage(None)
+            report["stages"] = timeline.as_list()
             report["artifacts"] = sorted(p.name for p in stage.iterdir())
             write_report(report, stage)
             write_marker(stage, _version())
@@ -370,6 +384,7 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
     artifacts = deploy.write_deploy_files(loaded, stage)  # tokenizer/processor files, config
     if recipe.export.pt2:
         say("saving model.pt2")
+        progress.stage("save model.pt2")
         save_pt2(program, stage / "model.pt2")
         meta = {"kind": program.kind, "inputs": program.input_names, "source": program.source}
         (stage / "model.attnc.json").write_text(json.dumps(meta, indent=2))
@@ -377,6 +392,7 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
     onnx_info = None
     if recipe.export.onnx:
         say("exporting model.onnx")
+        progress.stage("export onnx")
         pooling = deploy.resolve_sentence_embedding(
             recipe.export.sentence_embedding, loaded, program
         )
@@ -387,19 +403,30 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
             recipe.export.opset,
             metadata=meta,
             sentence_embedding=pooling,
+            external_data=recipe.export.external_data,
         )
         onnx_info["sentence_embedding"] = vars(pooling) if pooling else None
-        artifacts.append("model.onnx")
+        artifacts += ["model.onnx", *list(onnx_info["layout"]["files"])[1:]]
         say("verifying ONNX Runtime against the optimized program")
-        run = ort_runner(str(stage / "model.onnx"), program.input_names)
+        progress.stage("verify onnx runtime")
+        from attnc.check.fidelity import onnx_tolerance, ort_check_file
+
+        onnx_file, optimize = ort_check_file(stage / "model.onnx", onnx_info)
+        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
         onnx_info["providers"] = run.providers
+        onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised
         m = compare(run, data.holdout, ref, top1=False)
+        del run  # the session's weights
+        if onnx_file.name != "model.onnx":
+            onnx_file.unlink()
         comparisons["ONNX Runtime vs torch optimized"] = m
-        if not m["max_abs_diff"] <= recipe.export.onnx_max_abs_diff:
+        allowed = onnx_tolerance(recipe, program, ref)
+        onnx_info["max_abs_diff_allowed"] = allowed
+        if not m["max_abs_diff"] <= allowed:
             raise VerificationError(
                 f"ONNX Runtime differs from the torch program by {m['max_abs_diff']:.3g} "
-                f"(allowed {recipe.export.onnx_max_abs_diff:g})"
+                f"(allowed {allowed:g})"
             )
         if pooling is not None:
             onnx_file = stage / "model.onnx"
@@ -413,6 +440,9 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
         meta = deploy.build_metadata(recipe.raw, results, comparisons, program.kind)
         verification = {"attnc.verification": meta["attnc.verification"]}
         deploy.add_metadata(stage / "model.onnx", verification)  # now with ONNX Runtime's figures
+        from attnc.export.external_data import layout
+
+        onnx_info["layout"] = layout(stage / "model.onnx")  # the sizes as written
     return artifacts, onnx_info
 
 
@@ -443,6 +473,7 @@ def _quantize(stage, program, recipe, data, ref_hold, orig_run, loaded, say) -> 
 
     mode = recipe.export.quantize
     say(f"quantizing model.onnx ({mode})")
+    progress.stage("quantize")
     feeds = [dict(zip(program.input_names, b.args, strict=True)) for b in data.calib]
     info = quantize_in_place(stage / "model.onnx", mode, feeds)
     say("verifying the quantized ONNX file against the original")
@@ -480,6 +511,7 @@ def _bench(stage, program, original, recipe, data, loaded, opts, say) -> dict:
     scratch = stage / ".bench"
     scratch.mkdir()
     say("timing the build against the original (same run, interleaved)")
+    progress.stage("bench")
     try:
         res = bench_in_build(
             program, original, onnx_path, args_list, cfg, recipe.export.opset, scratch

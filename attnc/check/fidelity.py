@@ -201,3 +201,39 @@ def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
 
     run.providers = sess.get_providers()  # type: ignore[attr-defined]
     return run
+
+
+# per floating dtype of the weights: ONNX Runtime vs torch may differ by this many units in the
+# last place of the output's largest magnitude (accumulation order differs between runtimes)
+_ULPS = 8
+_EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def onnx_tolerance(recipe: Any, program: Any, refs: Sequence[torch.Tensor]) -> float:
+    """export.onnx_max_abs_diff when the recipe sets it; else the float32 default, widened for a
+    bf16/fp16 program to `_ULPS` units in the last place of the largest reference output."""
+    given = (recipe.raw.get("export") or {}).get("onnx_max_abs_diff")
+    base = float(recipe.export.onnx_max_abs_diff)
+    if given is not None:
+        return base
+    from attnc.export.artifacts import _source_dtype
+
+    eps = _EPS.get(_source_dtype(program))
+    if eps is None:
+        return base
+    scale = max([1.0] + [float(r.detach().abs().max()) for r in refs if r.numel()])
+    return max(base, _ULPS * eps * scale)
+
+
+def ort_check_file(onnx_path: Path, info: dict) -> tuple[Path, bool]:
+    """The file ONNX Runtime verifies, and whether with graph optimizations: `model.onnx`, or
+    on a machine without CUDA its float32-compute copy (a bf16 model; unoptimized, so ORT does
+    not fold a float32 copy of every weight)."""
+    import onnxruntime as ort
+
+    copy = (info.get("cpu_fp32_compute_copy") or {}).get("file")
+    if copy and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return onnx_path.with_name(copy), False
+    if copy:
+        onnx_path.with_name(copy).unlink(missing_ok=True)
+    return onnx_path, True

@@ -127,12 +127,11 @@ def export_onnx(
     *,
     metadata: dict[str, str] | None = None,
     sentence_embedding: Any = None,
+    external_data: bool | None = None,
 ) -> dict:
     """Export to ONNX with dynamic dims kept (named `batch`/`sequence`), inputs and outputs named
     as the source names them, `metadata` as `metadata_props`, and with `sentence_embedding` (a
     `deploy.Pooling`) the pooled embedding as a second output; check it, return a summary."""
-    import onnx
-
     import attnc.kernels  # noqa: F401  (registers the attnc:: ops)
     from attnc.export import deploy
 
@@ -151,30 +150,55 @@ def export_onnx(
         raise ExportError(
             f"ONNX export failed: {first[:300]}", "run with --debug for details"
         ) from exc
+    from attnc.export import external_data as ext
+
+    external = ext.wanted(program.gm, external_data)  # weights past the protobuf limit
     try:
-        with _quiet():
-            onnx_program.save(str(path))
+        with _quiet():  # external: tensor by tensor into model.onnx.data, no in-memory proto
+            onnx_program.save(str(path), external_data=external)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
-    model = onnx.load(str(path))
+    del onnx_program
+    model = ext.load_graph(path)  # the graph only: external weights stay on disk
     deploy.name_onnx_dims(model, program)
     deploy.strip_onnx_stack_traces(model)
     deploy.set_metadata(model, metadata or {})
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(
-            f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}"
-        ) from exc
-    onnx.save(model, str(path))
-    from attnc.export.ort_dtypes import widen_unsupported_bf16
+    ext.save_graph(model, path)
+    ext.check(path)
+    from attnc.export.ort_dtypes import cpu_compute_copy, widen_unsupported_bf16
 
-    widened = widen_unsupported_bf16(path)  # bf16 islands ORT's CPU build cannot run
+    widened, cpu_copy = [], None
+    if _source_dtype(program) == torch.bfloat16:  # the file keeps bf16; ORT CPU gets a copy
+        copy = path.with_name(path.stem + ".cpu-fp32-compute.onnx")
+        nodes = cpu_compute_copy(path, copy)
+        if nodes is not None:
+            cpu_copy, widened = copy.name, nodes
+            log.warning(
+                "%s keeps bfloat16, which ONNX Runtime's CPU build cannot run (%d nodes): it is "
+                "verified through a float32-compute copy; deploy it on CUDA, or rebuild with "
+                "--dtype float32 for ONNX Runtime on CPU", path.name, len(nodes)
+            )
+    else:
+        widened = widen_unsupported_bf16(path)  # bf16 islands ORT's CPU build cannot run
     if widened:
-        model = onnx.load(str(path))
+        model = ext.load_graph(path)
     summary = onnx_summary(model)
-    summary["bf16_nodes_run_in_fp32"] = widened
+    summary["initializer_bytes"] = ext.initializer_bytes(model)
+    summary["layout"] = ext.layout(path, model)
+    summary["bf16_nodes_run_in_fp32"] = [] if cpu_copy else widened
+    summary["cpu_fp32_compute_copy"] = (
+        {"file": cpu_copy, "nodes_widened": len(widened)} if cpu_copy else None
+    )
     return summary
+
+
+def _source_dtype(program: Program) -> torch.dtype | None:
+    """The floating dtype most of the program's weight bytes are in."""
+    by: Counter = Counter()
+    for t in program.gm.parameters():
+        if t.is_floating_point():
+            by[t.dtype] += t.numel() * t.element_size()
+    return by.most_common(1)[0][0] if by else None
 
 
 def _torch_onnx_export(program: Program, module, output_names: list[str], opset: int):

@@ -303,7 +303,7 @@ def set_metadata(model: Any, props: Mapping[str, str]) -> None:
 def add_metadata(path: Path, props: Mapping[str, str]) -> None:
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk
     set_metadata(model, props)
     onnx.save(model, str(path))
 

@@ -1,0 +1,123 @@
+"""ONNX files past the protobuf limit: weights as external data beside `model.onnx`.
+
+A protobuf message cannot exceed 2 GiB, so a model whose weights pass `limit()` is written as
+`model.onnx` (the graph) plus `model.onnx.data` (the weights, written tensor by tensor from the
+torch tensors, never as one in-memory protobuf). Every later step edits the graph only: files are
+read with `load_graph` (external data left on disk) and written back with `save_graph`, which
+keeps the references to the data file. ONNX Runtime and `onnx.checker` read the pair by path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnc.errors import ExportError
+
+# torch's exporter switches to external data at 1.5 GiB of initializers; the whole proto
+# (graph, metadata) must stay under 2 GiB, so attnc uses the same margin
+DEFAULT_LIMIT = 1536 * 2**20
+LIMIT_ENV = "ATTNC_ONNX_EXTERNAL_LIMIT"  # bytes; tests force the external path with a tiny one
+
+
+def limit() -> int:
+    """The initializer bytes past which ONNX weights go to an external data file."""
+    raw = os.environ.get(LIMIT_ENV)
+    if not raw:
+        return DEFAULT_LIMIT
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ExportError(f"{LIMIT_ENV}={raw!r} is not a number of bytes") from None
+
+
+def weight_bytes(gm: torch.nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters, buffers) a graph module holds."""
+    seen: set[int] = set()
+    n = 0
+    for t in [*gm.parameters(), *gm.buffers()]:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        n += t.numel() * t.element_size()
+    return n
+
+
+def wanted(gm: torch.nn.Module, request: bool | None) -> bool:
+    """External data when the recipe asks for it (True), never when it forbids it (False, and
+    then the weights must fit), else when the weights pass `limit()`."""
+    size = weight_bytes(gm)
+    if request is False and size > DEFAULT_LIMIT:
+        raise ExportError(
+            f"the weights take {size / 2**30:.2f} GiB, more than one ONNX protobuf can hold",
+            "remove export.external_data: false from the recipe",
+        )
+    if request is not None:
+        return bool(request)
+    return size > limit()
+
+
+def load_graph(path: Path) -> Any:
+    """The ONNX model at `path` with external data left on disk (references kept)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def save_graph(model: Any, path: Path) -> None:
+    """Write `model` back to `path`; external tensors keep pointing at their data file(s)."""
+    import onnx
+
+    onnx.save(model, str(path))
+
+
+def check(path: Path) -> None:
+    """onnx.checker on the file by path (which is how it reads models past 2 GiB)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(
+            f"the exported ONNX file fails the checker: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def external_files(model: Any) -> dict[str, int]:
+    """{data file name: bytes its tensors take} over the initializers stored externally."""
+    import onnx
+
+    out: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        name = info.get("location", "")
+        out[name] = out.get(name, 0) + int(info.get("length", 0) or 0)
+    return out
+
+
+def initializer_bytes(model: Any) -> int:
+    """Bytes of all initializers, inline or external."""
+    inline = sum(len(t.raw_data) for t in model.graph.initializer)
+    return inline + sum(external_files(model).values())
+
+
+def layout(path: Path, model: Any | None = None) -> dict[str, Any]:
+    """What a deployer copies: the graph file and its data file(s), with their sizes."""
+    model = load_graph(path) if model is None else model
+    files = {path.name: path.stat().st_size}
+    for name in sorted(external_files(model)):
+        data = path.parent / name
+        if not data.is_file():
+            raise ExportError(f"{path.name} names the external data file {name}, which is missing")
+        files[name] = data.stat().st_size
+    return {
+        "external_data": len(files) > 1,
+        "files": files,
+        "total_bytes": sum(files.values()),
+    }
