@@ -302,7 +302,8 @@ def sink_calibrated_attention_onnx(q, k, v, enable, beta, threshold, attn_mask=N
     pp = op.Mul(p, factor)
     # GQA: (B, Hq, Sq, Skv) -> (B, Hkv, g*Sq, Skv) @ V (B, Hkv, Skv, Dv) -> (B, Hq, Sq, Dv)
     hkv = op.Shape(v, start=1, end=2)
-    grouped = op.Reshape(pp, op.Concat(_ints(0), hkv, _ints(-1), _ints(0), axis=0))
+    grouped = op.Reshape(pp, op.Concat(op.Shape(q, start=0, end=1), hkv, _ints(-1),
+                                        op.Shape(k, start=2, end=3), axis=0))
     out = op.MatMul(grouped, op.Cast(v, to=1))
     out = op.Reshape(out, op.Concat(op.Shape(q, start=0, end=3), _ints(-1), axis=0))
     changed = op.Cast(op.ReduceMax(op.Cast(S, to=1), _ints(-1), keepdims=1), to=9)  # (B, H, 1)
