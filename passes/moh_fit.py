@@ -146,5 +146,5 @@ def _distill(cal, y, full, shared, k_total, router, params, gate, fit_gate, step
         loss.backward()
         opt.step()
         if step % max(1, steps // 5) == 0 or step == steps - 1:
-            trail.append({"step": step, "rel_err": round(float(loss), 6)})
+            trail.append({"step": step, "rel_err": round(float(loss.detach()), 6)})
     return ({k: v.detach() for k, v in p.items()}, gv.detach(), trail)
