@@ -403,6 +403,7 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
             recipe.export.opset,
             metadata=meta,
             sentence_embedding=pooling,
+            seq_hint=_target_length(results, program, data.calib),
             external_data=recipe.export.external_data,
         )
         onnx_info["sentence_embedding"] = vars(pooling) if pooling else None
@@ -444,6 +445,21 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
 
         onnx_info["layout"] = layout(stage / "model.onnx")  # the sizes as written
     return artifacts, onnx_info
+
+
+def _target_length(results, program, batches) -> int | None:
+    """The sequence length the ONNX forms are chosen for: a pass's `target_length` (the sparse
+    pass records it per site), else the longest calibration sequence, else None (unknown)."""
+    lens = [d.metrics.get("target_length") for r in results for d in r.decisions]
+    lens = [int(x) for x in lens if isinstance(x, int)]
+    if lens:
+        return max(lens)
+    for name, dims in program.dynamic_dims.items():
+        for axis, label in dims.items():
+            if "seq" in str(label) and name in program.input_names:
+                i = program.input_names.index(name)
+                return max((int(b.args[i].shape[axis]) for b in batches), default=None)
+    return None
 
 
 def _version() -> str:

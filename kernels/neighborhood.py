@@ -17,6 +17,7 @@ from onnxscript import opset23 as op
 
 from attnc.errors import KernelError
 from attnc.kernels import masks, neighborhood_blocked, reference
+from attnc.kernels import neighborhood1d_blocked as nb1d
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
     as_cols,
@@ -94,6 +95,12 @@ def neighborhood_attention(
               or min(kernel_size) < 0)
 
     def ref():
+        kern = [h[0] for h in heads]
+        if len(g) == 1 and nb1d.blocked_pays(s, kern, dilation[0], stride[0], num_global):
+            kp = None if key_padding_mask is None else masks.resolve_padding(
+                key_padding_mask, q.shape[0], s, s, pattern)  # 1-D: blocked, off CUDA
+            return nb1d.blocked_attention(q, k, v, kern, dilation[0], stride[0],
+                                          bool(is_causal[0]), scale, num_global, kp)
         if neighborhood_blocked.blocked_pays(s, g, heads, dilation, stride, is_causal,
                                              num_global):  # off CUDA: skip the unseen work
             kp = None if key_padding_mask is None else masks.resolve_padding(
@@ -176,6 +183,10 @@ def _axis_visible(xq, xk, L, K, d: int, s: int, causal: bool):
 def neighborhood_attention_onnx(q, k, v, grid, kernel_size, dilation, stride, is_causal,
                                 scale=None, key_padding_mask=None, num_global: int = 0,
                                 head_kernel_size=None):
+    blocked = _blocked_1d(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale,
+                          key_padding_mask, num_global, head_kernel_size)
+    if blocked is not None:
+        return blocked
     blocked = neighborhood_blocked.translate(q, k, v, grid, kernel_size, dilation, stride,
                                              is_causal, scale, key_padding_mask, num_global,
                                              head_kernel_size)  # 2-D/3-D: the halo tiles
@@ -205,3 +216,32 @@ def neighborhood_attention_onnx(q, k, v, grid, kernel_size, dilation, stride, is
         vis = op.Or(vis, op.Or(as_rows(glob), as_cols(glob)))
     vis = with_padding(vis, key_padding_mask)  # (B|1, H|1, S, S)
     return attention_with_mask(q, k, v, vis, scale, zero_unseen=key_padding_mask is not None)
+
+
+def _blocked_1d(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale,
+                key_padding_mask, num_global, head_kernel_size):
+    """The blocked ONNX form of a 1-D neighborhood (neighborhood1d_blocked.py) where its cost
+    rule pays at the length (static, else the export's target length); None otherwise."""
+    from attnc.kernels import window_blocked
+
+    if len(grid) > 1:
+        return None
+    dims = (q.shape[1], q.shape[3], k.shape[1])
+    static = all(isinstance(x, int) for x in dims)
+    seq = q.shape[2] if isinstance(q.shape[2], int) else window_blocked.seq_hint()
+    kern = [h[0] for h in reference.head_kernels(kernel_size, head_kernel_size, q.shape[1], 1)]
+    rank = None if key_padding_mask is None else len(key_padding_mask.shape)
+    ok = static and rank in (None, 2, 4) and nb1d.blocked_pays(
+        seq, kern, int(dilation[0]), int(stride[0]), int(num_global))
+    nb1d.record(seq, kern, int(stride[0]), int(num_global), ok, DENSE_FORM)
+    if not ok:
+        return None
+    pad = key_padding_mask
+    if rank == 4:  # (B|1, H|1, S, S): key j's flag on the diagonal (the op checked it)
+        pad = window_blocked.diagonal_padding(pad)
+    return nb1d.blocked_onnx(q, k, v, kern, int(dilation[0]), int(stride[0]),
+                             bool(is_causal[0]), scale, int(num_global), pad,
+                             padding_is_bool=pad is None or key_padding_mask.dtype == 9)
+
+
+DENSE_FORM = "Attention(opset 23) + in-graph Range/Div/Mod neighborhood mask"

@@ -219,6 +219,14 @@ def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
     seq = q.shape[2] if _static_ints(q.shape, (2,)) else window_blocked.seq_hint()
     form = onnx_form(window, num_sinks, is_causal, same, plain, seq=seq if static else -1,
                      head_windows=head_windows, mask_rank=rank)
+    wins_ = [int(window)] if head_windows is None else [int(w) for w in head_windows]
+    why = (window_blocked.why_form(seq, wins_, is_causal) if static else
+           "heads or head size not static: the blocked form needs them")
+    if rank == 4 and not same:
+        why = "a 4-D mask over q and k of different lengths"
+    if form == GQA_FORM:
+        why = f"causal window without sinks or padding; {why}"
+    window_blocked.record_form("sliding_window_attention", form, why)
     if form == BLOCKED_FORM:
         wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
         pad = key_padding_mask

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 BQ = 64
+KB = 16  # key block rows of the ONNX form (its Gather copies KB x D values at a time)
 FORM = (f"blocked local attention (query blocks of {BQ}: Gather of each block's key window + "
         f"sinks, MatMul/Softmax)")
 
@@ -53,6 +54,39 @@ def onnx_seq_hint(seq: int | None) -> Iterator[None]:
 
 def seq_hint() -> int | None:
     return _SEQ_HINT.get()
+
+
+_FORMS: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnc_onnx_forms",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def recording_forms() -> Iterator[list[dict]]:
+    """Collect, in translation order, the ONNX form each pattern op's translation emits and
+    why (`record_form`); an export's report lists them per site."""
+    forms: list[dict] = []
+    tok = _FORMS.set(forms)
+    try:
+        yield forms
+    finally:
+        _FORMS.reset(tok)
+
+
+def record_form(op_name: str, form: str, why: str) -> None:
+    forms = _FORMS.get()
+    if forms is not None:
+        forms.append({"op": op_name, "onnx_form": form, "why": why})
+
+
+def why_form(seq: int | None, windows: Sequence[int], causal: bool, bq: int = BQ) -> str:
+    """One line: why `blocked_pays` chose as it did at `seq`."""
+    s = span(windows, causal)
+    if s is None:
+        return "a dense head: the blocked form needs a window on every head"
+    if seq is None:
+        return "length unknown (no target length): the blocked form shrinks to short inputs"
+    rel = ">" if seq > 2 * (s + bq) else "<="
+    return f"length {seq} {rel} 2 x (span {s} + block {bq}) (onnxruntime-cpu cost rule)"
 
 
 def span(windows: Sequence[int], causal: bool) -> int | None:
@@ -188,69 +222,101 @@ def diagonal_padding(mask):
 
 def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
                  scale: float | None, padding=None, same_length: bool = False, bq: int = BQ,
-                 padding_is_bool: bool = True):
-    """The ONNX graph of `blocked_attention`. q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) with
-    static heads and head size; `padding` a (B|1, Skv) key padding mask (bool, or float with
-    masked entries <= -1e4: `padding_is_bool` False) or None; `same_length`: Sq == Skv."""
+                 padding_is_bool: bool = True, kb: int = KB):
+    """The ONNX graph of `blocked_attention`, on key blocks of `kb` rows: K/V, padded by
+    m = ceil((W-1)/kb) blocks in front, are viewed as (NB, kb) blocks, and one Gather of whole
+    blocks through a small (nb, blocks per query block) table gives each query block its
+    window's blocks (plus, first, the blocks holding the sinks): one copy, kb x D contiguous
+    values at a time. Window key c of query block n is n BQ - m kb + c, so its distance to
+    query row r is r + m kb - c whatever n is: the window mask is one static (BQ, K) pattern,
+    folded at export; only which keys exist (>= num_sinks, < Skv) and the sink columns depend
+    on n. The g query heads of a KV head are a broadcast batch dim of the MatMuls: no
+    Transpose, K/V never expanded. q (B, Hq, Sq, D), k/v (B, Hkv, Skv, D) with static heads
+    and head size; `padding` a (B|1, Skv) key padding mask (bool, or float with masked
+    entries <= -1e4: `padding_is_bool` False) or None; `same_length`: Sq == Skv."""
     hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
     g = hq // hkv
     wins = [int(w) for w in windows]
     wmax = max(wins)
-    wfull = bq + wmax - 1 if causal else bq + 2 * wmax - 2
+    kb = kb if bq % kb == 0 else bq
+    m = -(-(wmax - 1) // kb)  # key blocks before a query block's first row
+    reach = bq + (0 if causal else wmax - 1)  # keys from the block's first row on
+    nwin = m + -(-reach // kb)  # window key blocks per query block
+    nsb = -(-num_sinks // kb)  # sink key blocks
+    nblk = nsb + nwin
     sq, skv = _len(q, 2), _len(k, 2)
     nb = op.Div(op.Add(sq, _c(bq - 1)), _c(bq))
-    weff = op.Min(_c(wfull), skv)
+    nb1 = op.Unsqueeze(nb, _ints([0]))
+    ax2 = _ints([2])
     n = op.Range(_c(0), nb, _c(1))  # (nb,)
-    lo = op.Max(op.Sub(op.Mul(n, _c(bq)), _c(wmax - 1)), _c(0))
-    start = op.Min(lo, op.Sub(skv, weff))  # (nb,)
-    keys = op.Add(op.Unsqueeze(start, _ints([1])),
-                  op.Unsqueeze(op.Range(_c(0), weff, _c(1)), _ints([0])))  # (nb, W'')
-    if num_sinks:
-        sink = op.Min(_ints(range(num_sinks)), op.Sub(skv, _c(1)))  # (ns,), clamped
-        shape = op.Concat(op.Unsqueeze(nb, _ints([0])), _ints([num_sinks]), axis=0)
-        keys = op.Concat(op.Expand(op.Unsqueeze(sink, _ints([0])), shape), keys, axis=1)
-    kw = op.Gather(k, keys, axis=2)  # (B, Hkv, nb, K, D)
-    vw = op.Gather(v, keys, axis=2)
-    # queries: pad to nb * bq, fold the g heads of a KV head into the block
+    # padded block b holds keys (b - m) kb ..: block n BQ/kb starts query block n's window
+    table = op.Add(op.Unsqueeze(op.Mul(n, _c(bq // kb)), _ints([1])), _ints(range(nwin)))
+    if nsb:  # (nb, nsb + nwin): the sink blocks m.. first
+        table = op.Concat(op.Expand(op.Unsqueeze(_ints(range(m, m + nsb)), _ints([0])),
+                                    op.Concat(nb1, _ints([nsb]), axis=0)), table, axis=1)
+    # keys the padded view holds past its front padding (at least the sink blocks)
+    seen = op.Max(op.Mul(op.Add(op.Mul(op.Sub(nb, _c(1)), _c(bq // kb)), _c(nwin - m)),
+                         _c(kb)), _c(nsb * kb))
+
+    def blocks(t):  # (B, Hkv, Skv, D) -> (B, Hkv, 1, nb, K, D)
+        cut = op.Slice(t, _ints([0]), op.Unsqueeze(seen, _ints([0])), ax2)
+        back = op.Sub(seen, op.Min(seen, skv))
+        pads = op.Concat(_ints([0, 0, m * kb, 0, 0, 0]), op.Unsqueeze(back, _ints([0])),
+                         _ints([0]), axis=0)
+        tb = op.Reshape(op.Pad(cut, pads), _ints([0, hkv, -1, kb, d]))  # (B, Hkv, NB, kb, D)
+        out = op.Gather(tb, table, axis=2)  # (B, Hkv, nb, nblk, kb, D)
+        return op.Reshape(out, _ints([0, hkv, 1, -1, nblk * kb, d]))  # (B, Hkv, 1, nb, K, D)
+
+    kw, vw = blocks(k), blocks(v)
     pads = op.Concat(_ints([0] * 6), op.Unsqueeze(op.Sub(op.Mul(nb, _c(bq)), sq), _ints([0])),
                      _ints([0]), axis=0)
-    qb = op.Reshape(op.Pad(q, pads), _ints([0, hkv, g, -1, bq, d]))  # (B, Hkv, g, nb, bq, D)
-    qb = op.Reshape(op.Transpose(qb, perm=[0, 1, 3, 2, 4, 5]), _ints([0, 0, 0, g * bq, d]))
     sc = (1.0 / d ** 0.5) if scale is None else float(scale)
-    qb = op.Mul(qb, op.CastLike(op.Constant(value_float=sc), q))
-    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, nb, g*bq, K)
-    s = op.Reshape(s, _ints([0, 0, 0, g, bq, -1]))  # (B, Hkv, nb, g, bq, K)
-    # the in-tile mask from index arithmetic
-    qi = op.Add(op.Unsqueeze(op.Mul(n, _c(bq)), _ints([1])), _ints(range(bq)))  # (nb, bq)
-    qi = op.Unsqueeze(qi, _ints([1, 3]))  # (nb, 1, bq, 1)
-    kj = op.Unsqueeze(keys, _ints([1, 2]))  # (nb, 1, 1, K)
-    dist = op.Sub(qi, kj)
-    w = _c(wmax) if len(wins) == 1 else op.Reshape(_ints(wins), _ints([hkv, 1, g, 1, 1]))
-    if causal:
-        near = op.And(op.GreaterOrEqual(dist, _c(0)), op.Less(dist, w))
-    else:
-        near = op.Less(op.Abs(dist), w)
-    vis = op.And(near, op.GreaterOrEqual(kj, _c(num_sinks)))  # (Hkv|., nb, g|1, bq, K)
-    if num_sinks:
-        pos = op.Range(_c(0), op.Squeeze(op.Shape(keys, start=1, end=2), _ints([0])), _c(1))
-        seen_key = op.Less(pos, skv)  # a sink position past the keys is no key
-        sink = op.And(op.GreaterOrEqual(dist, _c(0)), seen_key) if causal else seen_key
-        # a sink position's key is < num_sinks, which the window part excludes: OR them
-        vis = op.Or(vis, op.And(op.Less(pos, _c(num_sinks)), sink))
+    qb = op.Reshape(op.Mul(op.Pad(q, pads), op.CastLike(op.Constant(value_float=sc), q)),
+                    _ints([0, hkv, g, -1, bq, d]))  # (B, Hkv, g, nb, BQ, D)
+    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 3, 5, 4]))  # (B, Hkv, g, nb, BQ, K)
+    # the window mask: static (Hkv|1, g|1, 1, BQ, nwin kb)
+    dist = torch.arange(bq)[:, None] + m * kb - torch.arange(nwin * kb)[None, :]
+    wt = torch.tensor(wins).view(hkv, g, 1, 1, 1) if len(wins) > 1 else torch.tensor(wmax)
+    near = ((dist >= 0) & (dist < wt)) if causal else (dist.abs() < wt)
+    near = near.reshape((1,) * (5 - near.dim()) + tuple(near.shape))
+    kj = op.Add(op.Unsqueeze(op.Mul(n, _c(bq)), _ints([1])),
+                _ints(range(-m * kb, (nwin - m) * kb)))  # (nb, nwin kb) window key indices
+    exists = op.And(op.GreaterOrEqual(kj, _c(num_sinks)), op.Less(kj, skv))
+    vis = op.And(op.Constant(value=_bool_tensor(near)),
+                 op.Unsqueeze(exists, _ints([1])))  # (Hkv|1, g|1, nb, BQ, nwin kb)
+    keys = kj
+    if nsb:  # sink columns: keys 0..nsb kb - 1, of which those < min(num_sinks, Skv) count
+        sk = _ints(range(nsb * kb))
+        sink_vis = op.Unsqueeze(op.And(op.Less(sk, _c(num_sinks)), op.Less(sk, skv)),
+                                _ints([0, 1]))  # (1, 1, nsb kb)
+        if causal:
+            qi = op.Add(op.Unsqueeze(op.Mul(n, _c(bq)), _ints([1])), _ints(range(bq)))
+            sink_vis = op.And(sink_vis, op.LessOrEqual(op.Unsqueeze(sk, _ints([0, 1])),
+                                                       op.Unsqueeze(qi, _ints([2]))))
+        full = op.Concat(op.Shape(vis, end=-1), _ints([nsb * kb]), axis=0)
+        vis = op.Concat(op.Expand(sink_vis, full), vis, axis=-1)  # (.., nb, BQ, K)
+        keys = op.Concat(op.Expand(op.Unsqueeze(sk, _ints([0])), op.Concat(
+            nb1, _ints([nsb * kb]), axis=0)), kj, axis=1)  # (nb, K)
     zero_unseen = padding is not None or not same_length
     if padding is not None:
         if not padding_is_bool:  # a float mask: 0 attend, <= -1e4 masked
             padding = op.Greater(padding, op.CastLike(op.Constant(value_float=-1e4), padding))
-        real = op.Gather(padding, keys, axis=1)  # (B|1, nb, K)
-        vis = op.And(vis, op.Unsqueeze(real, _ints([1, 3, 4])))  # (B|1, Hkv|1, nb, g|1, bq, K)
+        safe = op.Min(op.Max(keys, _c(0)), op.Sub(skv, _c(1)))
+        real = op.Gather(padding, safe, axis=1)  # (B|1, nb, K)
+        vis = op.And(vis, op.Unsqueeze(real, _ints([1, 2, 4])))  # (B|1, Hkv|1, g|1, nb, BQ, K)
     neg = op.CastLike(op.Constant(value_float=float("-inf")), s)
-    p = op.Softmax(op.Add(s, op.Where(vis, op.CastLike(op.Constant(value_float=0.0), s), neg)),
-                   axis=-1)
-    o = op.MatMul(op.Reshape(p, _ints([0, 0, 0, g * bq, -1])), vw)  # (B, Hkv, nb, g*bq, D)
-    o = op.Reshape(o, _ints([0, 0, 0, g, bq, d]))
+    bias = op.Where(vis, op.CastLike(op.Constant(value_float=0.0), s), neg)
+    p = op.Softmax(op.Add(s, bias), axis=-1)
+    o = op.MatMul(p, vw)  # (B, Hkv, g, nb, BQ, D)
     if zero_unseen:  # rows that see no key give zeros, not NaN
-        seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
-        o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o,
+        seen_row = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
+        o = op.Where(op.Greater(seen_row, op.Constant(value_float=0.0)), o,
                      op.CastLike(op.Constant(value_float=0.0), o))
-    o = op.Reshape(op.Transpose(o, perm=[0, 1, 3, 2, 4, 5]), _ints([0, hq, -1, d]))
+    o = op.Reshape(o, _ints([0, hq, -1, d]))  # (B, Hq, nb BQ, D)
     return op.Slice(o, _ints([0]), op.Unsqueeze(sq, _ints([0])), _ints([2]))
+
+
+def _bool_tensor(t: torch.Tensor):
+    import onnx.numpy_helper as nh
+
+    return nh.from_array(t.numpy())

@@ -127,6 +127,7 @@ def export_onnx(
     *,
     metadata: dict[str, str] | None = None,
     sentence_embedding: Any = None,
+    seq_hint: int | None = None,
     external_data: bool | None = None,
 ) -> dict:
     """Export to ONNX with dynamic dims kept (named `batch`/`sequence`), inputs and outputs named
@@ -143,8 +144,11 @@ def export_onnx(
         mask_index = program.input_names.index("attention_mask")
         module = deploy.SentenceEmbedding(program.gm, mask_index, sentence_embedding)
         output_names.append("sentence_embedding")
-    try:
-        onnx_program = _torch_onnx_export(program, module, output_names, opset)
+    from attnc.kernels import window_blocked
+
+    try:  # pattern ops pick their ONNX form by a cost rule at `seq_hint` (the target length)
+        with window_blocked.onnx_seq_hint(seq_hint), window_blocked.recording_forms() as forms:
+            onnx_program = _torch_onnx_export(program, module, output_names, opset)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
@@ -189,7 +193,21 @@ def export_onnx(
     summary["cpu_fp32_compute_copy"] = (
         {"file": cpu_copy, "nodes_widened": len(widened)} if cpu_copy else None
     )
+    summary["target_length"] = seq_hint
+    summary["attention_forms"] = _site_forms(program, forms)
     return summary
+
+
+def _site_forms(program: Program, forms: list[dict]) -> list[dict]:
+    """The recorded forms of the last export attempt, one per attnc pattern op in graph order
+    (the exporter translates nodes in that order), named by their node."""
+    nodes = [n.name for n in program.gm.graph.nodes if n.op == "call_function"
+             and getattr(n.target, "namespace", "") == "attnc"
+             and n.target.__name__.split(".")[0] in {f["op"] for f in forms}]
+    last = forms[-len(nodes):] if nodes and len(forms) >= len(nodes) else forms
+    if len(last) == len(nodes):
+        return [{"node": n, **f} for n, f in zip(nodes, last, strict=True)]
+    return last
 
 
 def _source_dtype(program: Program) -> torch.dtype | None:
