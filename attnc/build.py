@@ -58,7 +58,7 @@ class BuildOptions:
     weights: str | None = None
     trust_pickle: bool = False
     input_shape: list[int] | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # Hugging Face checkpoints keep their own dtype
     progress: Callable[[str], None] | None = None
     force: bool = False  # -o may replace a folder that is not an earlier attnc build
     save_original: bool = True  # original.pt2 in the build, so that eval never runs code

@@ -221,8 +221,12 @@ def optimize(
     trust_pickle: TrustPickleOpt = False,
     input_shape: InputShapeOpt = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="float32, float16, bfloat16 or auto (HF checkpoints).")
-    ] = "float32",
+        str,
+        typer.Option(
+            "--dtype",
+            help="auto (the checkpoint's own dtype), float32, float16 or bfloat16 (HF folders).",
+        ),
+    ] = "auto",
     bench: Annotated[
         bool,
         typer.Option(

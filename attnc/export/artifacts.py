@@ -172,13 +172,14 @@ def export_onnx(
     from attnc.export.ort_dtypes import cpu_compute_copy, widen_unsupported_bf16
 
     widened, cpu_copy = [], None
-    if _source_dtype(program) == torch.bfloat16:  # the file keeps bf16; ORT CPU gets a copy
+    low = _source_dtype(program) in (torch.bfloat16, torch.float16)
+    if low:  # the file keeps the source's bf16/fp16; ORT on CPU verifies a float32-compute copy
         copy = path.with_name(path.stem + ".cpu-fp32-compute.onnx")
         nodes = cpu_compute_copy(path, copy)
         if nodes is not None:
             cpu_copy, widened = copy.name, nodes
             log.warning(
-                "%s keeps bfloat16, which ONNX Runtime's CPU build cannot run (%d nodes): it is "
+                "%s keeps bf16/fp16, which ONNX Runtime's CPU build cannot run (%d nodes): it is "
                 "verified through a float32-compute copy; deploy it on CUDA, or rebuild with "
                 "--dtype float32 for ONNX Runtime on CPU", path.name, len(nodes)
             )

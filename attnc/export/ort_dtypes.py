@@ -27,13 +27,13 @@ _EXACT_IN_FP32 = {
 }
 
 
-def _has_bf16(model) -> bool:
+def _has_bf16(model, low: frozenset[int] | None = None) -> bool:
     import onnx
 
-    bf16 = onnx.TensorProto.BFLOAT16
+    low = low or frozenset({onnx.TensorProto.BFLOAT16})
     vals = [*model.graph.value_info, *model.graph.input, *model.graph.output]
-    return any(v.type.tensor_type.elem_type == bf16 for v in vals) or any(
-        t.data_type == bf16 for t in model.graph.initializer
+    return any(v.type.tensor_type.elem_type in low for v in vals) or any(
+        t.data_type in low for t in model.graph.initializer
     )
 
 
@@ -48,7 +48,8 @@ def _types(model) -> dict[str, int]:
 
 
 def _wrap(model, node_name: str, types: dict[str, int] | None = None,
-          ops: frozenset[str] | set[str] = _EXACT_IN_FP32, check: bool = True) -> bool:
+          ops: frozenset[str] | set[str] = _EXACT_IN_FP32, check: bool = True,
+          low: frozenset[int] | None = None) -> bool:
     """Run `node_name` in float32 between Casts; False when it has no bfloat16 to widen."""
     import onnx
     from onnx import TensorProto, helper
@@ -61,11 +62,11 @@ def _wrap(model, node_name: str, types: dict[str, int] | None = None,
     node = graph.node[idx]
     if node.op_type not in ops:
         return False
-    bf16 = TensorProto.BFLOAT16
+    low = low or frozenset({TensorProto.BFLOAT16})
     new_nodes = []
     widened = False
     for i, name in enumerate(node.input):
-        if name and types.get(name) == bf16:
+        if name and types.get(name) in low:
             cast_out = f"{name}__f32_{node_name}"
             new_nodes.append(helper.make_node("Cast", [name], [cast_out], to=TensorProto.FLOAT,
                                               name=f"{node_name}__in{i}_f32"))
@@ -75,10 +76,10 @@ def _wrap(model, node_name: str, types: dict[str, int] | None = None,
         return False
     after = []
     for i, name in enumerate(node.output):
-        if types.get(name) == bf16:
+        if types.get(name) in low:
             wide = f"{name}__f32"
             node.output[i] = wide
-            after.append(helper.make_node("Cast", [wide], [name], to=bf16,
+            after.append(helper.make_node("Cast", [wide], [name], to=types[name],
                                           name=f"{node_name}__out{i}_bf16"))
     for n in reversed(new_nodes):
         graph.node.insert(idx, n)
@@ -111,7 +112,8 @@ def _session(model, folder: Path):
         Path(tmp).unlink(missing_ok=True)
 
 
-def _fix_rounds(model, folder: Path, max_rounds: int, ops=_EXACT_IN_FP32) -> list[str]:
+def _fix_rounds(model, folder: Path, max_rounds: int, ops=_EXACT_IN_FP32,
+                low: frozenset[int] | None = None) -> list[str]:
     """Widen, one ORT refusal at a time, the nodes ONNX Runtime names as unimplemented."""
     fixed: list[str] = []
     for _ in range(max_rounds):
@@ -120,7 +122,7 @@ def _fix_rounds(model, folder: Path, max_rounds: int, ops=_EXACT_IN_FP32) -> lis
             break
         except Exception as exc:  # noqa: BLE001 - only ORT's "no implementation" is ours
             m = _MISSING.search(str(exc))
-            if m is None or not _wrap(model, m.group(3), ops=ops):
+            if m is None or not _wrap(model, m.group(3), ops=ops, low=low):
                 break  # not a bf16 gap: the build's ONNX Runtime check reports it
             fixed.append(m.group(3))
     return fixed
@@ -155,15 +157,16 @@ _WIDE_OPS = frozenset(_EXACT_IN_FP32 | _MOVES)
 
 
 def cpu_compute_copy(path: Path, copy: Path, max_rounds: int = 8) -> list[str] | None:
-    """For a model that holds bfloat16 (weights or compute) and that ONNX Runtime's CPU build
-    cannot run, write `copy`: the same graph with every bfloat16 node computing in float32
-    between Casts (each op's result rounded to bfloat16, as PyTorch's CPU kernels do), reading
+    """For a model that holds bfloat16 or float16 (weights or compute) and that ONNX Runtime's
+    CPU build cannot run, write `copy`: the same graph with every such node computing in float32
+    between Casts (each op's result rounded to the low dtype, as PyTorch's CPU kernels do), reading
     the same external data file. Returns the widened nodes, or None when `path` runs as it is
     (nothing written). `path` itself is left unchanged: it keeps the source dtype."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    if not _has_bf16(model):
+    low = frozenset({onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16})
+    if not _has_bf16(model, low):
         return None
     try:
         _session(model, path.parent)
@@ -173,9 +176,9 @@ def cpu_compute_copy(path: Path, copy: Path, max_rounds: int = 8) -> list[str] |
             return None  # another failure: the build's ONNX Runtime check names it
     types = _types(model)
     names = [n.name for n in model.graph.node]
-    fixed = [n for n in names if _wrap(model, n, types, ops=_WIDE_OPS, check=False)]
+    fixed = [n for n in names if _wrap(model, n, types, ops=_WIDE_OPS, check=False, low=low)]
     _float_outputs(model)  # numpy has no bfloat16: the check reads float32 outputs
-    fixed += _fix_rounds(model, path.parent, max_rounds, ops=_WIDE_OPS)
+    fixed += _fix_rounds(model, path.parent, max_rounds, ops=_WIDE_OPS, low=low)
     onnx.save(model, str(copy))
     return fixed
 

@@ -172,13 +172,15 @@ def collect_site_stats(program, sites: Sequence[AttentionSite] | None, batches: 
             with graph.inserting_after(proj):
                 graph.call_function(_tap(run.out_proj, state), (node, x, w))
     tapped = GraphModule(gm, graph)
+    from attnc.load import distributed
     from attnc.progress import track
 
-    batches = list(batches)
+    batches = distributed.shard(list(batches))  # this rank's share (all of them alone)
     with torch.no_grad():
         for batch in track(batches, f"attention statistics of {len(sites)} sites", len(batches)):
             state["batch"] = batch
             tapped(*batch.args)
+    runs = distributed.reduce_stats(runs)  # every rank's batches (no-op alone)
     return {name: r.result() for name, r in runs.items()}
 
 

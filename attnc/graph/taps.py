@@ -82,15 +82,17 @@ def run_taps(
         with graph.inserting_after(later):
             graph.call_function(fn, (key, x, y))
     tapped = GraphModule(gm, graph)
+    from attnc.load import distributed
     from attnc.progress import track
 
-    batches = list(batches)
+    batches = distributed.shard(list(batches))  # this rank's share (all of them alone)
     with torch.no_grad():
         for i, batch in enumerate(track(batches, f"calibrating {len(taps)} taps", len(batches))):
             recorder.mask = batch.token_mask
             tapped(*batch.args)
             if progress:
                 progress(i)
+    stats = distributed.reduce_stats(stats)  # every rank's batches (no-op alone)
     return {k: s.result() for k, s in stats.items()}
 
 

@@ -99,12 +99,12 @@ def load_model(
     weights: str | None = None,
     trust_pickle: bool = False,
     input_shape: list[int] | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
 ) -> LoadedModel:
     """Load `spec`: a .pt2 file, an HF directory, `file.py:factory` / `pkg.mod:factory`, or a
     pickled module (`--trust-pickle`). `weights` is a state dict for a factory model. Hugging Face
-    checkpoints load in `dtype` (float32 by default: fp16 checkpoints would otherwise run, and be
-    verified, in fp16 on CPU); "auto" keeps the checkpoint's dtype."""
+    checkpoints load in `dtype`: "auto" (the default) keeps the checkpoint's own dtype, so a
+    bf16/fp16 model is built, verified and exported in it (a log line names the CPU cost)."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if _looks_like_factory(spec):
@@ -207,7 +207,7 @@ def _from_pretrained(cls, path: Path, dtype: str) -> tuple[nn.Module, str]:
         raise LoadError(f"cannot load the weights in {path}: {_short(exc)}") from None
 
 
-def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float32") -> LoadedModel:
+def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "auto") -> LoadedModel:
     import transformers as tf
 
     try:
@@ -224,6 +224,7 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float3
         )
     cls = hf_model_class(config, kind)
     model, attn_impl = _from_pretrained(cls, path, dtype)
+    _say_low_precision(model, path)
     tokenizer = None
     if any((path / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         try:
@@ -233,6 +234,20 @@ def _load_hf_dir(path: Path, input_shape: list[int] | None, dtype: str = "float3
     loaded = wrap_hf(model.eval(), str(path), tokenizer, input_shape)
     loaded.extra["attn_implementation"] = attn_impl
     return loaded
+
+
+def _say_low_precision(model: nn.Module, path: Path) -> None:
+    """One line when a bf16/fp16 model is built on a machine without CUDA, with the remedy."""
+    low = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16,
+                                                                   torch.float16)), None)
+    if low is None or torch.cuda.is_available():
+        return
+    name = str(low).replace("torch.", "")
+    log.warning(
+        "%s is %s: built in %s on the CPU, where its matmuls are slow and ONNX Runtime has no "
+        "%s kernels (model.onnx keeps %s; its check runs a float32-compute copy); pass --dtype "
+        "float32 to build for a CPU deployment", path.name, name, name, name, name,
+    )
 
 
 def wrap_hf(model: nn.Module, source: str, tokenizer: Any, input_shape: list[int] | None):
