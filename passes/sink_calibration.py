@@ -246,8 +246,8 @@ def plan(program, cfg: SinkCalibrationConfig, ctx) -> list[Decision]:
         "baseline_search": round(sign * runner.baseline("search"), 6),
         "baseline_check": round(sign * runner.baseline("check"), 6),
         "combined_change": round(sign * combined.gain, 6) if combined else 0.0,
-        "combined_relative": round(combined.gain / max(abs(combined.baseline), 1e-12), 6)
-        if combined else 0.0,
+        "combined_relative": round(sign * combined.gain / max(abs(combined.baseline), 1e-12),
+                                   6) if combined else 0.0,
         "search_batches": len(runner.search), "check_batches": len(runner.check),
         "trials": len(runner.trials), "budget": cfg.max_trials,
         "seconds_per_batch_run": round(runner.per_trial_seconds(), 4),
@@ -263,7 +263,7 @@ def plan(program, cfg: SinkCalibrationConfig, ctx) -> list[Decision]:
             t = single.get(k)
             heads.append({"head": h, "name": onehot[k][0],
                           "single_change": round(sign * t.gain, 6) if t else None,
-                          "single_relative": round(rel[k], 6) if t else None,
+                          "single_relative": round(sign * rel[k], 6) if t else None,
                           "kept": k in chosen, "why": _why(k, t, rel, good, chosen, cfg,
                                                            listed, wanted)})
         en = [1.0 if (site.node, h) in chosen else 0.0 for h in range(site.num_heads)]
