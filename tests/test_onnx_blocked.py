@@ -143,6 +143,19 @@ def test_onnx_blocked_na1d_padding(tmp_path, hf):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("causal", [True, False])
+def test_onnx_blocked_window_wide(tmp_path, causal):
+    """The window form with a window over several key blocks and sinks over two (GQA, one
+    export at lengths below the window, odd, and over several query blocks)."""
+    def fn(q, k, v):
+        return torch.ops.attnc.sliding_window_attention(q, k, v, 40, 20, causal)
+
+    ops, sessions, forms = _export(tmp_path, fn, _qkv(1, 40, 0), ({0: B, 2: S},) * 3, 10**4)
+    assert "Attention" not in ops and forms[0]["onnx_form"] == sliding_window.BLOCKED_FORM
+    _check(sessions, fn, [_qkv(2, 203, 1), _qkv(1, 17, 2), _qkv(1, 1, 3)])
+
+
+@pytest.mark.slow
 def test_target_length_picks_the_form(tmp_path):
     """Under a short target length both ops export masked dense, under a long one blocked; the
     recorded forms say so and why."""
