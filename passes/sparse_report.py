@@ -16,14 +16,19 @@ def _name(i: int, site: str) -> str:
     return f"mass-{i:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', site)[:60]}.svg"
 
 
+def _stat(m: dict) -> str:
+    return "quantile" if m.get("statistic") == "quantile" else "mean"
+
+
 def render(section: PassSection) -> ReportPart:
     ds = section.decisions
     fired = [d for d in ds if d.action == "sparse"]
     m0 = next((d.metrics for d in ds if d.metrics.get("backend")), {})
-    head = (f"rewrote {len(fired)} of {len(ds)} site(s); kept mass is the "
-            f"{m0.get('statistic', 'quantile')} per query over the calibration data "
-            f"(min_mass {m0.get('min_mass', '')}); speed-ups are the cost model's predictions "
-            f"for {m0.get('backend', '?')} at the target length, batch 1, not measurements.")
+    rule = m0.get("rule") or f"{m0.get('statistic', 'quantile')} >= {m0.get('min_mass', '')}"
+    head = (f"rewrote {len(fired)} of {len(ds)} site(s); a head takes a pattern whose kept "
+            f"attention mass per calibration query has {rule}; speed-ups are the cost "
+            f"model's predictions for {m0.get('backend', '?')} at the target length, batch 1, "
+            f"not measurements.")
     rows = []
     for d in ds:
         m = d.metrics
@@ -46,7 +51,7 @@ def render(section: PassSection) -> ReportPart:
                         f"{d.site}: kept attention mass vs density (calibration, "
                         f"{d.metrics.get('calibration_length')} tokens)",
                         "density (share of the site's keys kept)",
-                        f"kept mass ({d.metrics.get('statistic')}, mean over heads)",
+                        f"kept mass ({_stat(d.metrics)}, mean over heads)",
                         xlim=(0.0, 1.0), marks=marks)
         if svg:
             name = _name(i, d.site)
