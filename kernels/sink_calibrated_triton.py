@@ -25,10 +25,13 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _scores(q, K, MASK, b, h, qtok, qvalid, ktok, kvalid, offs_d, dmask,
             skb, skh, skn, smb, smh, smm, smn, qk_scale,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
     k = tl.load(K + b * skb + h * skh + ktok[None, :] * skn + offs_d[:, None],
                 mask=kvalid[None, :] & dmask[:, None], other=0.0)  # (D, BLOCK_N)
-    qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
+    if IEEE:
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * qk_scale
+    else:
+        qk = tl.dot(q, k) * qk_scale
     vis = qvalid[:, None] & kvalid[None, :]
     if IS_CAUSAL:
         vis = vis & (ktok[None, :] <= qtok[:, None])
@@ -47,7 +50,8 @@ def _scores(q, K, MASK, b, h, qtok, qvalid, ktok, kvalid, offs_d, dmask,
 def _lse_kernel(Q, K, MASK, LSE, sqb, sqh, sqm, skb, skh, skn, smb, smh, smm, smn,
                 H, SQ, SKV, HEAD_D, qk_scale,
                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -66,7 +70,7 @@ def _lse_kernel(Q, K, MASK, LSE, sqb, sqh, sqm, skb, skh, skn, smb, smh, smm, sm
     for n0 in range(0, end, BLOCK_N):
         ktok = n0 + tl.arange(0, BLOCK_N)
         qk, vis = _scores(q, K, MASK, b, h, qtok, qvalid, ktok, ktok < SKV, offs_d, dmask,
-                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND)
+                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND, IEEE)
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,7 +84,8 @@ def _lse_kernel(Q, K, MASK, LSE, sqb, sqh, sqm, skb, skh, skn, smb, smh, smm, sm
 def _colstat_kernel(Q, K, MASK, LSE, QV, CS, CNT, sqb, sqh, sqm, skb, skh, skn,
                     smb, smh, smm, smn, H, SQ, SKV, HEAD_D, qk_scale,
                     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -102,7 +107,7 @@ def _colstat_kernel(Q, K, MASK, LSE, QV, CS, CNT, sqb, sqh, sqm, skb, skh, skn,
         real = tl.load(QV + bh.to(tl.int64) * SQ + qtok, mask=inb, other=0) != 0
         lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + qtok, mask=inb, other=float("-inf"))
         qk, vis = _scores(q, K, MASK, b, h, qtok, inb, ktok, kvalid, offs_d, dmask,
-                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND)
+                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND, IEEE)
         vis = vis & real[:, None]
         lsafe = tl.where(lse2 == float("-inf"), 0.0, lse2)
         p = tl.where(vis & (lse2[:, None] > float("-inf")), tl.math.exp2(qk - lsafe[:, None]), 0.0)
@@ -116,7 +121,8 @@ def _colstat_kernel(Q, K, MASK, LSE, QV, CS, CNT, sqb, sqh, sqm, skb, skh, skn,
 def _out_kernel(Q, K, V, MASK, LSE, SINK, BETA, OUT, sqb, sqh, sqm, skb, skh, skn,
                 svb, svh, svn, smb, smh, smm, smn, H, SQ, SKV, HEAD_D, HEAD_DV, qk_scale,
                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -143,16 +149,23 @@ def _out_kernel(Q, K, V, MASK, LSE, SINK, BETA, OUT, sqb, sqh, sqm, skb, skh, sk
         ktok = n0 + tl.arange(0, BLOCK_N)
         kvalid = ktok < SKV
         qk, vis = _scores(q, K, MASK, b, h, qtok, qvalid, ktok, kvalid, offs_d, dmask,
-                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND)
+                          skb, skh, skn, smb, smh, smm, smn, qk_scale, IS_CAUSAL, MASK_KIND, IEEE)
         p = tl.where(vis & seen[:, None], tl.math.exp2(qk - lsafe[:, None]), 0.0)
         sink = tl.load(SINK + bh.to(tl.int64) * SKV + ktok, mask=kvalid, other=0) != 0
-        ps = tl.where(sink[None, :], p, 0.0)
         v = tl.load(V + b * svb + h * svh + ktok[:, None] * svn + offs_dv[None, :],
-                    mask=kvalid[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(p, v, input_precision="ieee")
-        acc_s += tl.dot(ps, v, input_precision="ieee")
+                    mask=kvalid[:, None] & dvmask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
         tot += tl.sum(p, 1)
-        s_i += tl.sum(ps, 1)
+        if tl.sum(sink.to(tl.int32), 0) > 0:  # only tiles holding a calibrated column
+            ps = tl.where(sink[None, :], p, 0.0)
+            if IEEE:
+                acc_s += tl.dot(ps, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc_s += tl.dot(ps.to(v.dtype), v)
+            s_i += tl.sum(ps, 1)
     beta = tl.load(BETA + h)
     R = tot - s_i
     ok = R > 0
@@ -193,8 +206,9 @@ def calibrated(q, k, v, beta, threshold, mask, is_causal: bool, scale):
     interp = _interpret()
     bm, bn = (16, 16) if interp else (64, 64)
     bd, bdv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    ieee = q.dtype == torch.float32 or interp  # fp16/bf16 on a GPU: native tensor-core dots
     common = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_D=bd)
+                  BLOCK_D=bd, IEEE=ieee)
     qs, ks = (q.stride(0), q.stride(1), q.stride(2)), (k.stride(0), k.stride(1), k.stride(2))
     lse = torch.empty(B, H, SQ, device=dev, dtype=torch.float32)
     _lse_kernel[(triton.cdiv(SQ, bm), B * H)](q, k, mt, lse, *qs, *ks, *ms, H, SQ, SKV, D,

@@ -253,6 +253,8 @@ def plan(program, cfg: SinkCalibrationConfig, ctx) -> list[Decision]:
         "seconds_per_batch_run": round(runner.per_trial_seconds(), 4),
         "seconds_per_trial": round(sum(t.seconds for t in runner.trials)
                                    / max(len(runner.trials), 1), 3),
+        "cpu_seconds_per_trial": round(sum(t.cpu_seconds for t in runner.trials)
+                                       / max(len(runner.trials), 1), 3),
         "selected": sorted(onehot[k][0] for k in chosen),
         "trail": runner.trail(),
     }

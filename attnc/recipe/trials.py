@@ -53,6 +53,7 @@ class Trial:
     seconds: float
     pruned: bool = False
     note: str = ""
+    cpu_seconds: float = 0.0  # this process's CPU time: the cost on a machine shared with others
 
     @property
     def gain(self) -> float:
@@ -65,6 +66,7 @@ class Trial:
                 "score": round(self.score * sign, 6), "baseline": round(self.baseline * sign, 6),
                 "change": round((self.score - self.baseline) * sign, 6),
                 "batches": self.batches, "seconds": round(self.seconds, 3),
+                "cpu_seconds": round(self.cpu_seconds, 3),
                 "pruned": self.pruned, **({"note": self.note} if self.note else {})}
 
 
@@ -127,27 +129,26 @@ class TrialRunner:
             raise PassError(f"trials: no knob {unknown[0]!r} (knobs: {', '.join(self.knobs)})")
         base = self.baseline_parts(split)
         saved = {k: self.knobs[k].clone() for k in setting}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         parts: list[tuple[float, float]] = []
         pruned = False
         try:
             for k, val in setting.items():
                 buf = self.knobs[k]
                 buf.copy_(torch.as_tensor(val, dtype=buf.dtype).reshape(buf.shape))
-            for i, b in enumerate(self._batches(split)):
+            for b in self._batches(split):
                 parts.append(self._run_batch(b))
                 if self.prune_after and len(parts) == self.prune_after < len(base):
                     cur, ref = _mean(parts), _mean(base[: len(parts)])
                     if cur < ref - self.prune_margin * abs(ref):
                         pruned = True
                         break
-                del i
         finally:
             for k, val in saved.items():
                 self.knobs[k].copy_(val)
         trial = Trial(len(self.trials), name, {k: _listed(v) for k, v in setting.items()},
                       split, _mean(parts), _mean(base[: len(parts)]), len(parts),
-                      time.perf_counter() - t0, pruned)
+                      time.perf_counter() - t0, pruned, cpu_seconds=time.process_time() - c0)
         self.trials.append(trial)
         return trial
 
