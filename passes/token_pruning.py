@@ -1,0 +1,300 @@
+"""token-pruning: drop visual tokens after a decoder layer of a VLM, ranked by debiased attention
+(FastV, arXiv 2403.06764, scored as in "Attention Debiasing for Token Pruning in VLMs",
+arXiv 2508.17807; spec in shared/specs/token_pruning.md).
+
+At decoder layer `layer` the attention call becomes `attnc::attention_colsum`, which also returns
+the attention mass each key receives from the scorer's query rows (the last token, FastV; or the
+text after the image, HiMAP) without an S x S matrix on the kernel path. Image tokens (found at run
+time from the image token id) are ranked by that mass averaged over heads, divided by a positional
+trend fitted on calibration data (`debias`: exponential or cubic, stored as a buffer), with
+letterbox padding patches ranked last (`padding_mask`, from each image's padding bars, in the
+graph). The top R = keep x (image tokens) stay; every other image token leaves the sequence of
+every later layer (`attnc.graph.gather`), kept tokens keeping their original positions. A kept
+slot that is padding (when fewer than R valid tokens exist) is masked as a key, so the kept count
+is min(R, valid tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+import attnc.kernels  # noqa: F401  (registers attnc::attention_colsum)
+from attnc.errors import PassError, RecipeError
+from attnc.graph.calls import read_call
+from attnc.graph.edit import prune
+from attnc.graph.gather import Builder, gather_tokens, node_values
+from attnc.graph.sublayers import find_sublayers
+from attnc.recipe.manager import Decision, PassInfo, register_pass
+
+from .token_pruning_select import (
+    geometry,
+    padding_nodes,
+    scoring_rows,
+    select_nodes,
+)
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+COLSUM = torch.ops.attnc.attention_colsum.default
+
+
+@dataclass(frozen=True)
+class TokenPruningConfig:
+    layer: int = 2
+    keep: float | int = 0.25
+    scorer: Literal["last-token", "text-tokens"] = "last-token"
+    debias: Literal["none", "exponential", "cubic"] = "none"
+    padding_mask: Literal["auto", "on", "off"] | bool = "auto"
+    pad_threshold: float = 0.5
+    pad_value: float = 0.0  # the letterbox colour after normalisation (the processor's mean: 0)
+    pad_tolerance: float = 0.02
+    image_token_id: int | None = None
+    output: Literal["kept", "last"] = "kept"
+
+    def validate(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+            raise RecipeError(f"token-pruning keep must be a ratio or a count, got {self.keep!r}")
+        if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
+            raise RecipeError(f"token-pruning keep ratio must be in (0, 1], got {self.keep}")
+        if isinstance(self.keep, int) and self.keep < 1:
+            raise RecipeError(f"token-pruning keep count must be 1 or more, got {self.keep}")
+        if self.scorer not in ("last-token", "text-tokens"):
+            raise RecipeError(f"token-pruning scorer must be last-token or text-tokens, got "
+                              f"{self.scorer!r}")
+        if self.debias not in ("none", "exponential", "cubic"):
+            raise RecipeError(f"token-pruning debias must be none, exponential or cubic, got "
+                              f"{self.debias!r}")
+        if self.padding not in ("auto", "on", "off"):
+            raise RecipeError(f"token-pruning padding_mask must be auto, on or off, got "
+                              f"{self.padding_mask!r}")
+        if not 0.0 <= self.pad_threshold < 1.0:
+            raise RecipeError(f"token-pruning pad_threshold must be in [0, 1), got "
+                              f"{self.pad_threshold}")
+        if self.output not in ("kept", "last"):
+            raise RecipeError(f"token-pruning output must be kept or last, got {self.output!r}")
+        if self.layer < 0:
+            raise RecipeError(f"token-pruning layer must be 0 or more, got {self.layer}")
+
+    @property
+    def padding(self) -> str:
+        if self.padding_mask is True:
+            return "on"
+        if self.padding_mask is False:
+            return "off"
+        return str(self.padding_mask)
+
+
+@dataclass(frozen=True)
+class Plan:
+    site: str  # the scoring attention call
+    boundary: str  # the stream leaving that decoder layer
+    image_token: int
+    n_img: int
+    keep_count: int
+    padding: bool
+    weights: torch.Tensor | None
+
+
+# ------------------------------------------------------------------------------ finding things
+
+
+def _placeholder(program, name: str):
+    phs = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    if name not in program.input_names:
+        return None
+    return phs[program.input_names.index(name)]
+
+
+def _image_token(ids: torch.Tensor, given: int | None) -> tuple[int, int]:
+    """The image token id (given, or the id of the longest run of one repeated id, the same in
+    every row) and the image tokens per sequence."""
+    tok = given
+    if tok is None:
+        best: dict[int, int] = {}
+        for row in ids.tolist():
+            run, prev, longest = 0, None, {}
+            for t in row:
+                run = run + 1 if t == prev else 1
+                prev = t
+                longest[t] = max(longest.get(t, 0), run)
+            t, n = max(longest.items(), key=lambda kv: kv[1])
+            best[t] = best.get(t, 0) + (n >= 4)
+        hits = [t for t, c in best.items() if c == ids.shape[0]]
+        if len(hits) != 1:
+            raise PassError("token-pruning cannot find the image token id in the example inputs",
+                            "set image_token_id in the recipe")
+        tok = hits[0]
+    counts = (ids == tok).sum(1)
+    if int(counts.min()) == 0 or int(counts.min()) != int(counts.max()):
+        raise PassError(f"token-pruning needs the same number of image tokens (id {tok}) in every "
+                        f"sequence; the example inputs have {sorted(set(counts.tolist()))}")
+    return int(tok), int(counts[0])
+
+
+def _decoder_sites(program):
+    return [s for s in program.sites if s.kind == "self" and s.causal]
+
+
+def _boundary(gm, site_node: str) -> str:
+    for sub in find_sublayers(gm):
+        if sub.kind == "block" and site_node in sub.calls and sub.out:
+            return sub.out
+    raise PassError(f"token-pruning cannot find the residual stream leaving {site_node}'s block")
+
+
+def keep_count(keep: float | int, n_img: int) -> int:
+    r = keep if isinstance(keep, int) else int(round(keep * n_img))
+    return max(1, min(n_img, r))
+
+
+# ------------------------------------------------------------------------------ graph building
+
+
+def _build(program, plan: Plan, cfg: TokenPruningConfig, *, keep_n: int, gather: bool):
+    """A copy of `program` with the colsum call and the selection at plan.site; with `gather`,
+    later layers see only the kept tokens. Returns (program, Selection)."""
+    out = program.clone()
+    gm = out.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node, boundary = nodes[plan.site], nodes[plan.boundary]
+    call = read_call(node)
+    ids = _placeholder(out, "input_ids")
+    b = Builder(gm, node, node)
+    rows = scoring_rows(b, ids, cfg.scorer, plan.image_token)
+    kwargs = {"attn_mask": call.mask, "is_causal": call.is_causal, "scale": call.scale_arg}
+    both = b(COLSUM, call.q, call.k, call.v, rows, **kwargs)
+    attn = b(operator.getitem, both, 0)
+    attn.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+    colsum = b(operator.getitem, both, 1)  # (B, Hq, S)
+    node.replace_all_uses_with(attn, propagate_meta=False)
+    gm.graph.erase_node(node)
+    b.before = boundary.next
+    padding = None
+    if plan.padding:
+        pix = _placeholder(out, "pixel_values")
+        geo = geometry(tuple(pix.meta["val"].shape), plan.n_img)
+        padding = padding_nodes(b, pix, geo, cfg.pad_value, cfg.pad_tolerance, cfg.pad_threshold)
+    sel = select_nodes(b, ids, colsum, image_token=plan.image_token, n_img=plan.n_img,
+                       keep_count=keep_n, weights=plan.weights, padding=padding)
+    if gather:
+        gather_tokens(gm, boundary, sel.keep, sel.live, last_only=cfg.output == "last")
+    prune(gm)
+    return out, sel
+
+
+def _calibrate(program, plan: Plan, cfg: TokenPruningConfig, ctx) -> tuple[np.ndarray, dict]:
+    """The trend weights from calibration: the mean score per image position (valid patches
+    only), fitted as cfg.debias says."""
+    from .token_pruning_select import fit_trend as _fit
+
+    if ctx is None or ctx.calibration is None:
+        raise PassError(f"token-pruning debias {cfg.debias!r} needs calibration data (--calib)")
+    probe, sel = _build(program, plan, cfg, keep_n=plan.n_img, gather=False)
+    total = np.zeros(plan.n_img)
+    count = np.zeros(plan.n_img)
+    want = [sel.score, sel.is_img] + ([sel.valid] if sel.valid is not None else [])
+    # the score before debiasing: weights are all ones in the probe
+    for batch in ctx.calibration.calib:
+        got = node_values(probe.gm, batch.args, want)
+        score, is_img = got[sel.score.name].double(), got[sel.is_img.name]
+        ok = got[sel.valid.name] if sel.valid is not None else is_img
+        for r in range(score.shape[0]):
+            s, m = score[r][is_img[r]].numpy(), ok[r][is_img[r]].numpy()
+            total += np.where(m, s, 0.0)
+            count += m
+    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    w, info = _fit(cfg.debias, mean, count > 0)
+    info["calibration_sequences"] = int(sum(b.args[0].shape[0] for b in ctx.calibration.calib))
+    info["source"] = getattr(ctx.calibration, "source", "")
+    return w, info
+
+
+# ------------------------------------------------------------------------------ plan / apply
+
+
+def make_plan(program, cfg: TokenPruningConfig, ctx=None) -> tuple[Plan, dict]:
+    cfg.validate()
+    ids = _placeholder(program, "input_ids")
+    if ids is None:
+        raise PassError("token-pruning needs a model with an input_ids input (a VLM)")
+    tok, n_img = _image_token(program.example_args[program.input_names.index("input_ids")],
+                              cfg.image_token_id)
+    sites = _decoder_sites(program)
+    if cfg.layer >= len(sites) - 1:
+        raise RecipeError(f"token-pruning layer {cfg.layer} is out of range: the decoder has "
+                          f"{len(sites)} layers, and pruning needs a layer after it")
+    site = sites[cfg.layer]
+    info: dict = {"image_token_id": tok, "image_tokens": n_img}
+    padding = False
+    if cfg.padding != "off":
+        pix = _placeholder(program, "pixel_values")
+        geo = geometry(tuple(pix.meta["val"].shape), n_img) if pix is not None else None
+        if geo is None and cfg.padding == "on":
+            raise PassError(f"token-pruning padding_mask: {n_img} image tokens are not a raster "
+                            "grid of the pixel input")
+        padding = geo is not None
+        info["padding_mask"] = "from the letterbox bars" if padding else "off: no raster grid"
+    plan = Plan(site.node, _boundary(program.gm, site.node), tok, n_img,
+                keep_count(cfg.keep, n_img), padding, None)
+    if cfg.debias != "none":
+        w, fit = _calibrate(program, plan, cfg, ctx)
+        plan = Plan(*[getattr(plan, f) for f in ("site", "boundary", "image_token", "n_img",
+                                                  "keep_count", "padding")], torch.from_numpy(w))
+        info["trend"] = fit
+    return plan, info
+
+
+def plan(program, cfg: TokenPruningConfig, ctx) -> list[Decision]:
+    p, info = make_plan(program, cfg, ctx)
+    decisions = []
+    for s in _decoder_sites(program):
+        if s.node != p.site:
+            decisions.append(Decision(s.node, "skip", "not the scoring layer", {}))
+            continue
+        noop = p.keep_count == p.n_img and not p.padding
+        m = {"keep": p.keep_count, "of": p.n_img, "boundary": p.boundary, **info}
+        if noop:
+            decisions.append(Decision(s.node, "keep", "keeps every image token", m))
+        else:
+            reason = (f"keep {p.keep_count} of {p.n_img} image tokens after layer {cfg.layer} "
+                      f"({cfg.scorer}, debias {cfg.debias}, padding mask "
+                      f"{'on' if p.padding else 'off'})")
+            decisions.append(Decision(s.node, "prune", reason, m))
+    decisions[0].metrics["_plan"] = p  # carried to apply (not serialised: see apply)
+    return decisions
+
+
+def apply(program, decisions: list[Decision], cfg: TokenPruningConfig):
+    p = decisions[0].metrics.pop("_plan", None)
+    if p is None or not any(d.action == "prune" for d in decisions):
+        return program
+    if p.weights is not None:
+        for d in decisions:
+            if d.action == "prune":
+                d.metrics["trend_weights"] = [round(float(x), 6) for x in p.weights]
+    return _build(program, p, cfg, keep_n=p.keep_count, gather=True)[0]
+
+
+def prune_tokens(program, cfg: TokenPruningConfig, ctx=None):
+    """The pruned program and its plan (for tests and benchmarks)."""
+    p, info = make_plan(program, cfg, ctx)
+    return _build(program, p, cfg, keep_n=p.keep_count, gather=True)[0], p, info
+
+
+register_pass(
+    PassInfo(
+        id="token-pruning",
+        config_cls=TokenPruningConfig,
+        plan=plan,
+        apply=apply,
+        exact=False,
+        summary="drop low-attention visual tokens after a decoder layer (debiased FastV)",
+        paper="arXiv 2403.06764, arXiv 2508.17807",
+    )
+)
