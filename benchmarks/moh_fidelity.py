@@ -8,7 +8,7 @@ against the unmodified model in the same run:
 Rows: active in (1.0, 0.875, 0.75, 0.5) x router (query-norm, linear) x distill_steps
 (0, DISTILL), binary gates, shared 0.5. Each row's result is written as soon as it is measured.
 
-    OMP_NUM_THREADS=1 python benchmarks/moh_fidelity.py   # -> benchmarks/results/moh_fidelity-cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/moh_fidelity.py  # results/moh_fidelity-cpu.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ MODELS = [
 ]
 
 
-def run_model(name, spec, calib_file, eval_file, max_length, n_calib, n_eval, sink) -> dict:
+def run_model(name, spec, calib_file, eval_file, max_length, n_calib, n_eval, sink,
+              done: dict | None = None) -> dict:
     import attnc.passes.moh as M
     from attnc.capture.program import capture
     from attnc.check.task import task_metrics
@@ -58,7 +59,8 @@ def run_model(name, spec, calib_file, eval_file, max_length, n_calib, n_eval, si
     heads = program.sites[0].num_heads
     entry = {"model": name, "kind": loaded.kind, "heads": heads, "eval_data": eval_file,
              "eval_samples": sum(b.args[0].shape[0] for b in held.calib),
-             "calib_samples": n_calib, "rows": []}
+             "calib_samples": n_calib, "rows": list((done or {}).get("rows", []))}
+    have = {(r["active"], r["router"], r["distill_steps"]) for r in entry["rows"]}
     sink(entry)
     for active in FRACTIONS:
         for router in ROUTERS:
@@ -66,6 +68,8 @@ def run_model(name, spec, calib_file, eval_file, max_length, n_calib, n_eval, si
                 k, shared = M.head_counts(heads, active, 0.5)
                 if k == heads and (router, steps) != (ROUTERS[0], 0):
                     continue  # identity: measured once
+                if (active, router, steps) in have:
+                    continue  # measured by an earlier run (resumed)
                 t0 = time.perf_counter()
                 cfg = M.MoHConfig(active=active, router=router, distill_steps=steps)
                 ds = M.plan(program, cfg, ctx)
@@ -97,10 +101,15 @@ def main() -> None:
         OUT.write_text(json.dumps({"benchmark": "moh_fidelity", "device": "cpu", "threads": 1,
                                    "torch": torch.__version__, "models": results}, indent=1))
 
+    # resume: rows already in the results file are kept and not measured again
+    before = {e["model"]: e for e in json.loads(OUT.read_text())["models"]} if OUT.exists() else {}
     only = sys.argv[1:]
-    for m in MODELS:
-        if not only or m[0] in only:
-            run_model(*m, sink)
+    order = [m for m in MODELS if not only or m[0] in only]
+    order.sort(key=lambda m: only.index(m[0]) if only else 0)
+    for m in order:
+        run_model(*m, sink, before.pop(m[0], None))
+    results.extend(before.values())
+    sink(results[0]) if results else None
     print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
 
 

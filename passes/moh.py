@@ -44,7 +44,7 @@ class MoHConfig:
     router: Literal["query-norm", "linear"] = "query-norm"
     gates: Literal["binary", "weighted"] = "binary"
     distill_steps: int = 0
-    lr: float = 0.01  # Adam's step size for distill_steps
+    lr: float = 0.003  # Adam's step size for distill_steps (relative to each tensor's scale)
     max_tokens: int = 4096  # calibration tokens per site kept for the fits
     fuse: bool = True  # one attnc::routed_attention per site (else a plain gate after the call)
     layers: str | int | tuple[str | int, ...] | None = None

@@ -113,7 +113,8 @@ def fit_site(cal: SiteCalib, n_shared: int, k_total: int, router: str, gates: st
 
 def _distill(cal, y, full, shared, k_total, router, params, gate, fit_gate, steps, lr, seed):
     """Adam on the router parameters (straight-through top-k) and, when `fit_gate`, the gate
-    values, minimising the relative error of the gated branch output on calibration tokens."""
+    values, minimising the relative error of the gated branch output on calibration tokens;
+    the checkpoint with the lowest exact error on all sampled tokens is kept."""
     g = torch.Generator().manual_seed(seed)
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     gv = gate.clone().requires_grad_(fit_gate)
@@ -126,7 +127,15 @@ def _distill(cal, y, full, shared, k_total, router, params, gate, fit_gate, step
     routed = ~shared
     k_r = k_total - int(shared.sum())
     trail = []
-    for step in range(steps):
+
+    def full_err() -> float:  # the exact (hard top-k) relative error on every sampled token
+        with torch.no_grad():
+            gate_nh = select(scores(router, p, cal), shared, k_total).float() * gv[None]
+            return float(((y * gate_nh[..., None]).sum(1) - full).pow(2).sum(-1).mean() / norm)
+
+    best = (full_err(), {k: v.detach().clone() for k, v in p.items()}, gv.detach().clone())
+    trail.append({"step": 0, "rel_err": round(best[0], 6)})
+    for step in range(1, steps + 1):
         idx = torch.randint(0, n, (min(n, 1024),), generator=g)
         sub = SiteCalib(cal.site, cal.heads, 0, cal.importance, cal.xtx, cal.xty, cal.x[idx],
                         cal.qn[idx], cal.o[idx], cal.w_o)
@@ -145,6 +154,9 @@ def _distill(cal, y, full, shared, k_total, router, params, gate, fit_gate, step
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            trail.append({"step": step, "rel_err": round(float(loss.detach()), 6)})
-    return ({k: v.detach() for k, v in p.items()}, gv.detach(), trail)
+        if step % max(1, steps // 10) == 0 or step == steps:
+            err = full_err()
+            trail.append({"step": step, "rel_err": round(err, 6)})
+            if err < best[0]:
+                best = (err, {k: v.detach().clone() for k, v in p.items()}, gv.detach().clone())
+    return best[1], best[2], trail  # the best checkpoint: never worse than the start
