@@ -213,6 +213,9 @@ def build(
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser()
     timeline = progress.start_timeline()
+    from attnc.load import distributed
+
+    distributed.init_from_env()  # under torchrun: calibration batches shared across ranks
     progress.stage("preflight")
     recipe, parent = preflight(spec, recipe_path, calib, out, opts)
     loaded, original, data = prepare(spec, recipe, calib, opts)
@@ -243,6 +246,8 @@ def build(
     say(f"running passes: {[s.id for s in recipe.passes]}")
     progress.stage("passes")
     program, results = run_passes(original.clone(), recipe.passes, ctx)
+    if distributed.rank() != 0:  # the other ranks helped calibrate; rank 0 writes the build
+        return BuildResult(out, {"rank": distributed.rank(), "passes": len(results)}, program)
     lowered = 0
     if recipe.export.lower_dense:
         from attnc.export.artifacts import lower_dense

@@ -58,6 +58,9 @@ def bench_table(bench: dict, title: str = "speed (same run, interleaved medians)
 
 
 def render_build(r: dict, out_dir, out: Console) -> None:
+    if "rank" in r:  # a helper rank under torchrun: rank 0 verifies and writes the build
+        out.print(f"rank {r['rank']}: calibrated its share; rank 0 writes {out_dir}")
+        return
     v = r["verification"]["comparisons"]
     t = Table(title=f"attnc build → {out_dir}")
     for col in ("comparison", "max abs diff", "cosine", "SQNR dB", "top-1"):
