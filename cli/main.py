@@ -149,7 +149,13 @@ def _shape(text: str | None) -> list[int] | None:
 
 def _rich_track(enabled: bool):
     """A progress renderer for attnc.progress: a transient rich bar on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     def render(items, description, total):
         if not enabled:
@@ -160,6 +166,7 @@ def _rich_track(enabled: bool):
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),  # the estimate, from the batches done so far
             console=err,
             transient=True,
         ) as bar:

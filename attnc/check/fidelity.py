@@ -122,9 +122,12 @@ def compare(
     top1: bool,
 ) -> dict[str, float]:
     """Run `run` on each batch and compare with `refs` (outputs of the original)."""
+    from attnc.progress import track
+
     acc = _Acc()
     with torch.no_grad():
-        for b, ref in zip(batches, refs, strict=True):
+        pairs = list(zip(batches, refs, strict=True))
+        for b, ref in track(pairs, "comparing on held-out batches", len(pairs)):
             acc.add(ref, _first(run(*b.args)), b.token_mask, top1)
     return acc.metrics()
 
