@@ -66,8 +66,8 @@ class ExportConfig:
     # INT8 through onnxruntime.quantization (MatMul weights; static also calibrates activations),
     # verified against the original and bounded like a pass; its cost is reported apart
     quantize: Literal["none", "int8-dynamic", "int8-static"] = "none"
-    # weights in model.onnx.data beside model.onnx: null = when they pass the protobuf limit
-    # (1.5 GiB), true = always, false = never (refused for weights past the limit)
+    # weights in model.onnx.data beside model.onnx: null = past 512 MiB (written streaming, not
+    # as one in-memory protobuf), true = always, false = never (refused past 1.5 GiB)
     external_data: bool | None = None
 
     def validate(self) -> None:
