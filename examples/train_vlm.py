@@ -240,8 +240,8 @@ CARD = """# attnc-tiny-vlm
 
 A tiny LLaVA (`LlavaForConditionalGeneration`, {params:.2f}M parameters, fp16) trained from scratch
 by `examples/train_vlm.py` on procedural visual question answering (`examples/make_vqa.py`): a
-CLIP vision tower (64x64 canvas, 8x8 patches -> 64 image tokens), LLaVA's GELU projector, a 4-layer
-Llama (GQA 4/2 heads) over a 41-word vocabulary (`vocab.json`). Images of 7 aspect ratios are
+CLIP vision tower (64x64 canvas, 8x8 patches -> 64 image tokens), LLaVA's GELU projector, a small
+Llama (GQA 4/2 heads) over a 48-token vocabulary (`vocab.json`). Images of 7 aspect ratios are
 letterboxed onto the square canvas with the CLIP mean colour, as LLaVA's `expand2square` does, so
 non-square images have padding patches. Sequence: `<bos> <image>*64 question <ans>`, left-padded;
 the answer is the argmax at the last position.

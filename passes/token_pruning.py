@@ -174,6 +174,7 @@ def _build(program, plan: Plan, cfg: TokenPruningConfig, *, keep_n: int, gather:
     colsum = b(operator.getitem, both, 1)  # (B, Hq, S)
     node.replace_all_uses_with(attn, propagate_meta=False)
     gm.graph.erase_node(node)
+    b.like = attn
     b.before = boundary.next
     padding = None
     if plan.padding:
@@ -184,7 +185,10 @@ def _build(program, plan: Plan, cfg: TokenPruningConfig, *, keep_n: int, gather:
                        keep_count=keep_n, weights=plan.weights, padding=padding)
     if gather:
         gather_tokens(gm, boundary, sel.keep, sel.live, last_only=cfg.output == "last")
-    prune(gm)
+        prune(gm)
+    else:  # a probe: the selection nodes stay for node_values to read
+        gm.graph.lint()
+        gm.recompile()
     return out, sel
 
 

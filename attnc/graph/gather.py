@@ -76,7 +76,8 @@ class Builder:
         self.gm.register_buffer(attr, value.detach().clone())
         with self.gm.graph.inserting_before(self.before):
             get = self.gm.graph.get_attr(attr)
-        mode = _fake_mode([n.meta.get("val") for n in self.like.all_input_nodes])
+        phs = self.gm.graph.find_nodes(op="placeholder")
+        mode = _fake_mode([n.meta.get("val") for n in phs])
         if mode is not None:
             get.meta["val"] = mode.from_tensor(getattr(self.gm, attr), static_shapes=True)
         return get
