@@ -17,6 +17,7 @@ Writes benchmarks/results/onnx_e2e-<device>.json (speed-ups, fidelity, the ONNX 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,7 +88,7 @@ def main() -> None:
                 print(f"· {name}: timing", flush=True)
                 res = bench_folder(out, BenchConfig(shapes=((1, 2048),), repeats=a.repeats,
                                                     runtimes=("onnxruntime",)))
-                rec["timings"] = [t.as_dict() for t in res.timings]
+                rec["timings"] = [dataclasses.asdict(t) for t in res.timings]
                 rec["onnx_speedup"] = res.timings[0].speedup if res.timings else None
             rows[name] = rec
             print(json.dumps({k: rec.get(k) for k in ("rc", "onnx_speedup", "error")}),

@@ -7,11 +7,14 @@ batch and sequence, all timed interleaved at each length (median of `--runs`):
   blocked   the op's blocked form (kernels/window_blocked.py; exported under a long
             `onnx_seq_hint`, the length a build targets);
   gqa       ORT `GroupQueryAttention(local_window_size)`, the window without sinks (reference);
-  blocked0  the blocked form without sinks (what GQA competes with).
+  blocked0  the blocked form without sinks (what GQA competes with);
+  blocked_attnop  the blocked form with its blocks as the batch of one opset-23 `Attention`
+            (window_blocked.ATTENTION_OP).
 torch CPU: the op (blocked when the cost rule picks it, else the reference) against torch SDPA
 (is_causal=True). B=1, H=8, D=64, window 256 + 4 sinks by default; above S=4096 the masked
-form and the torch reference (S x S) are left out, fewer runs are timed, and errors are taken
-against the reference computed in query chunks.
+form and the torch reference (S x S) are left out, fewer runs are timed, errors are taken
+against the reference computed in query chunks, and dense and GQA run one head at a time (an
+H=1 export run H times in a row: ORT keeps their (H, S, S) float scores, 8.6 GB at 16384).
 
     python benchmarks/onnx_window.py [--runs 15] [--threads 2] [--seqs 256 1024 2048 4096 16384]
 
@@ -117,14 +120,22 @@ def main() -> None:
         "blocked": (lambda q, k, v: op(q, k, v, w, ns, True), 1 << 20),
         "gqa": (lambda q, k, v: op(q, k, v, w, 0, True), 2),
         "blocked0": (lambda q, k, v: op(q, k, v, w, 0, True), 1 << 20),
+        "blocked_attnop": (lambda q, k, v: op(q, k, v, w, ns, True), 1 << 20),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sessions, graph_ops = {}, {}
         for name, (fn, hint) in forms.items():
             p = Path(tmp) / f"{name}.onnx"
+            window_blocked.ATTENTION_OP = name == "blocked_attnop"
             graph_ops[name] = export(fn, p, hint, d, h)
+            window_blocked.ATTENTION_OP = False
             sessions[name] = session(str(p), a.threads)
+        one = {}  # one head at a time: dense and GQA keep (H, S, S) float scores (8.6 GB)
+        for name in ("dense", "gqa"):
+            p = Path(tmp) / f"{name}-1.onnx"
+            export(forms[name][0], p, forms[name][1], d, 1)
+            one[name] = session(str(p), a.threads)
         for s in a.seqs:
             g = torch.Generator().manual_seed(s)
             q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in range(3))
@@ -135,11 +146,20 @@ def main() -> None:
             want0 = chunked_ref(q, k, v, w, 0).numpy()
             err = {n: float(np.abs(sessions[n].run(None, feeds[n])[0] - ref).max())
                    for n, ref in (("masked", want), ("blocked", want), ("gqa", want0),
-                                  ("blocked0", want0)) if n != "masked" or s <= LONG}
+                                  ("blocked0", want0), ("blocked_attnop", want))
+                   if n not in ("masked", "gqa") or s <= LONG}
             names = [n for n in sessions if n != "masked" or s <= LONG]  # masked: S x S work
             runs = max(3, min(a.runs, a.runs * 2048 // s))
-            ort_ms = interleaved({n: (lambda n=n, f=feeds: sessions[n].run(None, f[n]))
-                                  for n in names}, runs)
+            fns = {n: (lambda n=n, f=feeds: sessions[n].run(None, f[n])) for n in names}
+            if s > LONG:  # dense and GQA head by head (each head's work, summed)
+                for n in ("dense", "gqa"):
+                    heads = [{i.name: x[:, j:j + 1] for i, x in zip(
+                        one[n].get_inputs(), feed.values(), strict=True)} for j in range(h)]
+                    fns[n] = lambda n=n, hs=heads: [one[n].run(None, f) for f in hs]
+                    if n == "gqa":
+                        got = np.concatenate([one[n].run(None, f)[0] for f in heads], 1)
+                        err[n] = float(np.abs(got - want0).max())
+            ort_ms = interleaved(fns, runs)
             torch_fns = {
                 "sdpa": lambda x=(q, k, v): F.scaled_dot_product_attention(*x, is_causal=True),
                 "op": lambda x=(q, k, v): op(*x, w, ns, True),

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 BQ = 64
+ATTENTION_OP = False  # blocks as the batch of one opset-23 Attention (else MatMul/Softmax)
 KB = 16  # key block rows of the ONNX form (its Gather copies KB x D values at a time)
 FORM = (f"blocked local attention (query blocks of {BQ}: Gather of each block's key window + "
         f"sinks, MatMul/Softmax)")
@@ -267,13 +268,6 @@ def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
         out = op.Gather(tb, table, axis=2)  # (B, Hkv, nb, nblk, kb, D)
         return op.Reshape(out, _ints([0, hkv, 1, -1, nblk * kb, d]))  # (B, Hkv, 1, nb, K, D)
 
-    kw, vw = blocks(k), blocks(v)
-    pads = op.Concat(_ints([0] * 6), op.Unsqueeze(op.Sub(op.Mul(nb, _c(bq)), sq), _ints([0])),
-                     _ints([0]), axis=0)
-    sc = (1.0 / d ** 0.5) if scale is None else float(scale)
-    qb = op.Reshape(op.Mul(op.Pad(q, pads), op.CastLike(op.Constant(value_float=sc), q)),
-                    _ints([0, hkv, g, -1, bq, d]))  # (B, Hkv, g, nb, BQ, D)
-    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 3, 5, 4]))  # (B, Hkv, g, nb, BQ, K)
     # the window mask: static (Hkv|1, g|1, 1, BQ, nwin kb)
     dist = torch.arange(bq)[:, None] + m * kb - torch.arange(nwin * kb)[None, :]
     wt = torch.tensor(wins).view(hkv, g, 1, 1, 1) if len(wins) > 1 else torch.tensor(wmax)
@@ -304,6 +298,16 @@ def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
         safe = op.Min(op.Max(keys, _c(0)), op.Sub(skv, _c(1)))
         real = op.Gather(padding, safe, axis=1)  # (B|1, nb, K)
         vis = op.And(vis, op.Unsqueeze(real, _ints([1, 2, 4])))  # (B|1, Hkv|1, g|1, nb, BQ, K)
+    sc = (1.0 / d ** 0.5) if scale is None else float(scale)
+    if ATTENTION_OP:
+        return _via_attention(q, k, v, table, vis, seen, nb, sq, skv, sc, zero_unseen,
+                              (hq, hkv, d, bq, kb, m, nblk), len(wins) > 1, padding is not None)
+    kw, vw = blocks(k), blocks(v)
+    pads = op.Concat(_ints([0] * 6), op.Unsqueeze(op.Sub(op.Mul(nb, _c(bq)), sq), _ints([0])),
+                     _ints([0]), axis=0)
+    qb = op.Reshape(op.Mul(op.Pad(q, pads), op.CastLike(op.Constant(value_float=sc), q)),
+                    _ints([0, hkv, g, -1, bq, d]))  # (B, Hkv, g, nb, BQ, D)
+    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 3, 5, 4]))  # (B, Hkv, g, nb, BQ, K)
     neg = op.CastLike(op.Constant(value_float=float("-inf")), s)
     bias = op.Where(vis, op.CastLike(op.Constant(value_float=0.0), s), neg)
     p = op.Softmax(op.Add(s, bias), axis=-1)
@@ -314,6 +318,50 @@ def blocked_onnx(q, k, v, windows: Sequence[int], num_sinks: int, causal: bool,
                      op.CastLike(op.Constant(value_float=0.0), o))
     o = op.Reshape(o, _ints([0, hq, -1, d]))  # (B, Hq, nb BQ, D)
     return op.Slice(o, _ints([0]), op.Unsqueeze(sq, _ints([0])), _ints([2]))
+
+
+def _via_attention(q, k, v, table, vis, seen, nb, sq, skv, sc, zero_unseen, dims,
+                   per_head: bool, padded: bool):
+    """The blocks as the batch of one opset-23 `Attention` (3-D inputs, GQA by its head
+    attributes): Q (B nb, BQ, Hq D), K/V gathered in (B nb, K, Hkv D), the in-tile mask
+    (B nb | nb, Hq|1, BQ, K)."""
+    hq, hkv, d, bq, kb, m, nblk = dims
+    b1 = op.Shape(q, start=0, end=1)
+
+    def blocks(t):  # (B, Hkv, Skv, D) -> (B nb, K, Hkv D)
+        t = op.Transpose(t, perm=[0, 2, 1, 3])  # (B, Skv, Hkv, D)
+        cut = op.Slice(t, _ints([0]), op.Unsqueeze(seen, _ints([0])), _ints([1]))
+        back = op.Sub(seen, op.Min(seen, skv))
+        pads = op.Concat(_ints([0, m * kb, 0, 0, 0]), op.Unsqueeze(back, _ints([0])),
+                         _ints([0, 0]), axis=0)
+        tb = op.Reshape(op.Pad(cut, pads), _ints([0, -1, kb, hkv * d]))  # (B, NB, kb, Hkv D)
+        out = op.Gather(tb, table, axis=1)  # (B, nb, nblk, kb, Hkv D)
+        return op.Reshape(out, _ints([-1, nblk * kb, hkv * d]))  # (B nb, K, Hkv D)
+
+    pads = op.Concat(_ints([0, 0, 0, 0, 0]), op.Unsqueeze(op.Sub(op.Mul(nb, _c(bq)), sq),
+                                                          _ints([0])), _ints([0, 0]), axis=0)
+    qt = op.Pad(op.Transpose(q, perm=[0, 2, 1, 3]), pads)  # (B, nb BQ, Hq, D)
+    q3 = op.Reshape(qt, _ints([-1, bq, hq * d]))  # (B nb, BQ, Hq D)
+    # vis (B|1 if padded, Hkv|1, g|1, nb, BQ, K) -> (B nb, Hq|1, BQ, K)
+    h = hq if per_head else 1
+    v6 = vis if padded else op.Unsqueeze(vis, _ints([0]))  # (B|1, Hkv|1, g|1, nb, BQ, K)
+    v5 = op.Reshape(v6, op.Concat(op.Shape(v6, start=0, end=1), _ints([h]),
+                                  op.Shape(v6, start=3), axis=0))  # (B|1, H|1, nb, BQ, K)
+    v5 = op.Transpose(v5, perm=[0, 2, 1, 3, 4])  # (B|1, nb, H|1, BQ, K)
+    v5 = op.Expand(v5, op.Concat(b1, _ints([1, 1, 1, 1]), axis=0))  # (B, nb, H|1, BQ, K)
+    mask = op.Reshape(v5, op.Concat(_ints([-1, h]), op.Shape(v5, start=3), axis=0))
+    y = op.Attention(q3, blocks(k), blocks(v), mask, q_num_heads=hq, kv_num_heads=hkv,
+                     scale=float(sc))
+    y = y[0] if isinstance(y, (tuple, list)) else y  # (B nb, BQ, Hq D)
+    y = op.Reshape(y, _ints([-1, bq, hq, d]))  # (B nb, BQ, Hq, D)
+    if zero_unseen:  # rows that see no key give zeros
+        row = op.ReduceMax(op.Cast(mask, to=1), _ints([-1]), keepdims=1)  # (B nb, H|1, BQ, 1)
+        row = op.Transpose(row, perm=[0, 2, 1, 3])  # (B nb, BQ, H|1, 1)
+        y = op.Where(op.Greater(row, op.Constant(value_float=0.0)), y,
+                     op.CastLike(op.Constant(value_float=0.0), y))
+    y = op.Reshape(y, op.Concat(b1, _ints([-1, hq, d]), axis=0))  # (B, nb BQ, Hq, D)
+    y = op.Slice(y, _ints([0]), op.Unsqueeze(sq, _ints([0])), _ints([1]))
+    return op.Transpose(y, perm=[0, 2, 1, 3])  # (B, Hq, Sq, D)
 
 
 def _bool_tensor(t: torch.Tensor):

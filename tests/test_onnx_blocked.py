@@ -156,6 +156,27 @@ def test_onnx_blocked_window_wide(tmp_path, causal):
 
 
 @pytest.mark.slow
+def test_onnx_blocked_window_attention_op(tmp_path, monkeypatch):
+    """The variant with the blocks as the batch of one opset-23 Attention: per-head windows,
+    sinks, GQA and a (B, S) key padding mask (rows that see no key give zeros)."""
+    monkeypatch.setattr(window_blocked, "ATTENTION_OP", True)
+
+    def fn(q, k, v, mask):
+        return torch.ops.attnc.sliding_window_attention(q, k, v, 9, 3, True, None, mask,
+                                                        [9, 4, 20, 9])
+
+    def inputs(b, s, seed):
+        kpm = _padding(b, s)
+        kpm[0] = False  # a row with no key at all
+        return (*_qkv(b, s, seed), kpm)
+
+    dyn = ({0: B, 2: S},) * 3 + ({0: B, 1: S},)
+    ops, sessions, _ = _export(tmp_path, fn, inputs(2, 40, 0), dyn, 10**4)
+    assert "Attention" in ops and "Gather" in ops
+    _check(sessions, fn, [inputs(2, 157, 1), inputs(3, 13, 2)])
+
+
+@pytest.mark.slow
 def test_target_length_picks_the_form(tmp_path):
     """Under a short target length both ops export masked dense, under a long one blocked; the
     recorded forms say so and why."""
