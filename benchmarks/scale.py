@@ -112,7 +112,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path) -> dict:
     rc, text, tv = _run([sys.executable, "-c", BUILD, str(folder), json.dumps(RECIPE), str(out),
                          str(threads)], threads, logs / f"build-{size}-{dtype}.log")
     row: dict = {"size": f"{size}B", "dtype": dtype, "params": params,
-                 "weights_bytes": weights, "ok": rc == 0, **tv}
+                 "weights_bytes": weights, "ok": rc == 0, "commit": _commit(), **tv}
     if "max_rss_bytes" in tv:
         row["peak_x_weights"] = round(tv["max_rss_bytes"] / weights, 2)
     if rc != 0:
@@ -139,6 +139,14 @@ def build_one(size: str, dtype: str, threads: int, logs: Path) -> dict:
     row["artifacts"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     shutil.rmtree(out, ignore_errors=True)  # the disk is shared
     return row
+
+
+def _commit() -> str:
+    """The checkout's commit, with '+dirty' when files differ from it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain",
+                                                                    "-uno") else "")
 
 
 def main() -> None:
