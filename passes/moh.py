@@ -41,7 +41,8 @@ aten = torch.ops.aten
 class MoHConfig:
     active: float = 0.75  # fraction of query heads each token uses
     shared: float = 0.5  # fraction of heads always on (the most important ones)
-    router: Literal["query-norm", "linear"] = "query-norm"
+    # linear: measured better than query-norm on both bundled models (benchmarks/moh_fidelity.py)
+    router: Literal["query-norm", "linear"] = "linear"
     gates: Literal["binary", "weighted"] = "binary"
     distill_steps: int = 0
     lr: float = 0.003  # Adam's step size for distill_steps (relative to each tensor's scale)

@@ -77,6 +77,11 @@ def test_fires_and_routes_k_heads_per_token(llama):
                  loaded.example_args)
     assert not torch.allclose(fused, ref, atol=1e-4)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    from attnc.recipe.manager import config_dict
+    from attnc.report.section import PassSection
+
+    md = M.render_report(PassSection("moh", config_dict(cfg), 1.0, tuple(ds), "moh_")).markdown
+    assert f"{len(routed)} of {len(ds)} site(s) routed" in md and "load per head" in md
 
 
 def test_stays_quiet_and_validates(llama):
