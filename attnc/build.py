@@ -283,6 +283,7 @@ def build(
             if recipe.export.onnx and recipe.export.quantize != "none":
                 quant = _quantize(stage, program, recipe, data, ref_hold, orig_run, loaded, say)
                 comparisons.update(quant.pop("comparisons"))
+                onnx_info["layout"] = quant.pop("layout", onnx_info["layout"])
             bench = None
             if opts.bench:
                 bench = _bench(stage, program, original, recipe, data, loaded, opts, say)

@@ -77,7 +77,11 @@ class _Reader:
 
 
 def quantize_in_place(path: Path, mode: str, calib_inputs=()) -> dict:
-    """Quantize `path` into a temporary file beside it, then replace it."""
+    """Quantize `path` into a temporary file beside it, then replace it; external data files
+    the quantized file no longer reads (it is written as one file) are removed."""
+    from attnc.export import external_data as ext
+
+    before = set(ext.external_files(ext.load_graph(path)))
     fd, tmp = tempfile.mkstemp(prefix=".quant-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp_p = Path(tmp)
@@ -86,4 +90,7 @@ def quantize_in_place(path: Path, mode: str, calib_inputs=()) -> dict:
         os.replace(tmp_p, path)
     finally:
         tmp_p.unlink(missing_ok=True)
+    for name in before - set(ext.external_files(ext.load_graph(path))):
+        (path.parent / name).unlink(missing_ok=True)
+    info["layout"] = ext.layout(path)
     return info
