@@ -35,6 +35,7 @@ from attnc.recipe.manager import Decision, PassInfo, register_pass
 from .token_pruning_select import (
     geometry,
     padding_nodes,
+    row_colsum_nodes,
     scoring_rows,
     select_nodes,
 )
@@ -56,6 +57,10 @@ class TokenPruningConfig:
     pad_tolerance: float = 0.02
     image_token_id: int | None = None
     output: Literal["kept", "last"] = "kept"
+    # rows: scores from the scorer's query rows in plain ATen ops (O(T x S), exports anywhere);
+    # colsum: the layer's call becomes attnc::attention_colsum (the Triton kernel on CUDA)
+    score_op: Literal["rows", "colsum"] = "rows"
+    text_window: int = 32  # text-tokens: at most this many trailing positions score
 
     def validate(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
@@ -78,6 +83,12 @@ class TokenPruningConfig:
                               f"{self.pad_threshold}")
         if self.output not in ("kept", "last"):
             raise RecipeError(f"token-pruning output must be kept or last, got {self.output!r}")
+        if self.score_op not in ("rows", "colsum"):
+            raise RecipeError(f"token-pruning score_op must be rows or colsum, got "
+                              f"{self.score_op!r}")
+        if self.text_window < 1:
+            raise RecipeError(f"token-pruning text_window must be 1 or more, got "
+                              f"{self.text_window}")
         if self.layer < 0:
             raise RecipeError(f"token-pruning layer must be 0 or more, got {self.layer}")
 
@@ -166,6 +177,10 @@ def _build(program, plan: Plan, cfg: TokenPruningConfig, *, keep_n: int, gather:
     call = read_call(node)
     ids = _placeholder(out, "input_ids")
     b = Builder(gm, node, node)
+    if cfg.score_op == "rows":
+        b.before = boundary.next
+        colsum = row_colsum_nodes(b, call, ids, cfg.scorer, plan.image_token, cfg.text_window)
+        return _select(out, gm, b, ids, colsum, boundary, plan, cfg, keep_n, gather)
     rows = scoring_rows(b, ids, cfg.scorer, plan.image_token)
     kwargs = {"attn_mask": call.mask, "is_causal": call.is_causal, "scale": call.scale_arg}
     both = b(COLSUM, call.q, call.k, call.v, rows, **kwargs)
@@ -176,6 +191,11 @@ def _build(program, plan: Plan, cfg: TokenPruningConfig, *, keep_n: int, gather:
     gm.graph.erase_node(node)
     b.like = attn
     b.before = boundary.next
+    return _select(out, gm, b, ids, colsum, boundary, plan, cfg, keep_n, gather)
+
+
+def _select(out, gm, b, ids, colsum, boundary, plan: Plan, cfg: TokenPruningConfig, keep_n: int,
+            gather: bool):
     padding = None
     if plan.padding:
         pix = _placeholder(out, "pixel_values")

@@ -162,3 +162,46 @@ def fit_trend(kind: str, mean: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, 
     info["residual_cv"] = float(debiased.std() / max(debiased.mean(), 1e-30))
     info["raw_cv"] = float(mean[ok].std() / max(mean[ok].mean(), 1e-30))
     return w.astype(np.float32), info
+
+
+# ------------------------------------------------------------------------- row scores
+
+
+def row_colsum_nodes(b: Builder, call, ids: Node, scorer: str, image_token: int,
+                     text_window: int) -> Node:
+    """colsum (B, Hq, S) from the scorer's query rows only, in plain ATen ops: softmax of the
+    last T rows' scores (T = 1 for last-token, the last `text_window` positions weighted by
+    "after the image in every sequence" for text-tokens), O(T x S), no S x S matrix. The
+    attention call itself stays as it is. Exports to any ONNX runtime."""
+    q, k = call.q, call.k
+    t = 1 if scorer == "last-token" else text_window
+    pos = _positions(b, ids)  # (S,)
+    qr = b(aten.slice.Tensor, q, 2, -t, 9223372036854775807)  # (B, Hq, T, D)
+    hq, hk = q.meta["val"].shape[1], k.meta["val"].shape[1]
+    if hq != hk:
+        k = b(aten.repeat_interleave.self_int, k, hq // hk, 1)  # (B, Hq, S, D)
+    s = b(aten.matmul.default, qr, b(aten.transpose.int, k, -1, -2))  # (B, Hq, T, S)
+    s = b(aten.mul.Tensor, s, float(call.scale))
+    rowpos = b(aten.slice.Tensor, pos, 0, -t, 9223372036854775807)  # (T,)
+    if call.mask is not None:
+        m = call.mask
+        if m.meta["val"].dim() == 4:
+            m = b(aten.slice.Tensor, m, 2, -t, 9223372036854775807)  # (B|1, 1|H, T, S)
+        else:
+            m = b(aten.slice.Tensor, m, -2, -t, 9223372036854775807)
+        if m.meta["val"].dtype == torch.bool:
+            s = b(aten.masked_fill.Scalar, s, b(aten.logical_not.default, m), float("-inf"))
+        else:
+            s = b(aten.add.Tensor, s, m)
+    if call.is_causal:
+        later = b(aten.gt.Tensor, b(aten.unsqueeze.default, pos, 0),
+                  b(aten.unsqueeze.default, rowpos, 1))  # (T, S): key after the query
+        s = b(aten.masked_fill.Scalar, s, later, float("-inf"))
+    p = b(aten._softmax.default, b(aten._to_copy.default, s, dtype=torch.float32), -1, False)
+    if scorer == "last-token":
+        return b(aten.squeeze.dim, p, 2)  # (B, Hq, S)
+    rows = scoring_rows(b, ids, scorer, image_token)  # (S,) bool
+    w = b(aten._to_copy.default, b(aten.slice.Tensor, rows, 0, -t, 9223372036854775807),
+          dtype=torch.float32)  # (T,)
+    w = b(aten.unsqueeze.default, w, -1)  # (T, 1)
+    return b(aten.sum.dim_IntList, b(aten.mul.Tensor, p, w), [2])  # (B, Hq, S)

@@ -132,11 +132,13 @@ def test_keep_all_is_exact(setup):
     torch.testing.assert_close(pruned(*args), program(*args), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scorer", ["last-token", "text-tokens"])
-def test_fastv_selection_and_pruned_numerics(setup, scorer):
+@pytest.mark.parametrize(
+    "scorer,op", [("last-token", "rows"), ("last-token", "colsum"), ("text-tokens", "rows")]
+)
+def test_fastv_selection_and_pruned_numerics(setup, scorer, op):
     model, program = setup
     args = _inputs(2, (7, 8, 9, 10), letterbox=False)
-    cfg = TokenPruningConfig(layer=LAYER, keep=5, scorer=scorer, padding_mask="off")
+    cfg = TokenPruningConfig(layer=LAYER, keep=5, scorer=scorer, padding_mask="off", score_op=op)
     pruned, p, _ = prune_tokens(program, cfg)
     keep = kept_positions(pruned.gm, args)
     S = args[0].shape[1]
@@ -177,6 +179,17 @@ def test_padding_tokens_rank_last(setup):
             for b in range(2):
                 at = [live[b].tolist().index(k) for k in real[b]]
                 torch.testing.assert_close(out[b, at], ref[b], rtol=1e-4, atol=1e-4)
+
+
+def test_registered_and_validated():
+    from attnc.errors import RecipeError
+    from attnc.recipe.manager import get_pass
+
+    assert get_pass("token-pruning").config_cls is TokenPruningConfig
+    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"keep": 0}, {"debias": "linear"},
+                {"scorer": "first"}, {"padding_mask": "maybe"}, {"score_op": "eager"}):
+        with pytest.raises(RecipeError):
+            TokenPruningConfig(**bad).validate()
 
 
 def test_trend_fit_on_the_trend_gives_constant_scores():
