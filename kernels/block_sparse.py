@@ -4,8 +4,11 @@
 
 `layout` is a (B|1, H|1, ceil(Sq/bs), ceil(Skv/bs)) bool tensor: a static layout (masks.py:
 PowerAttention, local + vertical stride) or one a pass computes. Triton on CUDA: kernel tiles
-the layout leaves empty are never loaded, fully kept tiles skip the mask. Reference elsewhere.
-ONNX: the layout is gathered by (Range // block_size) in-graph, + opset-23 Attention.
+the layout leaves empty are never loaded, fully kept tiles skip the mask. Elsewhere, the
+gathered torch form of block_sparse_gather.py (each query block attends to its listed key
+blocks through an nq x M index table) when its cost rule says it pays, else the reference.
+ONNX: that gathered form under the same rule; else the layout is gathered by
+(Range // block_size) in-graph, + opset-23 Attention.
 """
 
 from __future__ import annotations

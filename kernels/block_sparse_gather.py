@@ -129,14 +129,18 @@ def gather_onnx(q, k, v, layout, block_size: int, causal: bool = False,
     heads and head size, layout (B|1, Hq|1, nq, nkv) bool with a static head axis, `padding` a
     (B|1, Skv) key padding mask (bool, or float with masked entries <= -1e4) or None."""
     hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
-    hl = int(layout.shape[1])
+    bl, hl = int(layout.shape[0]), int(layout.shape[1])
     bs = int(block_size)
     shared = hl == 1
     he, gf = (hkv, hq // hkv) if shared else (hq, 1)
     sq, skv = _len(q, 2), _len(k, 2)
     nq = op.Div(op.Add(sq, _c(bs - 1)), _c(bs))
     nkv = op.Div(op.Add(skv, _c(bs - 1)), _c(bs))
-    # the index table: M = the fullest row, listed blocks first (ascending)
+    # the index table: M = the fullest row, listed blocks first (ascending); the layout's
+    # leading (nq, nkv) blocks serve a shorter sequence
+    layout = op.Slice(layout, _ints([0, 0]), op.Concat(op.Unsqueeze(nq, _ints([0])),
+                                                       op.Unsqueeze(nkv, _ints([0])), axis=0),
+                      _ints([2, 3]))
     lay64 = op.Cast(layout, to=7)
     mrow = op.Max(op.ReduceMax(op.ReduceSum(lay64, _ints([-1]), keepdims=0), keepdims=0), _c(1))
     score = op.Sub(op.Mul(lay64, op.Mul(nkv, _c(2))), op.Range(_c(0), nkv, _c(1)))
@@ -154,7 +158,7 @@ def gather_onnx(q, k, v, layout, block_size: int, causal: bool = False,
     kb, vb = pad_keys(k), pad_keys(v)
     bsz = op.Shape(q, start=0, end=1)
     bcast = op.Concat(bsz, _ints([he, 1, 1]), axis=0)
-    gen = int(layout.shape[0]) != 1 or not shared  # per batch or per head: GatherND
+    gen = bl != 1 or not shared  # per batch or per head: GatherND
     if gen:
         ind = op.Unsqueeze(op.Expand(idx, bcast), _ints([-1]))  # (B, He, nq, M, 1)
         kw = op.GatherND(kb, ind, batch_dims=2)  # (B, He, nq, M, bs, D)

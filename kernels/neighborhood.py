@@ -5,7 +5,10 @@
 Tokens are the row-major flattening of `grid` (one entry may be -1: inferred from S, so the
 sequence length can stay dynamic in export). `kernel_size`, `dilation`, `stride`, `is_causal`
 give one entry per axis, with NATTEN's exact border semantics (masks.py). Triton on CUDA
-(multi-dim tiles, block skipping), reference elsewhere; ONNX: in-graph mask + Attention.
+(multi-dim tiles, block skipping). Elsewhere, on a 2-D/3-D grid, the blocked torch form of
+neighborhood_blocked.py (grid tiles attend to their key halo) when its cost rule says it pays,
+else the reference. ONNX: that blocked form under the same rule (at the static length or the
+build's `onnx_seq_hint`), else an in-graph mask + Attention.
 """
 
 from __future__ import annotations

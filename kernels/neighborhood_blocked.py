@@ -91,13 +91,18 @@ def _outer(parts: list[torch.Tensor], strides: list[int]) -> torch.Tensor:
     return tot.reshape(math.prod(p.shape[0] for p in parts), -1)
 
 
-@functools.lru_cache(maxsize=32)
 def plan(grid: tuple[int, ...], heads: tuple[tuple[int, ...], ...], dilation: tuple[int, ...],
          stride: tuple[int, ...], causal: tuple[bool, ...], num_global: int,
          tiles: tuple[int, ...] | None = None) -> Plan:
-    """The cached index tables of one grid and kernel set (`heads`: Hk kernel tuples)."""
+    """The cached index tables of one grid and kernel set (`heads`: Hk kernel tuples), query
+    tiles `tiles` (default TILES)."""
+    tiles = tuple(min(t, L) for t, L in zip(tiles or TILES[len(grid)], grid, strict=True))
+    return _plan(grid, heads, dilation, stride, causal, num_global, tiles)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(grid, heads, dilation, stride, causal, num_global, tiles) -> Plan:
     n = len(grid)
-    tiles = tuple(min(t, L) for t, L in zip(tiles or TILES[n], grid, strict=True))
     strides = [math.prod(grid[a + 1:]) for a in range(n)]
     axes = [_axis_plan(grid[a], tuple(h[a] for h in heads), dilation[a], stride[a],
                        bool(causal[a]), tiles[a]) for a in range(n)]
@@ -139,14 +144,15 @@ def _args(grid, heads, dilation, stride, is_causal):
 
 def blocked_pays(seq: int | None, grid, heads, dilation, stride, is_causal,
                  num_global: int = 0) -> bool:
-    """The cost rule: blocked when the grid has 2-3 axes, is known, and S >= 2 (num_global + H)
+    """The cost rule: blocked when the grid has 2-3 axes, is known, S >= 512 and S >= 2 (ng + H)
     (H the tile halo): a tile's T x (ng + H) scores against T x S dense, with the gathers and
-    the per-tile launches costing about another such block (benchmarks/onnx_patterns.py)."""
+    the per-tile launches costing about another such block (benchmarks/onnx_patterns.py: ORT
+    CPU 0.98x at a 16x16 grid, 7x7 window, 1.5x at 32x32)."""
     if len(grid) < 2 or any(int(x) < 1 for x in grid):
         return False
     p = plan(*_args(grid, heads, dilation, stride, is_causal), int(num_global))
     s = num_global + math.prod(grid) if seq is None else seq
-    return s >= 2 * p.keys.shape[1] and s >= 256
+    return s >= 2 * p.keys.shape[1] and s >= 512
 
 
 def _vis6(p: Plan, hkv: int, g: int, device) -> torch.Tensor:
@@ -185,6 +191,7 @@ def blocked_attention(q, k, v, grid, heads, dilation, stride, is_causal, scale=N
     hkv = k.shape[1]
     g = hq // hkv
     args = _args(grid, heads, dilation, stride, is_causal)
+    tiles = tuple(tiles or TILES[len(args[0])])
     p, vis, (mask, bias) = _cached(args, int(num_global), tiles, hkv, g, str(q.device), q.dtype)
     qtok, keys = p.qtok.to(q.device), p.keys.to(q.device)
     nt, t = qtok.shape
@@ -264,8 +271,9 @@ def blocked_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, 
     kw = op.Gather(k, keys, axis=2)  # (B, Hkv, nt, K, D)
     vw = op.Gather(v, keys, axis=2)
     qb = op.Gather(q, _table(p.qtok), axis=2)  # (B, Hq, nt, T, D)
-    qb = op.Reshape(qb, _ints([0, hkv, g, nt, t, d]))
-    qb = op.Reshape(op.Transpose(qb, perm=[0, 1, 3, 2, 4, 5]), _ints([0, hkv, nt, g * t, d]))
+    if g > 1:  # fold a KV head's query heads into the tile rows
+        qb = op.Reshape(qb, _ints([0, hkv, g, nt, t, d]))
+        qb = op.Reshape(op.Transpose(qb, perm=[0, 1, 3, 2, 4, 5]), _ints([0, hkv, nt, g * t, d]))
     sc = (1.0 / d ** 0.5) if scale is None else float(scale)
     qb = op.Mul(qb, op.CastLike(op.Constant(value_float=sc), q))
     s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, nt, g*T, K)
@@ -284,7 +292,9 @@ def blocked_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, 
     if padding is not None or p.unseen:  # rows that see no key give zeros, not NaN
         seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
         o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o, zero)
-    o = op.Reshape(op.Transpose(o, perm=[0, 1, 3, 2, 4, 5]), _ints([0, hq, nt * t, d]))
+    if g > 1:
+        o = op.Transpose(o, perm=[0, 1, 3, 2, 4, 5])
+    o = op.Reshape(o, _ints([0, hq, nt * t, d]))
     o = op.Gather(o, _table(p.inv), axis=2)  # (B, Hq, prod grid, D)
     if not ng:
         return o
