@@ -23,8 +23,8 @@ def main(argv: list[str]) -> None:
     exp = sf.EXPERIMENTS["vit"]
     exp["variants"] = variants
     if "--default" not in argv:
-        def run_variants(key: str) -> dict:
-            """sf.run without the default build: each variant builds, then is evaluated."""
+        def run_variants(key: str, save=None) -> dict:
+            """sf.run without the default build: each variant builds, is evaluated, saved."""
             out = {}
             for ov in variants:
                 name = "vit-" + "-".join(f"{k}-{v}" for k, v in ov.items())
@@ -44,6 +44,8 @@ def main(argv: list[str]) -> None:
                                                               sf.ROOT / exp["eval"])
                     rec["eval"], rec["met"] = ev, sf._met(name, ev)
                 out[name] = rec
+                if save is not None:
+                    save({name: rec})
             return out
 
         sf.run = run_variants
