@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attnc.errors import PassError, RecipeError
-from attnc.graph.calls import Pattern, bind, is_attention_op, read_call, register_op
+from attnc.graph.calls import bind, read_call
 from attnc.graph.replace import replace_attention_node
 from attnc.graph.sites import find_sites
 from attnc.kernels.patterns import site_reason
@@ -46,21 +46,6 @@ log = logging.getLogger(__name__)
 OP = "attnc::sink_calibrated_attention"
 
 
-@dataclass(frozen=True, eq=False)
-class SinkCalibrated(Pattern):
-    """Dense attention with ACT's sink recalibration on some heads (knobs are tensors)."""
-
-    name = "sink_calibrated"
-
-
-def _read(vals: dict[str, Any], node) -> Pattern:
-    return SinkCalibrated()
-
-
-if not is_attention_op(OP):
-    import attnc.kernels  # noqa: F401  (registers the op)
-
-    register_op(OP, _read)
 
 
 @dataclass(frozen=True)

@@ -381,3 +381,22 @@ def test_clone_isolates_graph_meta_buffers_and_records(llama):
     torch.testing.assert_close(program(*args), ref, atol=0, rtol=0)
     # parameters are shared read-only, not copied
     assert next(program.gm.parameters()).data_ptr() == next(c.gm.parameters()).data_ptr()
+
+
+def test_every_attnc_op_reads_back_without_its_pass():
+    """A saved build must read back in a process that never imported the pass that wrote it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import attnc.kernels\n"
+        "from attnc.graph.calls import is_attention_op\n"
+        "ops = ['routed_attention', 'sink_calibrated_attention', 'sliding_window_attention',\n"
+        "       'neighborhood_attention', 'block_sparse_attention']\n"
+        "missing = [o for o in ops if not is_attention_op(getattr(torch.ops.attnc, o).default)]\n"
+        "assert not any(m.startswith('attnc.passes') for m in sys.modules), 'a pass was imported'\n"
+        "print(missing)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -100,6 +100,20 @@ class BlockSparse(Pattern):
 
 
 @dataclass(frozen=True, eq=False)
+class HeadRouted(Pattern):
+    """Dense attention whose query heads are gated per token (`attnc::routed_attention`)."""
+
+    name = "head_routed"
+
+
+@dataclass(frozen=True, eq=False)
+class SinkCalibrated(Pattern):
+    """Dense attention with ACT's sink recalibration on some heads (knobs are tensors)."""
+
+    name = "sink_calibrated"
+
+
+@dataclass(frozen=True, eq=False)
 class Region(Pattern):
     """Hand-written attention with a score function SDPA cannot express (`capture.regions`)."""
 
@@ -389,15 +403,21 @@ register_op("attnc::attention_colsum", _dense)
 register_op("attnc::sliding_window_attention", _sliding_window)
 register_op("attnc::neighborhood_attention", _neighborhood)
 register_op("attnc::block_sparse_attention", _block_sparse)
+# readers here, not in the passes: a saved build must read back in a process that never
+# imported the pass that wrote it
+register_op("attnc::routed_attention", lambda vals, node: HeadRouted())
+register_op("attnc::sink_calibrated_attention", lambda vals, node: SinkCalibrated())
 
 
 __all__ = [
     "AttentionCall",
     "BlockSparse",
     "Dense",
+    "HeadRouted",
     "Neighborhood",
     "Pattern",
     "Region",
+    "SinkCalibrated",
     "SlidingWindowSink",
     "bind",
     "is_attention_op",

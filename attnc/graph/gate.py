@@ -18,7 +18,6 @@ these edits add copies the attention node's `nn_module_stack`, gets a fake-tenso
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,25 +25,13 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from attnc.errors import PassError
-from attnc.graph.calls import Pattern, read_call, register_op
+from attnc.graph.calls import HeadRouted, read_call
 
 aten = torch.ops.aten
 ROUTED_OP = "attnc::routed_attention"
 _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
-@dataclass(frozen=True, eq=False)
-class HeadRouted(Pattern):
-    """Dense attention whose query heads are gated per token (`attnc::routed_attention`)."""
-
-    name = "head_routed"
-
-
-def _routed_reader(vals: dict[str, Any], node: Node) -> Pattern:
-    return HeadRouted()
-
-
-register_op(ROUTED_OP, _routed_reader)
 
 
 def _fake_mode(vals: list[Any]):
