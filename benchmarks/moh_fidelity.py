@@ -98,14 +98,15 @@ def main() -> None:
     torch.set_num_threads(1)
     results: list[dict] = []
 
+    # resume: rows already in the results file are kept and not measured again
+    before = {e["model"]: e for e in json.loads(OUT.read_text())["models"]} if OUT.exists() else {}
+
     def sink(entry):
         if entry not in results:
             results.append(entry)
+        models = results + [e for k, e in before.items() if k not in {r["model"] for r in results}]
         OUT.write_text(json.dumps({"benchmark": "moh_fidelity", "device": "cpu", "threads": 1,
-                                   "torch": torch.__version__, "models": results}, indent=1))
-
-    # resume: rows already in the results file are kept and not measured again
-    before = {e["model"]: e for e in json.loads(OUT.read_text())["models"]} if OUT.exists() else {}
+                                   "torch": torch.__version__, "models": models}, indent=1))
     only = sys.argv[1:]
     order = [m for m in MODELS if not only or m[0] in only]
     order.sort(key=lambda m: only.index(m[0]) if only else 0)
