@@ -90,6 +90,7 @@ def test_fires_on_llama_and_computes_the_chosen_pattern(llama):
     assert len(decisions) == len(program.sites) and fired
     for d in fired:
         assert d.metrics["kept_mass_min"] >= 0.5 and "predicted_speedup" in d.metrics
+        assert d.metrics["statistic"] == "mean+tail" and "5th percentile" in d.reason
         assert out.sites[d.metrics["index"]].pattern == "sliding_window"
         assert d.metrics["backend"] in ("onnxruntime-cpu", "cuda")
     ref = _reference(program, decisions, ids.shape[1])
@@ -130,6 +131,36 @@ def test_minilm_at_64_tokens_stays_dense(minilm):
         assert d.action == "keep" and "sequence 64: dense is cheaper" in d.reason, d.reason
         assert d.metrics["predicted_speedup"] < 1.1
     assert all(s.pattern == "dense" for s in out.sites)
+
+
+def test_default_rule_needs_the_mean_and_a_floor_on_the_tail():
+    """mean+tail (the default): a head takes a pattern when its mean kept mass reaches min_mass
+    and its 5th percentile reaches 1 - 5 (1 - min_mass); `quantile` asks the percentile itself to
+    reach min_mass, `mean` drops the floor; min_mass 1.0 takes only patterns keeping every key."""
+    from attnc.graph.stats import PatternMass
+    from attnc.passes.sparse import SparseConfig
+    from attnc.passes.sparse_rule import accepts, rule_text, tail_floor
+
+    a = lambda *xs: np.array(xs, dtype=float)  # noqa: E731 - per head
+    # head 0: mean 0.97, tail 0.80 (ok); head 1: mean 0.97, tail 0.60 (a few queries lose a lot);
+    # head 2: mean 0.90, tail 0.90 (too little on average); head 3: all kept, density 1
+    pm = PatternMass("w", {}, mean=a(0.97, 0.97, 0.90, 1.0), quantile=a(0.80, 0.60, 0.90, 1.0),
+                     min=a(0.5, 0.1, 0.8, 1.0), density=a(0.5, 0.5, 0.5, 1.0))
+    default = SparseConfig()
+    assert default.statistic == "mean+tail" and tail_floor(default) == pytest.approx(0.75)
+    assert [accepts(pm, h, default) for h in range(4)] == [True, False, False, True]
+    assert "5th percentile >= 0.75" in rule_text(default)
+    mean = SparseConfig(statistic="mean")
+    assert [accepts(pm, h, mean) for h in range(4)] == [True, True, False, True]
+    quant = SparseConfig(statistic="quantile")
+    assert [accepts(pm, h, quant) for h in range(4)] == [False, False, False, True]
+    tight = SparseConfig(tail_mass=0.85)
+    assert [accepts(pm, h, tight) for h in range(4)] == [False, False, False, True]
+    exact = SparseConfig(min_mass=1.0)
+    assert tail_floor(exact) == 1.0
+    kept_all_sparse = PatternMass("w", {}, a(1.0), a(1.0), a(1.0), density=a(0.9))
+    assert not accepts(kept_all_sparse, 0, exact)  # 1.0 rounds nothing: only density 1 passes
+    assert accepts(pm, 3, exact)
 
 
 class TwoHeads(nn.Module):
@@ -214,6 +245,8 @@ def test_vision_grid_and_neighborhood_on_a_vit(tmp_path):
     ({"target_length": 1}, "target_length"),
     ({"grid": [0, 4]}, "grid"),
     ({"min_mas": 0.9}, "min_mas"),
+    ({"tail_mass": 1.5}, "tail_mass"),
+    ({"statistic": "median"}, "statistic"),
     ({"layout_file": "/nonexistent/layout.json"}, "does not exist"),
 ])
 def test_bad_configs_are_one_line_recipe_errors(cfg, match):
