@@ -306,7 +306,9 @@ def _option(site, info: SiteInfo, fam: Family, choice, backend: str, shape) -> O
         per_head = len(set(ws)) > 1
         params = {"window": max(ws), "num_sinks": ns, "is_causal": causal,
                   "head_windows": ws if per_head else None}
-        form = onnx_form(max(ws), ns, causal, True, site.mask == "none" and not per_head)
+        # the form the export emits at the build's target length (attnc/build.py hands it on)
+        form = onnx_form(max(ws), ns, causal, True, site.mask == "none" and not per_head,
+                         seq=info.target, head_windows=ws)
         pc = cost.window_cost(ws, ns, causal, form, extras)
     elif fam.kind == "neighborhood":
         nd = len(fam.shared["grid"])
