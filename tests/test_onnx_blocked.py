@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from onnx_sessions import ort_sessions
 
 import attnc.kernels
 from attnc.kernels import neighborhood1d_blocked as nb1d
@@ -83,13 +84,7 @@ def _export(tmp_path, fn, args, dyn, hint):
                                  dynamic_shapes=(dyn,), verbose=False)
     path = tmp_path / "m.onnx"
     prog.save(str(path))
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    sessions = []
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+    ops, sessions = ort_sessions(path)
     return ops, sessions, forms
 
 
