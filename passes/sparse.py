@@ -25,6 +25,15 @@ neighborhoods, block layouts; `sparse_candidates.py`), each head gets the sparse
 keeps `min_mass` (or stays dense: window -1), or with `granularity: site` all heads one member.
 The site takes the family with the lowest density at the target length whose predicted
 speed-up (`sparse_cost.py`) is at least `min_speedup`; otherwise it stays dense, with the reason.
+Back-off: the chosen rewrite is then run on the calibration batches and checked against the
+recipe's fidelity bound (the build's default bound when the recipe sets none; the held-out
+batches stay for the build's own verification). While it misses, min_mass is raised to
+1 - (1 - min_mass) / 2 (0.95, 0.975, 0.9875, ...) and the heads are chosen again from the same
+statistics, `back_off` times at most (4); past that every site stays dense. The trail (min_mass,
+heads, metrics, met) is in each decision and the report. Kept mass is a proxy: on an
+undertrained classifier with small margins, 5% of the mass dropped in every head flips
+predictions that the bound catches (benchmarks/sparse_fidelity.py, the ViT).
+
 `apply` swaps each chosen call for the pattern op (`attnc.graph.replace`), carrying the site's
 mask as the op's key padding mask, then reads the sites back and checks each shows its pattern.
 """
@@ -51,6 +60,7 @@ from attnc.recipe.manager import Decision, PassInfo, register_pass
 from attnc.recipe.selectors import Selector
 
 from . import sparse_cost as cost
+from .sparse_backoff import back_off
 from .sparse_candidates import (
     PATTERN_NAMES,
     Family,
@@ -91,6 +101,7 @@ class SparseConfig:
     grid: tuple[int, ...] = ()
     layers: str | int | tuple[str | int, ...] | None = None
     modules: tuple[str, ...] = ()
+    back_off: int = 4  # times min_mass may be raised to meet the fidelity bound (0: never)
 
     def validate(self) -> None:
         if not 0.0 < self.min_mass <= 1.0:
@@ -111,6 +122,8 @@ class SparseConfig:
             raise RecipeError(f"sparse quantile must be in (0, 1), got {self.quantile}")
         if self.tail_mass is not None and not 0.0 <= self.tail_mass <= 1.0:
             raise RecipeError(f"sparse tail_mass must be in [0, 1], got {self.tail_mass}")
+        if self.back_off < 0:
+            raise RecipeError(f"sparse back_off must be >= 0, got {self.back_off}")
         if self.sinks < 0:
             raise RecipeError(f"sparse sinks must be >= 0, got {self.sinks}")
         for w in self.windows:
@@ -201,13 +214,19 @@ def plan(program, cfg: SparseConfig, ctx) -> list[Decision]:
             reason = f"no candidate pattern fits sequence {info.target} (calibrated at " \
                      f"{info.calib}: windows must be shorter than what calibration saw)"
         decisions[site.index] = Decision(_key(site), "skip", reason, base)
-    if work:
-        spec = StatsSpec(candidates=lambda s: [m.cand for f in work[s.node][2] for m in f.members],
-                         quantile=cfg.quantile)
-        stats = collect_site_stats(program, [w[0] for w in work.values()], data.calib, spec)
+    if not work:
+        return [decisions[i] for i in sorted(decisions)]
+    spec = StatsSpec(candidates=lambda s: [m.cand for f in work[s.node][2] for m in f.members],
+                     quantile=cfg.quantile)
+    stats = collect_site_stats(program, [w[0] for w in work.values()], data.calib, spec)
+
+    def decide(c: SparseConfig) -> list[Decision]:
+        out = dict(decisions)
         for node, (site, info, fams) in work.items():
-            decisions[site.index] = _decide(site, info, fams, stats[node], cfg, backend)
-    return [decisions[i] for i in sorted(decisions)]
+            out[site.index] = _decide(site, info, fams, stats[node], c, backend)
+        return [out[i] for i in sorted(out)]
+
+    return back_off(program, decide, cfg, ctx, apply)
 
 
 def _decide(site, info: SiteInfo, fams: list[Family], st, cfg, backend: str) -> Decision:

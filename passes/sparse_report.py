@@ -37,6 +37,14 @@ def render(section: PassSection) -> ReportPart:
                      m.get("target_length", ""), d.reason])
     out = [head, "", table(["site", "action", "pattern", "density", "kept mass (min head)",
                             "predicted speed-up", "target length", "reason"], rows)]
+    trail = next((d.metrics["back_off"] for d in ds if d.metrics.get("back_off")), None)
+    if trail:
+        keys = [k for k in trail[0] if k not in ("min_mass", "sites", "heads", "ok")][:6]
+        out += ["", "Back-off: each setting checked against the fidelity bound on the "
+                "calibration batches (min_mass raised while it misses):", "",
+                table(["min_mass", "sites", "heads", "meets bound", *keys],
+                      [[r["min_mass"], r["sites"], r["heads"], "yes" if r["ok"] else "no",
+                        *[r.get(k, "") for k in keys]] for r in trail])]
     files: dict[str, str | bytes] = {}
     plotted = 0
     for i, d in enumerate(ds):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnc.capture.program import capture
+from attnc.check.fidelity import compare
 from attnc.errors import RecipeError
 from attnc.kernels import masks
 from attnc.load.calibration import CalibrationConfig, CalibrationData, conform, generated_batches
@@ -371,3 +372,71 @@ def test_cost_density_is_exact_for_short_sequences_and_causal_dense_heads():
     dense = c.predict("cuda", c.SiteShape(256, 2, 16, True),
                       c.neighborhood_cost([256], [[-1], [-1]], [1], [1], [True], 0, True))
     assert dense.density == pytest.approx(1.0)
+
+
+def _bound_ctx(program, data, min_cosine):
+    """A PassContext whose evaluator compares a candidate's outputs with `program`'s on the
+    calibration batches (as the build's does) under a min_cosine bound."""
+    from attnc.check.fidelity import meets, reference_outputs
+    from attnc.recipe.bounds import FidelityBound
+
+    bound = FidelityBound(min_cosine=min_cosine)
+    refs = reference_outputs(program, data.calib)
+    seen = []
+
+    def evaluate(candidate):
+        m = compare(candidate, data.calib, refs, top1=False)
+        seen.append(m["cosine"])
+        return m
+
+    ctx = PassContext(calibration=data, original=program, fidelity=bound, evaluate=evaluate,
+                      meets_bound=lambda m: meets(m, bound)[0])
+    return ctx, seen, refs
+
+
+def test_back_off_raises_min_mass_until_the_bound_is_met(llama):
+    program, data, _ = llama
+    _, loose = _run(program, data, min_mass=0.5, min_speedup=0)
+    ctx, seen, refs = _bound_ctx(program, data, 0.99999)
+    recipe = parse_recipe({"version": 1, "passes": [
+        {"id": "sparse", "min_mass": 0.5, "min_speedup": 0, "back_off": 6}]})
+    out, results = run_passes(program.clone(), recipe.passes, ctx)
+    ds = results[0].decisions
+    trail = next(d.metrics["back_off"] for d in ds if d.action != "skip")
+    assert [r["min_mass"] for r in trail][:3] == [0.5, 0.75, 0.875]
+    assert [r["cosine"] for r in trail] == [round(c, 6) for c in seen], trail
+    assert not trail[0]["ok"] and trail[0]["cosine"] < 0.99999  # 0.5 misses: it backed off
+    assert all(not r["ok"] for r in trail[:-1])
+    heads = sum(d.metrics["heads"] - d.metrics["dense_heads"] for d in ds if d.action == "sparse")
+    got = compare(out, data.calib, refs, top1=False)["cosine"]
+    if trail[-1]["ok"]:  # the kept setting is the one that met, and the program is that one
+        assert heads == trail[-1]["heads"] and got >= 0.99999
+        assert any("min_mass raised to" in d.reason for d in ds if d.action == "sparse")
+    else:  # nothing met before no head kept the raised min_mass: every site dense
+        assert heads == 0 and all(s.pattern == "dense" for s in out.sites)
+    assert heads < sum(d.metrics["heads"] - d.metrics["dense_heads"]
+                       for d in loose if d.action == "sparse")
+
+
+def test_back_off_stops_at_once_when_the_bound_is_met_and_can_be_turned_off(llama):
+    program, data, _ = llama
+    ctx, seen, _ = _bound_ctx(program, data, -1.0)
+    recipe = parse_recipe({"version": 1, "passes": [
+        {"id": "sparse", "min_mass": 0.5, "min_speedup": 0}]})
+    _, results = run_passes(program.clone(), recipe.passes, ctx)
+    trail = next(d.metrics["back_off"] for d in results[0].decisions if d.action == "sparse")
+    assert len(trail) == 1 and trail[0]["ok"] and len(seen) == 1
+    ctx, seen, _ = _bound_ctx(program, data, 1.0)
+    recipe = parse_recipe({"version": 1, "passes": [
+        {"id": "sparse", "min_mass": 0.5, "min_speedup": 0, "back_off": 0}]})
+    _, results = run_passes(program.clone(), recipe.passes, ctx)
+    assert not seen and any(d.action == "sparse" for d in results[0].decisions)
+    # a bound nothing meets: after the last try every site stays dense, and says why
+    recipe = parse_recipe({"version": 1, "passes": [
+        {"id": "sparse", "min_mass": 0.5, "min_speedup": 0, "back_off": 1}]})
+    out, results = run_passes(program.clone(), recipe.passes, ctx)
+    ds = results[0].decisions
+    assert len(seen) == 2 and all(d.action != "sparse" for d in ds)
+    assert all(s.pattern == "dense" for s in out.sites)
+    missed = [d for d in ds if "missed the fidelity bound" in d.reason]
+    assert missed and all("min_mass up to 0.75" in d.reason for d in missed)

@@ -89,10 +89,17 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrieval: bool) -> dict:
     """Cosine of pooled, normalized embeddings; nearest-neighbour agreement among all samples."""
     eo, er = [], []
+    agree, rows = 0, 0  # a classifier's (B, C) output: does the predicted class stay?
     with torch.no_grad():
         for b in batches:
-            eo.append(_pool(_out(run(*b.args)), b.token_mask))
-            er.append(_pool(_out(ref(*b.args)), b.token_mask))
+            o, r = _out(run(*b.args)), _out(ref(*b.args))
+            eo.append(_pool(o, b.token_mask))
+            er.append(_pool(r, b.token_mask))
+            if rows is not None and o.dim() == 2 and o.shape == r.shape and o.shape[-1] > 1:
+                agree += int((o.argmax(-1) == r.argmax(-1)).sum())
+                rows += int(o.shape[0])
+            else:
+                rows = None
     eo_t, er_t = torch.cat(eo), torch.cat(er)  # (N, C)
     cos = (eo_t * er_t).sum(-1)
     out = {
@@ -100,6 +107,8 @@ def embedding_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], retrie
         "embedding_cosine_min": float(cos.min()),
         "samples": int(eo_t.shape[0]),
     }
+    if rows:
+        out["prediction_agreement"] = agree / rows
     if retrieval and eo_t.shape[0] > 2:
         eye = torch.eye(eo_t.shape[0], dtype=torch.bool)
         nn_o = (eo_t @ eo_t.T).masked_fill(eye, -2).argmax(-1)

@@ -38,6 +38,12 @@ BOUND_KEYS: dict[str, tuple[str, str, frozenset[str] | None, str]] = {
         frozenset({"encoder", "custom"}),
         "share of held-out samples whose nearest neighbour is unchanged",
     ),
+    "min_prediction_agreement": (
+        "prediction_agreement",
+        "min",
+        frozenset({"encoder", "vision", "speech", "custom"}),
+        "share of samples whose predicted class (argmax of a (B, C) output) is unchanged",
+    ),
     "max_kl": ("kl", "max", frozenset({"causal-lm", "vlm"}), "KL(original || optimized) per token"),
     "max_bits_per_byte_delta": (
         "bits_per_byte_delta",
@@ -67,6 +73,7 @@ class FidelityBound:
     # task-level metrics (attnc.check.task), on the held-out calibration batches
     min_embedding_cosine: float | None = None
     min_retrieval_agreement: float | None = None
+    min_prediction_agreement: float | None = None
     max_kl: float | None = None
     max_bits_per_byte_delta: float | None = None
     max_bpb_increase: float | None = None
@@ -76,7 +83,7 @@ class FidelityBound:
             v = getattr(self, name)
             if v is not None and not -1.0 <= v <= 1.0:
                 raise RecipeError(f"fidelity.{name} must be within [-1, 1], got {v}")
-        for name in ("min_top1", "min_retrieval_agreement"):
+        for name in ("min_top1", "min_retrieval_agreement", "min_prediction_agreement"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise RecipeError(f"fidelity.{name} is a share: it must be within [0, 1], got {v}")
