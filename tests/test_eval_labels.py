@@ -47,3 +47,24 @@ def test_labels_ride_along_and_accuracy_is_measured(tmp_path):
 def test_bad_labels_are_one_line_errors(tmp_path, labels):
     with pytest.raises(CalibrationError, match="labels"):
         _load(_file(tmp_path, labels))
+
+
+def test_prediction_agreement_needs_no_labels_and_bounds_it(tmp_path):
+    from attnc.check.fidelity import meets
+    from attnc.recipe.bounds import FidelityBound
+
+    p = tmp_path / "x.pt"
+    torch.save({"pixel_values": torch.randn(10, 3, 8, 8)}, p)
+    data = _load(p)
+    w = torch.randn(3 * 8 * 8, 3)
+    ref = lambda x: x.flatten(1) @ w  # noqa: E731
+    one = lambda x: (x.flatten(1) @ w) * torch.tensor([1.0, 1.0, -1.0])  # noqa: E731
+    x = torch.cat([b.args[0] for b in data.calib])
+    want = float((ref(x).argmax(-1) == one(x).argmax(-1)).float().mean())
+    m = task_metrics("vision", one, ref, data.calib)
+    assert "accuracy_original" not in m and m["prediction_agreement"] == pytest.approx(want)
+    bound = FidelityBound(min_prediction_agreement=0.99)
+    assert meets(task_metrics("vision", ref, ref, data.calib), bound)[0]
+    assert meets(m, bound)[0] == (want >= 0.99)
+    hidden = lambda x: x.flatten(1).reshape(len(x), 8, -1)  # noqa: E731  (B, S, C): no classes
+    assert "prediction_agreement" not in task_metrics("vision", hidden, hidden, data.calib)
