@@ -13,14 +13,25 @@ Each backend is priced by what it actually runs:
   (``masks.resolve_padding``: two passes over B x Hm x S x S). ``C_FULL``, the SDPA figures and
   ``C_PARTIAL`` are fitted to ``benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json``
   (``fit_cuda`` re-derives them); the overheads are stated assumptions, not measurements.
-- ``onnxruntime-cpu``: a sliding window where ``window_blocked.blocked_pays`` picks the blocked
-  form (S > 2 (span + 64), every head windowed) exports as blocked local attention: only the
-  query blocks' key ranges and the sinks are scored, priced per score at ``BLOCKED_EFF`` times
-  the dense kernel (fitted to ``benchmarks/onnx_window.py``), so long windows predict > 1x. Any
-  other pattern op is opset-23 ``Attention`` with an in-graph bool mask (Range/Sub/Less... over
+- ``onnxruntime-cpu``: each site is priced as the ONNX form the export emits at the target
+  length (``kernels.sliding_window.onnx_form``, handed the target length by the pass). A
+  sliding window where ``window_blocked.blocked_pays`` picks the blocked form (S > 2 (span +
+  64), every head windowed) exports as blocked local attention: only the query blocks' key
+  ranges and the sinks are scored, ``ORT_BLOCKED_EFF`` dense-score costs each, plus
+  ``ORT_BLOCK_OVH`` dense-score costs per (batch, head, query block) (ORT's batched small
+  GEMMs and their thread-pool dispatch: at 2 threads this is most of the form's time at
+  S=2048), and with per-head windows ``ORT_PER_HEAD`` more per score (the (H, BQ, K) in-tile
+  mask applied per head). Fitted (``fit_ort``) to ``benchmarks/onnx_sparse_cost.py`` at 2 ORT
+  threads (the long LM's H=4, Hkv=2, D=48 at S=2048: windows 128-1024 measured 4.38-1.53x,
+  predicted 3.20-1.51x; H=8, D=64, window 256 at S=4096: 5.37x, predicted 5.51x), the
+  conservative end: the 1-thread runs of the same file measure 1.1-2.5x more. Any other
+  pattern op is opset-23 ``Attention`` with an in-graph bool mask (Range/Sub/Less... over
   S x S): every score is still computed, and the mask is built and applied on top: at most
-  1.0x. The ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding
-  mask) is priced as dense: no gain measured.
+  1.0x (a site mixing dense heads with windows, per-head mask: 0.62x predicted, 0.60x / 0.68x
+  measured at 1 / 2 threads; windows of 1024 at 2048, where the blocked rule says no though
+  the forced blocked form measures 1.5x: 0.83x predicted, 0.92x / 1.00x measured). The
+  ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding mask)
+  is priced as dense: no gain measured.
 - ``torch-cpu``: the blocked window form likewise (SDPA per query block, against SDPA's causal
   kernel); otherwise the op runs its reference (``kernels/reference.py``): float32 scores
   materialised, the dense mask built and the padding checked, against SDPA's fused CPU kernel:
@@ -65,6 +76,10 @@ MASK_OPS = {"window": 8, "neighborhood": 14, "block": 4}  # in-graph mask ops pe
 REF_EXTRA = 3.0  # the reference's float32 score, masked_fill, logsumexp, exp, where passes
 BLOCKED_EFF = 2.2  # blocked window form: per-score cost / dense kernel's (onnx_window, S>=2048)
 BLOCKED_OVH = 0.4e-3  # assumption: ~40 small ONNX ops / torch calls of the blocked form
+# onnxruntime-cpu blocked form, in dense-score costs (fit_ort over onnx_sparse_cost-*-t2.json)
+ORT_BLOCKED_EFF = 0.80  # per score computed (fit_ort: 0.80; the 1-thread runs: ~1.3)
+ORT_BLOCK_OVH = 31000.0  # per (batch, head, query block) (fit_ort: 31,039; 1 thread: ~2,000)
+ORT_PER_HEAD = 0.87  # per score more with per-head windows (fit_ort: 0.866; 1 thread: 0.33)
 
 SAMPLE_TILES = 24
 
@@ -252,12 +267,33 @@ def _blocked(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | None
     return BLOCKED_EFF * (scores * per + (gathers + mask) * C_CPU_ELEM) + BLOCKED_OVH, wb.FORM
 
 
+def _blocked_ort(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | None:
+    """Seconds of the blocked window form in ONNX Runtime CPU where the export emits it (None
+    elsewhere), in the dense kernel's per-score cost: ORT_BLOCKED_EFF per score of the query
+    blocks' key windows (+ sinks), ORT_PER_HEAD more with per-head windows, ORT_BLOCK_OVH per
+    (batch, head, query block)."""
+    from attnc.kernels import sliding_window as sw
+    from attnc.kernels import window_blocked as wb
+
+    if pattern.window is None or pattern.onnx_form == sw.DENSE_FORM:
+        return None  # the export emits masked dense (a dense head, a short length, a mask)
+    wins, ns, causal = pattern.window
+    if not wb.blocked_pays(shape.seq, wins, causal):
+        return None
+    s, bq = shape.seq, wb.BQ
+    keys = ns + min(s, bq + max(wins) - 1 if causal else bq + 2 * max(wins) - 2)
+    nb = shape.batch * shape.heads * (-(-s // bq))
+    eff = ORT_BLOCKED_EFF + (ORT_PER_HEAD if len(set(wins)) > 1 else 0.0)
+    per = 4 * shape.head_dim / F_CPU + C_SOFTMAX  # the dense kernel's, as _cpu_dense prices
+    return per * (eff * nb * bq * keys + ORT_BLOCK_OVH * nb), wb.FORM
+
+
 def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     dense = _cpu_dense(shape)
     if pattern.onnx_form.startswith("com.microsoft"):  # what an export of unknown length emits
         return Prediction("onnxruntime-cpu", 1.0, dense * 1e3, dense * 1e3, density,
                           pattern.onnx_form, "priced as dense: no gain measured")
-    blocked = _blocked(shape, pattern)
+    blocked = _blocked_ort(shape, pattern)
     if blocked is not None:
         return Prediction("onnxruntime-cpu", dense / blocked[0], dense * 1e3, blocked[0] * 1e3,
                           density, blocked[1], "only the blocks' key windows are computed")
@@ -340,6 +376,50 @@ def fit_cuda(path: str | Path) -> dict[str, float]:
         fits.append((per_head - t.full * area * out["C_FULL"]) / (t.partial * area))
     if fits:
         out["C_PARTIAL"] = sum(fits) / len(fits)
+    return out
+
+
+def _case_windows(case: str) -> list[int]:
+    """'blocked:512x4' -> [512] * 4; 'blocked:1024,1024,256,32' -> that list."""
+    spec = case.split(":", 1)[1]
+    if "x" in spec:
+        w, n = spec.split("x")
+        return [int(w)] * int(n)
+    return [int(w) for w in spec.split(",")]
+
+
+def fit_ort(paths: Sequence[str | Path]) -> dict[str, float]:
+    """Re-derive ORT_BLOCKED_EFF and ORT_BLOCK_OVH (least squares over the rows with one window
+    for every head) and ORT_PER_HEAD (the mean excess of the per-head rows) from
+    benchmarks/onnx_sparse_cost.py JSON files, in the dense `Attention`'s per-score cost: each
+    row's time over the same run's dense time, times the S x S x H scores dense computes."""
+    from attnc.kernels import window_blocked as wb
+
+    uniform, per_head = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        sh = data["shape"]
+        s, h, ns = sh["S"], sh["H"], sh.get("sinks", 0)
+        rows = {r["case"]: r for r in data["rows"]}
+        for case, r in rows.items():
+            if not case.startswith("blocked:"):
+                continue
+            wins = _case_windows(case)
+            if len(wins) != h:
+                continue
+            keys = ns + min(s, wb.BQ + max(wins) - 1)  # causal
+            nb = h * (-(-s // wb.BQ))
+            units = r["ms"] / rows["dense"]["ms"] * s * s * h
+            (per_head if len(set(wins)) > 1 else uniform).append((nb * wb.BQ * keys, nb, units))
+    out: dict[str, float] = {}
+    if len(uniform) >= 2:
+        a = torch.tensor([[x, n] for x, n, _ in uniform], dtype=torch.float64)
+        y = torch.tensor([u for _, _, u in uniform], dtype=torch.float64)
+        eff, ovh = torch.linalg.lstsq(a, y[:, None]).solution[:, 0].tolist()
+        out.update({"ORT_BLOCKED_EFF": eff, "ORT_BLOCK_OVH": ovh})
+        if per_head:
+            out["ORT_PER_HEAD"] = sum((u - eff * x - ovh * n) / x
+                                      for x, n, u in per_head) / len(per_head)
     return out
 
 

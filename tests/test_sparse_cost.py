@@ -1,0 +1,88 @@
+"""The sparse pass's onnxruntime-cpu cost model against the ONNX form the export emits and the
+ORT times measured by benchmarks/onnx_sparse_cost.py (committed JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnc.kernels import sliding_window as sw
+from attnc.kernels import window_blocked as wb
+from attnc.passes import sparse_cost as c
+
+LM = c.SiteShape(2048, 4, 48, True)  # the long-context LM's attention at its target length
+
+
+def _predict(ws, shape=LM, sinks=4, plain=None):
+    plain = len(set(ws)) == 1 if plain is None else plain
+    form = sw.onnx_form(max(ws), sinks, True, True, plain, seq=shape.seq, head_windows=ws)
+    return form, c.predict("onnxruntime-cpu", shape, c.window_cost(ws, sinks, True, form, True))
+
+
+@pytest.mark.parametrize("ws", [[-1, 1024, 1024, -1], [1024] * 4, [1024, 1024, 256, 32],
+                                [512, 16, 1024, 1024], [-1, 64, 64, 64]])
+def test_sites_that_export_masked_dense_stay_dense(ws):
+    # a dense head, or a window too wide for the blocked rule at 2048: masked dense `Attention`
+    form, pred = _predict(ws)
+    assert form == sw.DENSE_FORM
+    assert pred.speedup < 1.0 and pred.form == sw.DENSE_FORM, pred
+
+
+@pytest.mark.parametrize("ws", [[512] * 4, [256] * 4, [512, 512, 128, 16]])
+def test_sites_the_export_runs_blocked_are_predicted_faster(ws):
+    form, pred = _predict(ws)
+    assert form == sw.BLOCKED_FORM
+    assert pred.speedup >= 1.1 and "blocked" in pred.form, pred
+
+
+def test_a_masked_dense_form_is_priced_as_masked_even_where_the_rule_would_block():
+    # the export's form wins: a window whose blocked rule says yes, handed the masked form
+    ws = [256] * 4
+    pc = c.window_cost(ws, 4, True, sw.DENSE_FORM, True)
+    assert c.predict("onnxruntime-cpu", LM, pc).speedup < 1.0
+    pc = c.window_cost(ws, 4, True, sw.BLOCKED_FORM, True)
+    assert c.predict("onnxruntime-cpu", LM, pc).speedup > 1.5
+
+
+def _measured(root):
+    files = sorted((root / "benchmarks" / "results").glob("onnx_sparse_cost-*-t2.json"))
+    assert files, "benchmarks/onnx_sparse_cost.py results (2 ORT threads) are committed"
+    return files
+
+
+def test_predictions_follow_the_measured_ort_times(root, monkeypatch):
+    """Each measured form: predicted within 0.6-1.15x of the measured speed-up, and never a
+    prediction >= 1.1 for a form measured slower than dense."""
+    seen = 0
+    for path in _measured(root):
+        data = json.loads(path.read_text())
+        sh = data["shape"]
+        shape = c.SiteShape(sh["S"], sh["H"], sh["D"], True)
+        for r in data["rows"]:
+            kind = r["case"].split(":")[0]
+            if kind not in ("blocked", "masked"):
+                continue
+            ws = c._case_windows(r["case"])
+            if kind == "blocked":  # timed forced (exported at an unknown length)
+                form = sw.BLOCKED_FORM
+                monkeypatch.setattr(wb, "blocked_pays", lambda *a, **k: True)
+            else:
+                form = sw.onnx_form(max(ws), sh["sinks"], True, True, len(set(ws)) == 1,
+                                    seq=sh["S"], head_windows=ws)
+                assert form == sw.DENSE_FORM, r
+            pred = c.predict("onnxruntime-cpu", shape,
+                             c.window_cost(ws, sh["sinks"], True, form, True)).speedup
+            monkeypatch.undo()
+            meas = r["speedup_vs_dense"]
+            assert 0.6 * meas <= pred <= 1.15 * meas, (path.name, r, pred)
+            assert not (pred >= 1.1 and meas < 1.0), (path.name, r, pred)
+            seen += 1
+    assert seen >= 6
+
+
+def test_fit_ort_reproduces_the_constants(root):
+    fit = c.fit_ort(_measured(root))
+    assert fit["ORT_BLOCKED_EFF"] == pytest.approx(c.ORT_BLOCKED_EFF, rel=0.02)
+    assert fit["ORT_BLOCK_OVH"] == pytest.approx(c.ORT_BLOCK_OVH, rel=0.02)
+    assert fit["ORT_PER_HEAD"] == pytest.approx(c.ORT_PER_HEAD, rel=0.02)
