@@ -16,8 +16,11 @@ B=1, H=8, D=64:
             the cost rule at S = 256 and 1024 (block_sparse_gather.py).
 
     nice python benchmarks/onnx_patterns.py [--runs 7] [--threads 2] [--quick]
+        [--cases window,nbhd,block] [--window-sizes 16384] [--merge]
 
-Prints a line per case and writes benchmarks/results/onnx_patterns-<device>.json.
+Prints a line per case and writes benchmarks/results/onnx_patterns-<device>.json (`--merge`:
+the measured rows replace those of the same case and S in that file, the others stay; the load
+average, `uptime`, is kept per row). Above S = 4096 the reference runs one head at a time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from llm_drop import cpu_name, session  # noqa: E402
 
 H, D = 8, 64
+DENSE_SPLIT = 2  # heads per dense ORT run above S = 4096 (run_case)
 
 
 def export(fn, inputs, path: Path, hint: int | None) -> str:
@@ -112,21 +116,31 @@ def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dic
     ex = tuple(torch.randn(1, H, s, D, generator=g) for _ in range(3))  # distinct from q, k, v
     feed = [q.numpy(), k.numpy(), v.numpy()]
     sessions, ops, err, feeds = {}, {}, {}, {}
-    want = ref(q, k, v).numpy()
+    want = per_head(ref, q, k, v).numpy()
+    # above S = 4096 the dense baseline runs DENSE_SPLIT heads at a time (sum of the runs): ORT's
+    # Attention holds H x S x S fp32 scores (8.6 GB at S = 16384, H = 8), more than is free here
+    hs = H if s <= 4096 else DENSE_SPLIT
     for f, (fn, hint, mo, fref) in forms.items():
         p = tmp / f"{name}-{s}-{f}.onnx"
         with {"masked": masked_only, "forced": forced}.get(mo, contextlib.nullcontext)():
-            ops[f] = export(fn, ex, p, hint)
+            ops[f] = export(fn, tuple(x[:, :hs] for x in ex) if f == "dense" else ex, p, hint)
         sessions[f] = session(str(p), a.threads)
-        feeds[f] = {i.name: x for i, x in zip(sessions[f].get_inputs(), feed, strict=True)}
-        if f != "dense":
-            w = want if fref is None else fref(q, k, v).numpy()
-            err[f] = float(np.abs(sessions[f].run(None, feeds[f])[0] - w).max())
+        names = [i.name for i in sessions[f].get_inputs()]
+        if f == "dense":
+            feeds[f] = [dict(zip(names, (np.ascontiguousarray(x[:, h:h + hs])
+                                                   for x in feed), strict=True))
+                        for h in range(0, H, hs)]
+            continue
+        feeds[f] = [dict(zip(names, feed, strict=True))]
+        w = want if fref is None else per_head(fref, q, k, v).numpy()
+        err[f] = float(np.abs(sessions[f].run(None, feeds[f][0])[0] - w).max())
     runs = a.runs if s <= 4096 else max(3, a.runs // 2)
-    ms = interleaved({f: (lambda ss=sess, fd=feeds[f]: ss.run(None, fd))
+    ms = interleaved({f: (lambda ss=sess, fds=feeds[f]: [ss.run(None, fd) for fd in fds])
                       for f, sess in sessions.items()}, runs)
     del sessions
-    row = {"case": name, "S": s, "ort_ms": {f: round(x, 3) for f, x in ms.items()},
+    row = {"case": name, "S": s, "load_avg": load(), "runs": runs,
+           "dense_heads_per_run": hs,
+           "ort_ms": {f: round(x, 3) for f, x in ms.items()},
            "ort_speedup_vs_dense": {f: round(ms["dense"] / x, 3) for f, x in ms.items()},
            "ort_max_abs_err": err, "onnx_graph_ops": ops}
     if torch_op is not None:
@@ -141,6 +155,23 @@ def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dic
     print(f"{name:8s} S={s:6d} " + " ".join(f"{f}={ms['dense'] / x:.2f}x" for f, x in ms.items())
           + (f" | torch op {row['torch_speedup_vs_sdpa']:.2f}x" if torch_op else ""), flush=True)
     return row
+
+
+def per_head(ref, q, k, v):
+    """ref(q, k, v), one head at a time above S = 4096 (the reference holds H x S x S)."""
+    import torch
+
+    if q.shape[2] <= 4096:
+        return ref(q, k, v)
+    return torch.cat([ref(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1])
+                      for h in range(q.shape[1])], 1)
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15 minute load averages (`uptime`): the machine is shared."""
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def per_row_layout(n: int, keep: int, heads: int, seed: int = 0):
@@ -161,7 +192,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="skip S = 16384")
+    ap.add_argument("--cases", default="window,nbhd,block", help="comma list of case groups")
+    ap.add_argument("--window-sizes", default=None, help="comma list of window S (default "
+                    "256,1024,4096[,16384])")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the JSON's rows of cases not measured in this run")
     a = ap.parse_args()
+    cases = set(a.cases.split(","))
 
     import torch
     import torch.nn.functional as F
@@ -189,7 +226,9 @@ def main() -> None:
         tmp = Path(tmpd)
         # ---- causal sliding window 256 + 4 sinks
         w, ns = 256, 4
-        for s in [256, 1024, 4096] + ([] if a.quick else [16384]):
+        wsizes = ([int(x) for x in a.window_sizes.split(",")] if a.window_sizes else
+                  [256, 1024, 4096] + ([] if a.quick else [16384]))
+        for s in wsizes if "window" in cases else []:
             forms = {"dense": (dense(True), s, False, None),
                      "chosen": (lambda q, k, v: sw(q, k, v, w, ns, True), s, False, None)}
             chosen = sliding_window.onnx_form(w, ns, True, seq=s)
@@ -211,7 +250,8 @@ def main() -> None:
                                     else "reference")
             rows.append(row)
         # ---- 2-D neighborhood
-        for grid, ks in (((64, 64), (13, 13)), ((16, 16), (7, 7)), ((32, 32), (7, 7))):
+        for grid, ks in (((64, 64), (13, 13)), ((16, 16), (7, 7)), ((32, 32), (7, 7))
+                         ) if "nbhd" in cases else ():
             s = grid[0] * grid[1]
             args = (list(grid), list(ks), [1, 1], [1, 1], [False, False])
 
@@ -237,7 +277,8 @@ def main() -> None:
         for s, lay, tag in ((4096, per_row_layout(64, 6, H), "block90"),
                             (4096, masks.random_layout(64, 64, 0.1, heads=H), "block_rand10"),
                             (256, per_row_layout(4, 1, H), "block_s256"),
-                            (1024, per_row_layout(16, 2, H), "block_s1024")):
+                            (1024, per_row_layout(16, 2, H), "block_s1024")
+                            ) if "block" in cases else ():
             def bfn(q, k, v, lay=lay):
                 return bsa(q, k, v, lay, bs)
 
@@ -254,6 +295,16 @@ def main() -> None:
             row["torch_op_runs"] = "gathered" if pays else "reference"
             row["chosen_sparse"] = row["chosen_form"] == block_sparse_gather.FORM
             rows.append(row)
+
+    dev = cpu_name()
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    path = ROOT / "benchmarks" / "results" / f"onnx_patterns-{slug}.json"
+    if a.merge and path.exists():
+        new = {(r["case"], r["S"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["results"]
+                if (r["case"], r["S"]) not in new] + rows
 
     def speed(case, s, form="chosen"):
         r = next((x for x in rows if x["case"] == case and x["S"] == s), None)
@@ -273,17 +324,12 @@ def main() -> None:
         for r in rows if r["chosen_sparse"]}
     for t, x in verdict.items():
         print(f"{t}: {x['measured']} {'met' if x['met'] else 'MISSED'}")
-    dev = cpu_name()
     out = {"benchmark": "onnx_patterns", "device": dev, "threads": a.threads, "runs": a.runs,
            "shape": {"B": 1, "H": H, "D": D}, "targets": verdict,
            "gqa_local_window": gqa, "never_slower_where_sparse_chosen": never_slower,
            "results": rows,
            "versions": {"torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__}}
-    slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    path = ROOT / "benchmarks" / "results" / f"onnx_patterns-{slug}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
