@@ -20,6 +20,7 @@ examples/data/long_llm_eval.jsonl (torch CPU: slow for sparse builds). `uptime` 
 around each timing (this machine is shared).
 
     python benchmarks/onnx_e2e.py [--variants default-ort local-512] [--repeats 7]
+        [--ort-threads 1 2] [--torch] [--eval-samples 16]
 
 Writes benchmarks/results/onnx_e2e-<device>.json (speed-ups, fidelity, the ONNX form per site),
 merged with the runs already in that file.
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--eval-samples", type=int, default=0)
     ap.add_argument("--ort-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--torch", action="store_true", help="also time model.pt2 in torch CPU")
     a = ap.parse_args()
 
     import torch
@@ -149,11 +151,21 @@ def main() -> None:
                     rec["timings"][f"ort_threads={n}"] = {"uptime_before": before,
                                                           "uptime_after": uptime(), "timings": t}
                     rec["onnx_speedup"][f"ort_threads={n}"] = t[0]["speedup"] if t else None
+                if a.torch:
+                    print(f"· {name}: timing, torch ({uptime()})", flush=True)
+                    before = uptime()
+                    res = bench_folder(out, BenchConfig(shapes=((1, 2048),), repeats=a.repeats,
+                                                        runtimes=("torch",)))
+                    t = [dataclasses.asdict(x) for x in res.timings]
+                    rec["timings"]["torch"] = {"uptime_before": before, "uptime_after": uptime(),
+                                               "threads": torch.get_num_threads(), "timings": t}
+                    rec["torch_speedup"] = t[0]["speedup"] if t else None
                 if a.eval_samples:
                     print(f"· {name}: attnc eval", flush=True)
                     rec["eval"] = evaluate(out, a.eval_samples)
             rows[name] = rec
-            print(json.dumps({k: rec.get(k) for k in ("rc", "onnx_speedup", "error")}),
+            print(json.dumps({k: rec.get(k) for k in ("rc", "onnx_speedup", "torch_speedup",
+                                                      "error")}),
                   flush=True)
     dev = device_name()
     import onnxruntime
