@@ -192,7 +192,7 @@ def make_batch(
     return to_pixel_values(images), labels
 
 
-def write_splits(out: Path, n_calib: int = 64, n_eval: int = 256) -> None:
+def write_splits(out: Path, n_calib: int = 256, n_eval: int = 256) -> None:
     """examples/data/vit_calib.pt {"pixel_values"} and vit_eval.pt {"pixel_values", "labels"}
     (pixels in fp16). The calibration file holds only the model's input, because attnc's
     calibration reader refuses tensors that are not inputs of the model (labels included)."""
@@ -229,7 +229,7 @@ def _png(rgb: np.ndarray) -> bytes:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
-    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--preview", type=Path, help="write a PNG contact sheet of 32 eval images")
     args = ap.parse_args()
