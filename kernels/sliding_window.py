@@ -18,7 +18,7 @@ from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
 from attnc.errors import KernelError
-from attnc.kernels import masks, reference, window_blocked
+from attnc.kernels import masks, reference, window_blocked, window_split
 from attnc.kernels.onnx import register_translation
 from attnc.kernels.patterns import (
     as_cols,
@@ -68,6 +68,7 @@ def can_use_sliding_window_site(site, window: int, num_sinks: int = 0, is_causal
 DENSE_FORM = "Attention(opset 23) + in-graph Range/Sub/Abs window mask"
 GQA_FORM = "com.microsoft.GroupQueryAttention(local_window_size)"
 BLOCKED_FORM = window_blocked.FORM
+SPLIT_FORM = window_split.FORM
 
 
 def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = True,
@@ -87,6 +88,8 @@ def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = 
     if seq != -1 and not (gqa and seq is None) and mask_ok and window_blocked.blocked_pays(
             seq, wins, is_causal):  # measured: blocked >= GQA at every length, 2.6x at 4096
         return BLOCKED_FORM
+    if seq != -1 and mask_ok and window_split.split_pays(seq, wins, is_causal):
+        return SPLIT_FORM  # heads differ: groups by window, the blocked form where it pays
     return GQA_FORM if gqa else DENSE_FORM
 
 
@@ -226,6 +229,8 @@ def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
         why = "a 4-D mask over q and k of different lengths"
     if form == GQA_FORM:
         why = f"causal window without sinks or padding; {why}"
+    if form == SPLIT_FORM:
+        why = window_split.why(seq, wins_, is_causal)
     window_blocked.record_form("sliding_window_attention", form, why)
     if form == BLOCKED_FORM:
         wins = [int(window)] if head_windows is None else [int(w) for w in head_windows]
@@ -235,6 +240,9 @@ def sliding_window_attention_onnx(q, k, v, window: int, num_sinks: int = 0,
         return window_blocked.blocked_onnx(q, k, v, wins, num_sinks, is_causal, scale, pad,
                                            same_length=same, padding_is_bool=pad is None or
                                            key_padding_mask.dtype == 9)  # BOOL
+    if form == SPLIT_FORM:
+        return window_split.split_onnx(q, k, v, wins_, num_sinks, is_causal, scale,
+                                       key_padding_mask, seq, same)
     if form == GQA_FORM:
         return _gqa_local(q, k, v, window, scale)
     i = as_rows(positions(seq_len(q)))  # (Sq, 1)
