@@ -13,7 +13,8 @@ B=1, H=8, D=64:
             rule at small grids (16x16 and 32x32, 7x7 window);
   block     block-sparse, S = 4096, block 64, 90% sparse: 6 of 64 key blocks per query block
             (the diagonal + 5 random, per head), and a ragged random layout of density 0.1;
-            the cost rule at S = 256 and 1024 (block_sparse_gather.py).
+            the cost rule at S = 128, 256 and 1024, rows listing one block / half the blocks
+            (block_sparse_gather.py).
 
     nice python benchmarks/onnx_patterns.py [--runs 7] [--threads 2] [--quick]
         [--cases window,nbhd,block] [--window-sizes 16384] [--merge]
@@ -83,12 +84,15 @@ def forced():
     """Export the blocked/gathered form whatever the cost rules say."""
     from attnc.kernels import block_sparse_gather, neighborhood_blocked
 
-    saved = neighborhood_blocked.blocked_pays, block_sparse_gather.gather_pays
-    neighborhood_blocked.blocked_pays = block_sparse_gather.gather_pays = lambda *a, **k: True
+    saved = (neighborhood_blocked.blocked_pays, block_sparse_gather.gather_pays,
+             block_sparse_gather.onnx_pays)
+    neighborhood_blocked.blocked_pays = block_sparse_gather.gather_pays = (
+        block_sparse_gather.onnx_pays) = lambda *a, **k: True
     try:
         yield
     finally:
-        neighborhood_blocked.blocked_pays, block_sparse_gather.gather_pays = saved
+        (neighborhood_blocked.blocked_pays, block_sparse_gather.gather_pays,
+         block_sparse_gather.onnx_pays) = saved
 
 
 @contextlib.contextmanager
@@ -277,12 +281,15 @@ def main() -> None:
         for s, lay, tag in ((4096, per_row_layout(64, 6, H), "block90"),
                             (4096, masks.random_layout(64, 64, 0.1, heads=H), "block_rand10"),
                             (256, per_row_layout(4, 1, H), "block_s256"),
-                            (1024, per_row_layout(16, 2, H), "block_s1024")
+                            (1024, per_row_layout(16, 2, H), "block_s1024"),
+                            (128, per_row_layout(2, 1, H), "block_s128"),
+                            (256, per_row_layout(4, 2, H), "block_s256_half"),
+                            (1024, per_row_layout(16, 8, H), "block_s1024_half")
                             ) if "block" in cases else ():
             def bfn(q, k, v, lay=lay):
                 return bsa(q, k, v, lay, bs)
 
-            pays = block_sparse_gather.gather_pays(s, bs, int(lay.sum(-1).max()))
+            pays = block_sparse_gather.onnx_form(s, bs) is not None
             forms = {"dense": (dense(False), s, False, None), "chosen": (bfn, s, False, None)}
             forms["masked" if pays else "gathered"] = (bfn, s, "masked" if pays else "forced",
                                                        None)
@@ -292,7 +299,8 @@ def main() -> None:
             row["max_blocks_per_row"] = int(lay.sum(-1).max())
             row["chosen_form"] = block_sparse_gather.FORM if block_sparse_gather.onnx_form(
                 s, bs) else "masked dense"
-            row["torch_op_runs"] = "gathered" if pays else "reference"
+            row["torch_op_runs"] = ("gathered" if block_sparse_gather.gather_pays(
+                s, bs, int(lay.sum(-1).max())) else "reference")
             row["chosen_sparse"] = row["chosen_form"] == block_sparse_gather.FORM
             rows.append(row)
 
@@ -322,11 +330,15 @@ def main() -> None:
         "chosen": r["chosen_form"], "speedup": r["ort_speedup_vs_dense"]["chosen"],
         "met": r["ort_speedup_vs_dense"]["chosen"] >= 1.0}
         for r in rows if r["chosen_sparse"]}
+    chosen_all = {f"{r['case']} S={r['S']}": {
+        "chosen": r["chosen_form"], "speedup": r["ort_speedup_vs_dense"]["chosen"]}
+        for r in rows}
     for t, x in verdict.items():
         print(f"{t}: {x['measured']} {'met' if x['met'] else 'MISSED'}")
     out = {"benchmark": "onnx_patterns", "device": dev, "threads": a.threads, "runs": a.runs,
            "shape": {"B": 1, "H": H, "D": D}, "targets": verdict,
            "gqa_local_window": gqa, "never_slower_where_sparse_chosen": never_slower,
+           "chosen_form_vs_dense": chosen_all,
            "results": rows,
            "versions": {"torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__}}

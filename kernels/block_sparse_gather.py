@@ -15,9 +15,9 @@ head (H|1 = 1), the g query heads of a KV head fold into the query block; with o
 query head, K/V are gathered per query head.
 
 `gather_attention` is the torch form (the op's path off CUDA when `gather_pays`), SDPA per
-block; `gather_onnx` the ONNX form (standard opset-23 ops: ReduceSum/TopK/GatherElements for
-the table, Gather or GatherND(batch_dims=2) for the blocks, MatMul/Softmax; dynamic batch and
-sequence, M read from the layout at run time).
+block, and `onnx_pays` the ONNX export's rule; `gather_onnx` the ONNX form (standard opset-23
+ops: ReduceSum/TopK/GatherElements for the table, Gather or GatherND(batch_dims=2) for the
+blocks, MatMul/Softmax; dynamic batch and sequence, M read from the layout at run time).
 """
 
 from __future__ import annotations
@@ -29,20 +29,33 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 FORM = "gathered block-sparse (TopK index table of listed key blocks, Gather, MatMul/Softmax)"
-MIN_SEQ = 512  # below, the masked-dense form (one fused Attention) wins (onnx_patterns.py)
+MIN_SEQ = 512  # torch: below, the plain reference (one SDPA-sized matmul) wins
+ONNX_MIN_BLOCKS = 2  # ONNX: the gathered form from 2 key blocks on
 
 
 def gather_pays(skv: int | None, block_size: int, max_row: int | None = None) -> bool:
-    """The cost rule: gathered when Skv >= MIN_SEQ (None: unknown, gathered), there are at least
-    4 key blocks, and the fullest row lists at most half the key blocks (`max_row`; None, at
-    export where the layout's values are unknown: the pass chose block-sparse for its sparsity,
-    and the table still shrinks to the layout's fullest row at run time)."""
+    """The torch cost rule (the op off CUDA): gathered when Skv >= MIN_SEQ (None: unknown,
+    gathered), there are at least 4 key blocks, and the fullest row lists at most half the key
+    blocks (`max_row`; None: unknown, gathered). Below 512 the gathered torch form's small ops
+    lose to the reference (onnx_patterns.py torch rows: 0.1x SDPA at S = 128..256)."""
     if skv is not None and skv < MIN_SEQ:
         return False
     nkv = None if skv is None else -(-skv // block_size)
     if nkv is not None and nkv < 4:
         return False
     return max_row is None or nkv is None or 2 * max_row <= nkv
+
+
+def onnx_pays(skv: int | None, block_size: int) -> bool:
+    """The ONNX cost rule: gathered when the keys span at least ONNX_MIN_BLOCKS blocks (None:
+    unknown, gathered). The masked-dense form is dense `Attention` plus an S x S mask built in
+    the graph, never faster than dense and slower than the gathered form in every layout
+    measured (benchmarks/onnx_patterns.py, ORT CPU 2 threads; gathered / masked vs dense: S=128
+    one of 2 blocks 0.93x / 0.49x; S=256 one of 4 4.0x / 0.80x, two of 4 0.63x / 0.35x; S=1024
+    two of 16 1.8-2.1x / 0.40-0.44x, 8 of 16 0.67x / 0.59x; S=4096 6 of 64 4.0-4.5x / 0.58-
+    0.67x). The old S >= 512 kept the slower form at S = 256. A layout listing half the blocks
+    is slower than dense in either form: the `sparse` pass keeps such a site dense."""
+    return skv is None or -(-skv // block_size) >= ONNX_MIN_BLOCKS
 
 
 def index_table(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +241,7 @@ def onnx_form(skv: int | None, block_size: int, mask_rank: int | None = None) ->
     """FORM when the translation emits the gathered form for key length `skv` (static, or read
     off the layout's static block count), with no mask or a (B|1, Skv) key padding mask (a 4-D
     mask keeps the masked-dense form: a layout need not contain the diagonal); else None."""
-    if mask_rank not in (None, 2) or not gather_pays(skv, block_size):
+    if mask_rank not in (None, 2) or not onnx_pays(skv, block_size):
         return None
     return FORM
 

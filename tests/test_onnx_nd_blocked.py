@@ -194,8 +194,11 @@ def test_torch_block_sparse_gathered():
 def test_block_sparse_cost_rule_and_op_dispatch(monkeypatch):
     pays = block_sparse_gather.gather_pays
     assert pays(4096, 64, 6) and pays(4096, 64) and pays(None, 64)
-    assert not pays(256, 64, 1)  # short: masked dense
+    assert not pays(256, 64, 1)  # short: the torch reference
     assert not pays(4096, 64, 40)  # a row lists most blocks
+    onnx_pays = block_sparse_gather.onnx_pays  # ONNX: gathered from 2 key blocks on
+    assert onnx_pays(128, 64) and onnx_pays(256, 64) and onnx_pays(None, 64)
+    assert not onnx_pays(64, 64) and block_sparse_gather.onnx_form(256, 64) is not None
     calls = []
     real = block_sparse_gather.gather_attention
     monkeypatch.setattr(block_sparse_gather, "gather_attention",
@@ -225,10 +228,9 @@ class _Block(torch.nn.Module):
 @pytest.mark.parametrize("causal,lb,lh,hkv,pad", [(True, 1, 1, 2, "kpm"),
                                                   (False, 1, 4, 2, "float"),
                                                   (True, 2, 1, 4, None)])
-def test_onnx_block_sparse_gathered(tmp_path, monkeypatch, causal, lb, lh, hkv, pad):
+def test_onnx_block_sparse_gathered(tmp_path, causal, lb, lh, hkv, pad):
     """One export with a dynamic length (and batch, for a batch-shared layout): lengths 77 and
     an odd shorter one, key padding (bool or float), per-head / per-batch layouts, GQA."""
-    monkeypatch.setattr(block_sparse_gather, "MIN_SEQ", 0)
     lay = _layout(lb, lh, 10, 10, 7)
 
     def inputs(b, s, seed):
