@@ -89,32 +89,49 @@ def _export(tmp_path, fn, args, dyn, hint):
 
 
 def _check(sessions, fn, runs):
+    """Every output of every session against fn (one tensor or a tuple, one per case)."""
     for inputs in runs:
-        want = fn(*inputs).numpy()
+        want = fn(*inputs)
+        want = [x.numpy() for x in (want if isinstance(want, tuple) else (want,))]
         for sess in sessions:
             feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=True)}
-            got = sess.run(None, feeds)[0]
-            assert got.shape == want.shape
-            assert np.abs(got - want).max() <= 1e-4, inputs[0].shape
+            got = sess.run(None, feeds)
+            assert len(got) == len(want)
+            for c, (g, w) in enumerate(zip(got, want, strict=True)):
+                assert g.shape == w.shape
+                assert np.abs(g - w).max() <= 1e-4, (c, inputs[0].shape)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kk,d,st,causal,ng,hk", [
+NA1D = [  # kernel, dilation, stride, causal, num_global, per-head kernels
     (5, 3, 1, False, 0, None),  # dilation 3, lengths it does not divide
     (4, 2, 2, True, 2, None),  # even kernel, stride, causal, global tokens
     (5, 1, 1, False, 1, [5, 3, 5, 2]),  # per-head kernels
-])
-def test_onnx_blocked_na1d(tmp_path, kk, d, st, causal, ng, hk):
-    """One export (dynamic batch and length, blocked under a long target length), run at
-    three lengths against the reference, graph optimizations off and on."""
-    def fn(q, k, v):
-        return torch.ops.attnc.neighborhood_attention(q, k, v, [-1], [kk], [d], [st], [causal],
-                                                      None, None, ng, hk)
+]
 
-    ops, sessions, forms = _export(tmp_path, fn, _qkv(1, 40, 0), ({0: B, 2: S},) * 3, 10**4)
+
+@pytest.mark.slow
+def test_onnx_blocked_na1d(tmp_path):
+    """One export of the NA1D cases (each its own q, k, v of its own dynamic length, one output
+    each; dynamic batch, blocked under a long target length), run over several blocks, at each
+    case's shortest length (kernel x dilation + globals + 1) and with a grid of exactly one
+    block, graph optimizations off and on."""
+    def fn(*qkv):
+        return tuple(torch.ops.attnc.neighborhood_attention(
+            *qkv[3 * i:3 * i + 3], [-1], [kk], [d], [st], [causal], None, None, ng, hk)
+            for i, (kk, d, st, causal, ng, hk) in enumerate(NA1D))
+
+    def inputs(b, lengths, seed):
+        return tuple(x for i, s in enumerate(lengths) for x in _qkv(b, s, seed + i))
+
+    dims = [torch.export.Dim(f"S{i}", min=2, max=8192) for i in range(len(NA1D))]
+    dyn = tuple({0: B, 2: s} for s in dims for _ in range(3))
+    ops, sessions, forms = _export(tmp_path, fn, inputs(1, [40, 41, 42], 0), dyn, 10**4)
     assert "Attention" not in ops and "Gather" in ops
-    assert forms[-1]["onnx_form"] == nb1d.FORM and "> 2 x" in forms[-1]["why"]
-    _check(sessions, fn, [_qkv(2, 157, 1), _qkv(1, kk * d + ng + 1, 2), _qkv(3, 64 + ng, 4)])
+    assert len(forms) == len(NA1D)
+    assert all(f["onnx_form"] == nb1d.FORM and "> 2 x" in f["why"] for f in forms)
+    _check(sessions, fn, [inputs(2, [157] * 3, 1),
+                          inputs(1, [kk * d + ng + 1 for kk, d, _, _, ng, _ in NA1D], 2),
+                          inputs(3, [64 + c[4] for c in NA1D], 4)])
 
 
 @pytest.mark.slow
@@ -138,15 +155,17 @@ def test_onnx_blocked_na1d_padding(tmp_path, hf):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("causal", [True, False])
-def test_onnx_blocked_window_wide(tmp_path, causal):
-    """The window form with a window over several key blocks and sinks over two (GQA, one
-    export at lengths below the window, odd, and over several query blocks)."""
+def test_onnx_blocked_window_wide(tmp_path):
+    """The window form with a window over several key blocks and sinks over two, causal and
+    bidirectional (GQA, one export at lengths below the window, odd, and over several query
+    blocks)."""
     def fn(q, k, v):
-        return torch.ops.attnc.sliding_window_attention(q, k, v, 40, 20, causal)
+        return tuple(torch.ops.attnc.sliding_window_attention(q, k, v, 40, 20, causal)
+                     for causal in (True, False))
 
     ops, sessions, forms = _export(tmp_path, fn, _qkv(1, 40, 0), ({0: B, 2: S},) * 3, 10**4)
-    assert "Attention" not in ops and forms[0]["onnx_form"] == sliding_window.BLOCKED_FORM
+    assert "Attention" not in ops and len(forms) == 2
+    assert all(f["onnx_form"] == sliding_window.BLOCKED_FORM for f in forms)
     _check(sessions, fn, [_qkv(2, 203, 1), _qkv(1, 17, 2), _qkv(1, 1, 3)])
 
 

@@ -98,12 +98,16 @@ def _sessions(tmp_path, module, args, dyn):
 
 
 def _check(sessions, runs):
+    """want: one tensor, or a list of them (one per output)."""
     for inputs, want in runs:
+        want = want if isinstance(want, list) else [want]
         for sess in sessions:
             feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs, strict=False)}
-            got = sess.run(None, feeds)[0]
-            assert got.shape == tuple(want.shape)
-            assert np.abs(got - want.numpy()).max() <= 1e-4, inputs[0].shape
+            got = sess.run(None, feeds)
+            assert len(got) == len(want)
+            for c, (g, w) in enumerate(zip(got, want, strict=True)):
+                assert g.shape == tuple(w.shape)
+                assert np.abs(g - w.numpy()).max() <= 1e-4, (c, inputs[0].shape)
 
 
 class _Nbhd(torch.nn.Module):
@@ -124,22 +128,37 @@ def _hf_mask(kpm):
     return torch.zeros(kpm.shape[0], 1, s, s).masked_fill(~kpm[:, None, None, :], -3.4e38)
 
 
+class _Nbhds(torch.nn.Module):
+    """Several cases in one export: case i takes inputs 4 i .. 4 i + 3 (q, k, v, mask)."""
+
+    def __init__(self, cases, mask):
+        super().__init__()
+        self.ops = [_Nbhd(c, mask) for c in cases]
+
+    def forward(self, *args):
+        return tuple(m(*args[4 * i:4 * i + 4]) for i, m in enumerate(self.ops))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ci,mask", [(1, "hf"), (2, "kpm"), (3, "kpm")])
-def test_onnx_neighborhood_blocked(tmp_path, monkeypatch, ci, mask):
-    """The blocked form (small tiles, forced) in ORT at two batch sizes; S is the grid's."""
+@pytest.mark.parametrize("cis,mask", [((1,), "hf"), ((2, 3), "kpm")])
+def test_onnx_neighborhood_blocked(tmp_path, monkeypatch, cis, mask):
+    """The blocked form (small tiles, forced) in ORT at two batch sizes; S is the grid's (the
+    kpm cases share one export, an output each)."""
     monkeypatch.setattr(neighborhood_blocked, "TILES", {2: (4, 3), 3: (2, 3, 2)})
     monkeypatch.setattr(neighborhood_blocked, "blocked_pays", lambda *a, **k: True)
-    case = NBHD[ci]
+    cases = [NBHD[ci] for ci in cis]
 
     def inputs(b, seed):
-        q, k, v = _nb_qkv(b, case, seed)
-        kpm = _padding(b, q.shape[2])
-        m = kpm if mask != "hf" else _hf_mask(kpm)
-        return (q, k, v, m), _nb_ref(q, k, v, case, kpm if mask else None)
+        args, wants = [], []
+        for i, case in enumerate(cases):
+            q, k, v = _nb_qkv(b, case, seed + 10 * i)
+            kpm = _padding(b, q.shape[2])
+            args += [q, k, v, kpm if mask != "hf" else _hf_mask(kpm)]
+            wants.append(_nb_ref(q, k, v, case, kpm))
+        return tuple(args), wants
 
-    ex = inputs(1, 0)[0]
-    ops, sessions = _sessions(tmp_path, _Nbhd(case, mask), ex, ({0: B},) * 4)
+    ops, sessions = _sessions(tmp_path, _Nbhds(cases, mask), inputs(1, 0)[0],
+                              (({0: B},) * (4 * len(cases)),))  # forward(*args)
     assert "Attention" not in ops and "Gather" in ops
     _check(sessions, [inputs(1, 3), inputs(3, 4)])
 
