@@ -45,7 +45,7 @@ H, D = 8, 64
 DENSE_SPLIT = 2  # heads per dense ORT run above S = 4096 (run_case)
 NOTE = ("2 shared cores: each row's load_avg says how busy; rows at S <= 256 (a few ms) are "
         "noise-dominated there. The *_half block rows list half the key blocks per row: "
-        "neither form beats dense there at S = 1024 (the sparse pass keeps such sites dense).")
+        "neither form beats dense there at S = 1024 (such a site is better left dense).")
 
 
 def export(fn, inputs, path: Path, hint: int | None) -> str:
