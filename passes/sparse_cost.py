@@ -77,9 +77,10 @@ REF_EXTRA = 3.0  # the reference's float32 score, masked_fill, logsumexp, exp, w
 BLOCKED_EFF = 2.2  # blocked window form: per-score cost / dense kernel's (onnx_window, S>=2048)
 BLOCKED_OVH = 0.4e-3  # assumption: ~40 small ONNX ops / torch calls of the blocked form
 # onnxruntime-cpu blocked form, in dense-score costs (fit_ort over onnx_sparse_cost-*-t2.json)
-ORT_BLOCKED_EFF = 0.80  # per score computed (fit_ort: 0.80; the 1-thread runs: ~1.3)
-ORT_BLOCK_OVH = 31000.0  # per (batch, head, query block) (fit_ort: 31,039; 1 thread: ~2,000)
-ORT_PER_HEAD = 0.87  # per score more with per-head windows (fit_ort: 0.866; 1 thread: 0.33)
+ORT_BLOCKED_EFF = 1.05  # per score computed (fit_ort: 1.052; the 1-thread runs: ~1.3)
+ORT_BLOCK_OVH = 26600.0  # per (batch, head, query block) (fit_ort: 26,608; 1 thread: ~2,000)
+ORT_PER_HEAD = 0.94  # per score more with per-head windows (fit_ort: 0.941; 1 thread: 0.33)
+ORT_SPLIT_EXCESS = 0.32  # head-split form: measured over its parts, in dense-site times (0.317)
 
 SAMPLE_TILES = 24
 
@@ -288,6 +289,38 @@ def _blocked_ort(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | 
     return per * (eff * nb * bq * keys + ORT_BLOCK_OVH * nb), wb.FORM
 
 
+def _masked_ort(shape: SiteShape, kind: str, mask_heads: int) -> float:
+    """Seconds of opset-23 Attention with an in-graph mask: every score, plus the mask built
+    (per head with per-head parameters), applied, and ANDed with the padding."""
+    s2 = float(shape.seq) ** 2
+    build = MASK_OPS.get(kind, 8) * mask_heads * s2 * C_CPU_ELEM
+    apply = shape.batch * shape.heads * s2 * C_CPU_ELEM  # the bool mask applied to every score
+    pad = 0.0
+    if shape.mask:  # AND with the padding mask, and the zero rows (ReduceMax, Cast, Where)
+        pad = 4 * shape.batch * mask_heads * s2 * C_CPU_ELEM
+    return _cpu_dense(shape) + build + apply + pad
+
+
+def _split_ort(shape: SiteShape, pattern: PatternCost) -> float | None:
+    """Seconds of the head-split form (kernels/window_split.py) where the export emits it: per
+    group of heads sharing a window, the blocked form or masked Attention on its slice, plus
+    the Gathers of q/k/v and the Concat/Gather of the output (one copy each)."""
+    from attnc.kernels import window_blocked as wb
+    from attnc.kernels import window_split as split
+
+    if pattern.window is None or pattern.onnx_form != split.FORM:
+        return None
+    wins, ns, causal = pattern.window
+    t = 5 * shape.batch * shape.heads * shape.seq * shape.head_dim * C_CPU_ELEM
+    t += ORT_SPLIT_EXCESS * _cpu_dense(shape)
+    for w, idx in split.groups(wins):
+        sub = SiteShape(shape.seq, len(idx), shape.head_dim, causal, shape.batch, shape.mask)
+        blocked = _blocked_ort(sub, PatternCost(
+            "window", (), wb.FORM, True, 1, ((w,) * len(idx), ns, causal))) if w >= 0 else None
+        t += blocked[0] if blocked is not None else _masked_ort(sub, "window", 1)
+    return t
+
+
 def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     dense = _cpu_dense(shape)
     if pattern.onnx_form.startswith("com.microsoft"):  # what an export of unknown length emits
@@ -297,13 +330,11 @@ def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     if blocked is not None:
         return Prediction("onnxruntime-cpu", dense / blocked[0], dense * 1e3, blocked[0] * 1e3,
                           density, blocked[1], "only the blocks' key windows are computed")
-    s2 = float(shape.seq) ** 2
-    build = MASK_OPS.get(pattern.kind, 8) * pattern.mask_heads * s2 * C_CPU_ELEM
-    apply = shape.batch * shape.heads * s2 * C_CPU_ELEM  # the bool mask applied to every score
-    pad = 0.0
-    if shape.mask:  # AND with the padding mask, and the zero rows (ReduceMax, Cast, Where)
-        pad = 4 * shape.batch * pattern.mask_heads * s2 * C_CPU_ELEM
-    t = dense + build + apply + pad
+    split = _split_ort(shape, pattern)
+    if split is not None:
+        return Prediction("onnxruntime-cpu", dense / split, dense * 1e3, split * 1e3, density,
+                          pattern.onnx_form, "windowed head groups computed blocked")
+    t = _masked_ort(shape, pattern.kind, pattern.mask_heads)
     return Prediction("onnxruntime-cpu", dense / t, dense * 1e3, t * 1e3, density,
                       pattern.onnx_form, "every score is still computed")
 
@@ -390,18 +421,23 @@ def _case_windows(case: str) -> list[int]:
 
 def fit_ort(paths: Sequence[str | Path]) -> dict[str, float]:
     """Re-derive ORT_BLOCKED_EFF and ORT_BLOCK_OVH (least squares over the rows with one window
-    for every head) and ORT_PER_HEAD (the mean excess of the per-head rows) from
+    for every head), ORT_PER_HEAD (the mean excess of the per-head rows) and ORT_SPLIT_EXCESS
+    (the head-split rows' mean time over what their groups price) from
     benchmarks/onnx_sparse_cost.py JSON files, in the dense `Attention`'s per-score cost: each
     row's time over the same run's dense time, times the S x S x H scores dense computes."""
     from attnc.kernels import window_blocked as wb
+    from attnc.kernels import window_split as split
 
-    uniform, per_head = [], []
+    uniform, per_head, splits = [], [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
         sh = data["shape"]
         s, h, ns = sh["S"], sh["H"], sh.get("sinks", 0)
         rows = {r["case"]: r for r in data["rows"]}
         for case, r in rows.items():
+            if case.startswith("split:"):
+                splits.append((SiteShape(s, h, sh["D"], True), _case_windows(case), ns,
+                               r["ms"] / rows["dense"]["ms"]))
             if not case.startswith("blocked:"):
                 continue
             wins = _case_windows(case)
@@ -420,6 +456,15 @@ def fit_ort(paths: Sequence[str | Path]) -> dict[str, float]:
         if per_head:
             out["ORT_PER_HEAD"] = sum((u - eff * x - ovh * n) / x
                                       for x, n, u in per_head) / len(per_head)
+        if splits:  # the split rows' time over what their parts price, with the fit above
+            keep = {k: globals()[k] for k in (*out, "ORT_SPLIT_EXCESS")}
+            globals().update({**out, "ORT_SPLIT_EXCESS": 0.0})
+            try:
+                ex = [ratio - 1.0 / predict("onnxruntime-cpu", shape, window_cost(
+                    wins, ns, True, split.FORM, True)).speedup for shape, wins, ns, ratio in splits]
+            finally:
+                globals().update(keep)
+            out["ORT_SPLIT_EXCESS"] = sum(ex) / len(ex)
     return out
 
 
