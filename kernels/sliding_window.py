@@ -7,8 +7,9 @@
 lists: full tiles skip the mask, tiles outside window and sinks are never loaded). Elsewhere,
 the blocked torch form of window_blocked.py when the cost rule (`window_blocked.blocked_pays`)
 says it pays, else the reference. ONNX (`onnx_form` says which form a site gets): the blocked
-form (query blocks gathering their key windows + sinks), ORT's GroupQueryAttention local window,
-or an in-graph mask from Range arithmetic + opset-23 Attention.
+form (query blocks gathering their key windows + sinks), the head-split form for heads that
+differ (window_split.py), ORT's GroupQueryAttention local window, or an in-graph mask from Range
+arithmetic + opset-23 Attention.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def onnx_form(window: int, num_sinks: int, is_causal: bool, same_length: bool = 
     """The ONNX form the translation emits (recorded in reports). The blocked form
     (window_blocked.py) where every head has a window, any mask is a key padding mask (2-D,
     or 4-D over q and k of one length) and the cost rule says it pays at `seq` (None: the
-    length is unknown, see `window_blocked.blocked_pays`; -1: do not consider it); else
-    ORT's contrib GroupQueryAttention with `local_window_size` for causal windows without sinks
+    length is unknown, see `window_blocked.blocked_pays`; -1: do not consider it); else, where
+    the heads differ and a group of them runs blocked at a known `seq`, the head-split form
+    (window_split.py); else ORT's contrib GroupQueryAttention with `local_window_size` for
+    causal windows without sinks
     over q and k of one (symbolic) length (`plain`: no padding mask, one window for every head;
     also at an unknown length, where it is the smaller graph); else standard Attention with an
     in-graph mask (benchmarks/onnx_window.py measures all of them)."""

@@ -21,10 +21,14 @@ Each backend is priced by what it actually runs:
   ``ORT_BLOCK_OVH`` dense-score costs per (batch, head, query block) (ORT's batched small
   GEMMs and their thread-pool dispatch: at 2 threads this is most of the form's time at
   S=2048), and with per-head windows ``ORT_PER_HEAD`` more per score (the (H, BQ, K) in-tile
-  mask applied per head). Fitted (``fit_ort``) to ``benchmarks/onnx_sparse_cost.py`` at 2 ORT
-  threads (the long LM's H=4, Hkv=2, D=48 at S=2048: windows 128-1024 measured 4.38-1.53x,
-  predicted 3.20-1.51x; H=8, D=64, window 256 at S=4096: 5.37x, predicted 5.51x), the
-  conservative end: the 1-thread runs of the same file measure 1.1-2.5x more. Any other
+  mask applied per head). A site whose heads differ exports the head-split form
+  (``kernels/window_split.py``) where a group of heads runs blocked: each group priced on its
+  slice (blocked or masked) plus ``ORT_SPLIT_EXCESS`` dense-site times (measured over the
+  parts). Fitted (``fit_ort``) to ``benchmarks/onnx_sparse_cost.py`` at 2 ORT threads on this
+  shared 2-core machine, two runs (the long LM's H=4, Hkv=2, D=48 at S=2048: windows 128-1024
+  measured 4.38-1.53x and 2.98-1.13x, predicted 3.30-1.31x; the split sites 0.74-0.97x,
+  predicted 0.85-0.87x; H=8, D=64, window 256 at S=4096: 5.37x, predicted 5.43x), the
+  conservative end: the 1-thread runs measure more (blocked 256: 4.8x; split 1.25-1.41x). Any other
   pattern op is opset-23 ``Attention`` with an in-graph bool mask (Range/Sub/Less... over
   S x S): every score is still computed, and the mask is built and applied on top: at most
   1.0x (a site mixing dense heads with windows, per-head mask: 0.62x predicted, 0.60x / 0.68x
