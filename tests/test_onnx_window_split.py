@@ -17,6 +17,7 @@ import attnc.kernels
 from attnc.kernels import sliding_window, window_blocked, window_split
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 S = torch.export.Dim("S", min=2, max=8192)
 B = torch.export.Dim("B", min=1, max=64)
 
@@ -76,6 +77,7 @@ def test_onnx_split_matches_the_reference(tmp_path, ws, causal, mask):
                                  custom_translation_table=attnc.kernels.translation_table())
     path = tmp_path / "m.onnx"
     prog.save(str(path))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     assert forms[0]["onnx_form"] == sliding_window.SPLIT_FORM and "blocked" in forms[0]["why"]
     ops, sessions = ort_sessions(path)
     assert {"Attention", "Gather", "Softmax", "Concat"} <= ops
