@@ -20,7 +20,9 @@ beta = 1 or threshold >= 1 is exact. Padding: a key no query row may see under t
 
 Paths: CUDA + Triton: three kernels (`sink_calibrated_triton.py`): lse, per-key column sums and
 counts, then the output; never an S x S tensor. CPU: the same two passes in torch, chunked over
-query rows. ONNX: standard ops over the (B, H, S, S) probabilities of opset-23 `Attention`.
+query rows. ONNX: opset-23 `Attention` gives the output O and the probabilities P; the export
+reads P in two reductions (column sums, row sums), picks the few sink columns with TopK and
+Gather and forms out = g (O - O_S) + beta O_S from them (S x K work, K the largest sink count).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def calibrated_probs(q, k, v, enable, beta, threshold, attn_mask=None, is_causal
     vis = torch.ones_like(scores, dtype=torch.bool)
     if allowed is not None:
         vis = vis & allowed
+    if bias is not None:  # a float mask: entries <= -1e4 are not seen (not counted)
+        vis = vis & (bias > -1e4)
     finite = torch.isfinite(lse)[..., None]
     probs = torch.where(vis & finite, torch.exp(scores - torch.where(finite, lse[..., None], 0)),
                         0.0)
@@ -136,8 +140,9 @@ def sink_calibrated_attention_ref(q, k, v, enable, beta, threshold, attn_mask=No
 def _chunk_scores(q, k, s, bias, allowed, i0, i1, sq, skv, is_causal):
     sc = (q[:, :, i0:i1].float() @ k.float().transpose(-1, -2)) * s  # (B, h, C, Skv)
     vis = torch.ones_like(sc, dtype=torch.bool)
-    if bias is not None:
-        sc = sc + bias[..., i0:i1, :].float() if bias.shape[-2] != 1 else sc + bias.float()
+    if bias is not None:  # a float mask: entries <= -1e4 are not seen (not counted)
+        b = bias[..., i0:i1, :] if bias.shape[-2] != 1 else bias
+        sc, vis = sc + b.float(), vis & (b > -1e4)
     if allowed is not None:
         vis = vis & (allowed[..., i0:i1, :] if allowed.shape[-2] != 1 else allowed)
     if is_causal:
@@ -253,10 +258,40 @@ def _ints(*xs):
     return op.Constant(value_ints=list(xs))
 
 
+def _mask_counts(attn_mask, is_causal, sq, skv):
+    """From the mask alone, at the mask's own shape (no head axis added): (key_valid float
+    (.., 1, Skv), query-valid row vector (.., 1, Sq) or None when all valid, count (.., 1, Skv):
+    the number of valid query rows that see each key)."""
+    from attnc.kernels.patterns import as_cols, as_rows, positions
+
+    one = op.Constant(value_float=1.0)
+    row, col = as_rows(positions(sq)), as_cols(positions(skv))  # (Sq, 1), (1, Skv)
+    if attn_mask is None:
+        if is_causal:  # key j is seen by rows i >= j: max(Sq - j, 0)
+            count = op.Cast(op.Max(op.Sub(op.Reshape(sq, _ints(1)), col), _ints(0)), to=1)
+        else:
+            count = op.Expand(op.Cast(op.Reshape(sq, _ints(1, 1)), to=1), op.Shape(col))
+        return None, None, count
+    m = attn_mask if attn_mask.dtype == 9 else op.Greater(
+        attn_mask, op.CastLike(op.Constant(value_float=-1e4), attn_mask))
+    mf = op.Cast(m, to=1)
+    kvalid = op.ReduceMax(mf, _ints(-2), keepdims=1)  # (.., 1, Skv)
+    if is_causal:
+        vis = op.Cast(op.And(m, op.GreaterOrEqual(row, col)), to=1)  # (.., Sq, Skv)
+    else:
+        vis = op.Expand(mf, op.Concat(op.Reshape(sq, _ints(1)), op.Reshape(skv, _ints(1)),
+                                      axis=0))
+    # query row i is padding when key i is (Sq == Skv); otherwise every row is valid
+    ones = op.Expand(one, op.Concat(op.Shape(kvalid, end=-1), op.Reshape(sq, _ints(1)), axis=0))
+    qv = op.Slice(op.Concat(op.Where(op.Equal(sq, skv), kvalid, one), ones, axis=-1),
+                  _ints(0), op.Reshape(sq, _ints(1)), _ints(-1))  # (.., 1, Sq)
+    return kvalid, qv, op.MatMul(qv, vis)
+
+
 @register_translation(torch.ops.attnc.sink_calibrated_attention.default)
 def sink_calibrated_attention_onnx(q, k, v, enable, beta, threshold, attn_mask=None,
                                    is_causal: bool = False, scale: float | None = None):
-    from attnc.kernels.patterns import as_cols, as_rows, positions, seq_len
+    from attnc.kernels.patterns import seq_len
 
     kw = {"is_causal": 1 if is_causal else 0, "qk_matmul_output_mode": 3}
     if scale is not None:
@@ -265,46 +300,44 @@ def sink_calibrated_attention_onnx(q, k, v, enable, beta, threshold, attn_mask=N
         y, _, _, probs = op.Attention(q, k, v, **kw)
     else:
         y, _, _, probs = op.Attention(q, k, v, attn_mask, **kw)
-    p = op.Cast(probs, to=1)  # (B, H, Sq, Skv) float32
+    p = probs if probs.dtype == 1 else op.Cast(probs, to=1)  # (B, H, Sq, Skv) float32
     one, zero = op.Constant(value_float=1.0), op.Constant(value_float=0.0)
     sq, skv = seq_len(q), seq_len(k)
-    vis = op.Expand(op.Cast(op.Constant(value_ints=[1]), to=9), op.Shape(p))
-    if attn_mask is not None:
-        m = attn_mask if attn_mask.dtype == 9 else op.Greater(
-            attn_mask, op.CastLike(op.Constant(value_float=-1e4), attn_mask))
-        vis = op.And(vis, m)
-    kvalid = op.Cast(op.ReduceMax(op.Cast(vis, to=1), _ints(-2), keepdims=0), to=9)  # (B, H, Skv)
-    if is_causal:
-        vis = op.And(vis, op.GreaterOrEqual(as_rows(positions(sq)), as_cols(positions(skv))))
-    same = op.Equal(sq, skv)
-    qvalid = op.Where(same, op.Cast(kvalid, to=1), op.Expand(one, op.Shape(kvalid)))
-    qv = op.Unsqueeze(qvalid, _ints(-1))  # (B, H, Sq, 1); Sq == Skv when it is not all ones
-    count = op.ReduceSum(op.Mul(op.Cast(vis, to=1), qv), _ints(-2), keepdims=0)  # (B, H, Skv)
-    colsum = op.ReduceSum(op.Mul(p, qv), _ints(-2), keepdims=0)
+    kvalid, qv, count = _mask_counts(attn_mask, is_causal, sq, skv)
+    # (B, H, 1, Skv): over valid rows only, (.., 1, Sq) @ (B, H, Sq, Skv)
+    colsum = op.ReduceSum(p, _ints(-2), keepdims=1) if qv is None else op.MatMul(qv, p)
     r = op.Div(colsum, op.Max(count, one))
-    head = _ints(1, -1, 1)
+    head = _ints(1, -1, 1, 1)
     thr, bt = op.Reshape(op.Cast(threshold, to=1), head), op.Reshape(op.Cast(beta, to=1), head)
     en = op.Reshape(op.Cast(enable, to=1), head)
     act = op.And(op.And(op.Greater(en, zero), op.Not(op.Equal(bt, one))), op.Less(thr, one))
-    s0 = op.And(op.And(op.Greater(r, thr), kvalid), op.Greater(count, zero))
-    s0f = op.Cast(s0, to=1)
-    first = op.Equal(op.CumSum(s0f, op.Constant(value_int=-1)), one)
-    S = op.And(op.And(s0, op.Not(first)), act)  # (B, H, Skv)
-    Sf = op.Unsqueeze(op.Cast(S, to=1), _ints(-2))  # (B, H, 1, Skv)
-    sm = op.ReduceSum(op.Mul(p, Sf), _ints(-1), keepdims=1)  # (B, H, Sq, 1)
+    s0 = op.And(op.Greater(r, thr), op.Greater(count, zero))
+    if kvalid is not None:
+        s0 = op.And(s0, op.Greater(kvalid, zero))
+    first = op.Equal(op.CumSum(op.Cast(s0, to=1), op.Constant(value_int=-1)), one)
+    Sf = op.Cast(op.And(op.And(s0, op.Not(first)), act), to=1)  # (B, H, 1, Skv) 0/1
+    # the sink columns: K = the largest sink count over (B, H), at least 1 (weight 0 if none)
+    K = op.Reshape(op.Cast(op.Max(op.ReduceMax(op.ReduceSum(Sf, _ints(-1), keepdims=0),
+                                               keepdims=0), one), to=7), _ints(1))
+    _, idx = op.TopK(Sf, K, axis=-1, largest=1, sorted=0)  # (B, H, 1, K)
+    w = op.GatherElements(Sf, idx, axis=-1)  # (B, H, 1, K): 1 on a sink, 0 on a filler
+    pk = op.Mul(op.GatherElements(p, op.Expand(idx, op.Concat(op.Shape(p, end=-1), K, axis=0)),
+                                  axis=-1), w)  # (B, H, Sq, K)
+    sm = op.ReduceSum(pk, _ints(-1), keepdims=1)  # (B, H, Sq, 1)
     R = op.Sub(op.ReduceSum(p, _ints(-1), keepdims=1), sm)
     ok = op.Greater(R, zero)
-    bt4 = op.Unsqueeze(bt, _ints(-1))
-    gain = op.Where(ok, op.Add(one, op.Div(op.Mul(op.Sub(one, bt4), sm), op.Where(ok, R, one))),
+    gain = op.Where(ok, op.Add(one, op.Div(op.Mul(op.Sub(one, bt), sm), op.Where(ok, R, one))),
                     one)
-    sf = op.Where(ok, op.Expand(bt4, op.Shape(sm)), one)
-    factor = op.Where(op.Cast(Sf, to=9), sf, gain)  # (B, H, Sq, Skv)
-    pp = op.Mul(p, factor)
-    # GQA: (B, Hq, Sq, Skv) -> (B, Hkv, g*Sq, Skv) @ V (B, Hkv, Skv, Dv) -> (B, Hq, Sq, Dv)
-    hkv = op.Shape(v, start=1, end=2)
-    grouped = op.Reshape(pp, op.Concat(op.Shape(q, start=0, end=1), hkv, _ints(-1),
-                                        op.Shape(k, start=2, end=3), axis=0))
-    out = op.MatMul(grouped, op.Cast(v, to=1))
-    out = op.Reshape(out, op.Concat(op.Shape(q, start=0, end=3), _ints(-1), axis=0))
-    changed = op.Cast(op.ReduceMax(op.Cast(S, to=1), _ints(-1), keepdims=1), to=9)  # (B, H, 1)
-    return op.Where(op.Unsqueeze(changed, _ints(-1)), op.CastLike(out, y), y)
+    sf = op.Where(ok, bt, one)  # (B, H, Sq, 1)
+    # GQA: query head h reads kv head h // g; idx (B, H, 1, K) -> (B, Hkv, g*K, 1) rows of V
+    vf = v if v.dtype == 1 else op.Cast(v, to=1)
+    ix = op.Unsqueeze(op.Reshape(idx, op.Concat(op.Shape(v, end=2), _ints(-1), axis=0)),
+                      _ints(-1))
+    vk = op.GatherElements(vf, op.Expand(ix, op.Concat(_ints(1, 1, 1), op.Shape(v, start=3),
+                                                        axis=0)), axis=2)  # (B, Hkv, g*K, Dv)
+    vk = op.Reshape(vk, op.Concat(op.Shape(q, end=2), _ints(-1), op.Shape(v, start=3), axis=0))
+    o_s = op.MatMul(pk, vk)  # (B, H, Sq, Dv)
+    yf = y if y.dtype == 1 else op.Cast(y, to=1)
+    out = op.Add(op.Mul(gain, op.Sub(yf, o_s)), op.Mul(sf, o_s))
+    changed = op.Greater(op.ReduceMax(Sf, _ints(-1), keepdims=1), zero)  # (B, H, 1, 1)
+    return op.Where(changed, op.CastLike(out, y), y)

@@ -43,6 +43,7 @@ def _scores(q, K, MASK, b, h, qtok, qvalid, ktok, kvalid, offs_d, dmask,
         bias = tl.load(MASK + b * smb + h * smh + qtok[:, None] * smm + ktok[None, :] * smn,
                        mask=qvalid[:, None] & kvalid[None, :], other=0.0)
         qk = qk + bias.to(tl.float32) * 1.4426950408889634
+        vis = vis & (bias > -1e4)  # a float mask: entries <= -1e4 are not seen (not counted)
     return qk, vis
 
 

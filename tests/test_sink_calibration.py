@@ -124,39 +124,72 @@ def test_triton_kernel_matches_reference(S, D, mask_kind, causal):
 
 
 class _OpModel(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, causal=False):
         super().__init__()
         en, bt, th = KNOBS
         self.register_buffer("en", en)
         self.register_buffer("bt", bt)
         self.register_buffer("th", th)
+        self.causal = causal
 
-    def forward(self, q, k, v, m):
-        return OP(q, k, v, self.en, self.bt, self.th, m, False)
+    def forward(self, q, k, v, m=None):
+        return OP(q, k, v, self.en, self.bt, self.th, m, self.causal)
 
 
-def test_onnx_matches_torch_in_ort(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    q, k, v = _qkv(B=2, S=21, D=16)
-    m = _padded_mask(2, 21, 17)
+def _onnx_mask(kind, B, S):
+    if kind is None:
+        return None
+    m = _padded_mask(B, S, S - 6)
+    if kind == "dead_rows":  # padded query rows that see nothing at all
+        m[1, :, S - 6:, :] = False
+    return torch.zeros(m.shape).masked_fill(~m, -1e9) if kind == "float" else m
+
+
+def test_float_mask_counts_like_bool():
+    """A float mask's -1e9 entries are not seen: the same sinks and output as the bool mask."""
+    q, k, v = _qkv(S=33)
+    m = _padded_mask(2, 33, 27)
+    f = torch.zeros(m.shape).masked_fill(~m, -1e9)
+    en, bt, th = KNOBS
+    assert torch.equal(OP(q, k, v, en, bt, th, m, False), OP(q, k, v, en, bt, th, f, False))
+    ref_b = SC.sink_calibrated_attention_ref(q, k, v, en, bt, th, m, False)
+    ref_f = SC.sink_calibrated_attention_ref(q, k, v, en, bt, th, f, False)
+    assert torch.equal(ref_b, ref_f)
+
+
+@pytest.mark.parametrize("mask,causal,hkv", [("bool", False, 2), (None, True, 2),
+                                             ("float", False, 4), ("dead_rows", True, 2)])
+def test_onnx_matches_torch_in_ort(tmp_path, mask, causal, hkv):
+    """The export (Attention's output and probabilities, sink columns by TopK) against the
+    torch op at another length than the export's, graph optimizations off and on."""
+    pytest.importorskip("onnxruntime")
+    from onnx_sessions import ort_sessions
+
+    q, k, v = _qkv(B=2, Hkv=hkv, S=21, D=16)
+    m = _onnx_mask(mask, 2, 21)
     S = torch.export.Dim("S", min=2, max=4096)
-    dyn = ({2: S}, {2: S}, {2: S}, {2: S, 3: S})
+    dyn = ({2: S}, {2: S}, {2: S}) + (() if m is None else ({2: S, 3: S},))
+    args = (q, k, v) if m is None else (q, k, v, m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_OpModel(), (q, k, v, m), dynamo=True, opset_version=23,
+        prog = torch.onnx.export(_OpModel(causal), args, dynamo=True, opset_version=23,
                                  custom_translation_table=attnc.kernels.translation_table(),
                                  dynamic_shapes=dyn, verbose=False)
     path = tmp_path / "sink.onnx"
     prog.save(str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    q2, k2, v2 = _qkv(B=2, S=33, D=16, seed=4)  # another length than the export's
-    m2 = _padded_mask(2, 33, 27)
-    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), (q2, k2, v2, m2), strict=True)}
-    got = torch.from_numpy(sess.run(None, feeds)[0])
-    want = _OpModel()(q2, k2, v2, m2)
-    base = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2, enable_gqa=True)
+    ops, sessions = ort_sessions(path)
+    assert {"TopK", "GatherElements"} <= ops  # the sink columns are gathered, not masked S x S
+    q2, k2, v2 = _qkv(B=2, Hkv=hkv, S=33, D=16, seed=4)  # another length than the export's
+    m2 = _onnx_mask(mask, 2, 33)
+    args2 = (q2, k2, v2) if m2 is None else (q2, k2, v2, m2)
+    want = _OpModel(causal)(*args2)
+    base = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2, is_causal=causal,
+                                          enable_gqa=True)
     assert (want - base).abs().max() > 1e-2
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for sess in sessions:
+        feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), args2, strict=True)}
+        got = torch.from_numpy(sess.run(None, feeds)[0])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ a planted harmful sink
