@@ -91,12 +91,17 @@ def test_eval_cli_on_build_torch_and_onnx(tiny_llm, root, tmp_path, capsys):
     from test_cli import run_cli
 
     out = tmp_path / "b"
+    recipe = tmp_path / "r.yaml"  # the example recipe on less calibration data (test time)
+    text = (root / "examples/recipes/tiny_llm_llm_drop.yaml").read_text()
+    recipe.write_text(text.replace("samples: 96", "samples: 24").replace("max_length: 256",
+                                                                         "max_length: 96"))
+    assert recipe.read_text() != text
     code, _, err = run_cli(
         [
             "optimize",
             root / TINY,
             "-r",
-            root / "examples/recipes/tiny_llm_llm_drop.yaml",
+            recipe,
             "--calib",
             root / "examples/data/tiny_llm_calib.jsonl",
             "-o",

@@ -41,7 +41,11 @@ XFAIL_DROP: dict[str, str] = {}
 def _params(names, xfails, slow=False):
     out = []
     for name in names:
-        marks = [pytest.mark.slow] if slow else []
+        # one worker per architecture (`--dist loadgroup`, pyproject addopts): its session
+        # capture serves test_inspect and the build tests without being made twice
+        marks = [pytest.mark.xdist_group(f"zoo-{name}")]
+        if slow:
+            marks.append(pytest.mark.slow)
         if name in xfails:
             marks.append(pytest.mark.xfail(reason=xfails[name], strict=True))
         out.append(pytest.param(name, marks=marks, id=name))
@@ -135,7 +139,7 @@ def test_inspect_cli(name, zoo_spec):
     assert payload["inputs"]
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED_INSPECT))
+@pytest.mark.parametrize("name", _params(sorted(REFUSED_INSPECT), {}))
 def test_refused_cleanly_at_capture(name, captured):
     """What attnc cannot handle is a one-line AttncError naming why, never a wrong model."""
     stage, text = REFUSED_INSPECT[name]
@@ -147,7 +151,7 @@ def test_refused_cleanly_at_capture(name, captured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(REFUSED_DROP) - set(REFUSED_INSPECT)))
+@pytest.mark.parametrize("name", _params(sorted(set(REFUSED_DROP) - set(REFUSED_INSPECT)), {}))
 def test_refused_cleanly_at_build(name, zoo_spec, zoo_root, captured):
     stage, text = REFUSED_DROP[name]
     loaded, program = captured(name)
