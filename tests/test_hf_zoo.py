@@ -41,7 +41,7 @@ XFAIL_DROP: dict[str, str] = {}
 def _params(names, xfails, slow=False):
     out = []
     for name in names:
-        # one worker per architecture (`--dist loadgroup`, pyproject addopts): its session
+        # one worker per architecture (`--dist loadgroup` in the test command): its session
         # capture serves test_inspect and the build tests without being made twice
         marks = [pytest.mark.xdist_group(f"zoo-{name}")]
         if slow:
