@@ -29,7 +29,7 @@ def tiny_llm(root):
         names=loaded.input_names,
         example_args=loaded.example_args,
         tokenizer=loaded.tokenizer,
-        cfg=CalibrationConfig(samples=32, max_length=128, batch_size=16, holdout=0.0),
+        cfg=CalibrationConfig(samples=16, max_length=96, batch_size=16, holdout=0.0),
     )
     return loaded, data
 

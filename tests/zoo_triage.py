@@ -150,7 +150,10 @@ def run_build(spec: str, work: Path):
         stage[0] = next((s for p, s in _BUILD_STAGES if msg.startswith(p)), "drop")
 
     try:
-        return build(spec, str(recipe), None, work / "out", BuildOptions(progress=progress))
+        # no original.pt2 (a re-export of the original, about a fifth of a zoo build's time):
+        # the zoo checks the optimized artifacts; test_api_bench and test_cli_errors cover it
+        return build(spec, str(recipe), None, work / "out",
+                     BuildOptions(progress=progress, save_original=False))
     except Exception as exc:  # noqa: BLE001
         raise _fail(stage[0], exc) from exc
 
