@@ -50,12 +50,25 @@ def _other_shape(loaded, program):
     return tuple(make(n, t) for n, t in zip(loaded.input_names, loaded.example_args, strict=True))
 
 
+_CAPTURED: dict[str, tuple] = {}
+
+
+def _captured(arch, root):
+    """(loaded, program) captured once per architecture and worker: each setting's passes run
+    on a clone (`run_passes(program.clone(), ...)`), so the captured program is never edited."""
+    if arch not in _CAPTURED:
+        loaded = _load(arch, root)
+        _CAPTURED[arch] = (loaded, capture(loaded))
+    return _CAPTURED[arch]
+
+
 @pytest.mark.parametrize("setting", PASS_SETTINGS, ids=lambda s: f"{s[0]}-{s[1].get('target')}")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.xdist_group(f"matrix-{a}")) for a in ARCHS]
+)
 def test_matrix(arch, setting, root, tmp_path):
     pass_id, config, removes = setting
-    loaded = _load(arch, root)
-    program = capture(loaded)
+    loaded, program = _captured(arch, root)
     n_sites = len(program.sites)
     recipe = parse_recipe({"version": 1, "passes": [{"id": pass_id, **config}]})
     batches = generated_batches(
