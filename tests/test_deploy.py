@@ -23,6 +23,9 @@ from attnc.export import deploy
 from attnc.export.artifacts import export_onnx, save_pt2
 from attnc.load.models import load_model, wrap_hf
 
+# the module's builds (st_folder, st_builds) are made once: every test here on one worker
+pytestmark = pytest.mark.xdist_group("deploy")
+
 WORDS = "the a man woman dog cat eats runs food park is in on with and quickly slowly red".split()  # noqa: SIM905
 
 
