@@ -15,7 +15,7 @@ export as, timed interleaved with the dense opset-23 `Attention` the unmodified 
     python benchmarks/onnx_sparse_cost.py [--seq 2048] [--threads 1] [--runs 7]
 
 Writes benchmarks/results/onnx_sparse_cost-<device>-s<S>-h<H>d<D>-t<threads>.json (ms, ratios
-vs dense, what the cost model predicts for each form); `sparse_cost.fit_ort` fits the
+vs dense, what the cost model predicts for each form); `sparse_cost_fit.fit_ort` fits the
 onnxruntime-cpu constants of the blocked form from these files.
 """
 

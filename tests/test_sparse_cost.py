@@ -10,6 +10,7 @@ import pytest
 from attnc.kernels import sliding_window as sw
 from attnc.kernels import window_blocked as wb
 from attnc.passes import sparse_cost as c
+from attnc.passes import sparse_cost_fit as fitting
 
 LM = c.SiteShape(2048, 4, 48, True)  # the long-context LM's attention at its target length
 
@@ -74,7 +75,7 @@ def test_predictions_follow_the_measured_ort_times(root, monkeypatch):
             kind = r["case"].split(":")[0]
             if kind not in ("blocked", "masked", "split"):
                 continue
-            ws = c._case_windows(r["case"])
+            ws = fitting._case_windows(r["case"])
             if kind == "blocked":  # timed forced (exported at an unknown length)
                 form = sw.BLOCKED_FORM
                 monkeypatch.setattr(wb, "blocked_pays", lambda *a, **k: True)
@@ -93,7 +94,7 @@ def test_predictions_follow_the_measured_ort_times(root, monkeypatch):
 
 
 def test_fit_ort_reproduces_the_constants(root):
-    fit = c.fit_ort(_measured(root))
+    fit = fitting.fit_ort(_measured(root))
     assert fit["ORT_BLOCKED_EFF"] == pytest.approx(c.ORT_BLOCKED_EFF, rel=0.02)
     assert fit["ORT_BLOCK_OVH"] == pytest.approx(c.ORT_BLOCK_OVH, rel=0.02)
     assert fit["ORT_PER_HEAD"] == pytest.approx(c.ORT_PER_HEAD, rel=0.02)
