@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 import torch
 
 import attnc.kernels  # noqa: F401  (registers attnc::attention_colsum)
 from attnc.errors import PassError, RecipeError
 from attnc.graph.calls import read_call
 from attnc.graph.edit import prune
-from attnc.graph.gather import Builder, gather_tokens, node_values
+from attnc.graph.gather import Builder, gather_tokens
 from attnc.graph.sublayers import find_sublayers
 from attnc.recipe.manager import Decision, PassInfo, register_pass
 
+from .token_pruning_calib import calibration_images, fit_weights, kept_stats
+from .token_pruning_report import render as render_report
 from .token_pruning_select import (
     geometry,
     padding_nodes,
@@ -212,33 +213,6 @@ def _select(out, gm, b, ids, colsum, boundary, plan: Plan, cfg: TokenPruningConf
     return out, sel
 
 
-def _calibrate(program, plan: Plan, cfg: TokenPruningConfig, ctx) -> tuple[np.ndarray, dict]:
-    """The trend weights from calibration: the mean score per image position (valid patches
-    only), fitted as cfg.debias says."""
-    from .token_pruning_select import fit_trend as _fit
-
-    if ctx is None or ctx.calibration is None:
-        raise PassError(f"token-pruning debias {cfg.debias!r} needs calibration data (--calib)")
-    probe, sel = _build(program, plan, cfg, keep_n=plan.n_img, gather=False)
-    total = np.zeros(plan.n_img)
-    count = np.zeros(plan.n_img)
-    want = [sel.score, sel.is_img] + ([sel.valid] if sel.valid is not None else [])
-    # the score before debiasing: weights are all ones in the probe
-    for batch in ctx.calibration.calib:
-        got = node_values(probe.gm, batch.args, want)
-        score, is_img = got[sel.score.name].double(), got[sel.is_img.name]
-        ok = got[sel.valid.name] if sel.valid is not None else is_img
-        for r in range(score.shape[0]):
-            s, m = score[r][is_img[r]].numpy(), ok[r][is_img[r]].numpy()
-            total += np.where(m, s, 0.0)
-            count += m
-    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    w, info = _fit(cfg.debias, mean, count > 0)
-    info["calibration_sequences"] = int(sum(b.args[0].shape[0] for b in ctx.calibration.calib))
-    info["source"] = getattr(ctx.calibration, "source", "")
-    return w, info
-
-
 # ------------------------------------------------------------------------------ plan / apply
 
 
@@ -257,51 +231,91 @@ def make_plan(program, cfg: TokenPruningConfig, ctx=None) -> tuple[Plan, dict]:
     info: dict = {"image_token_id": tok, "image_tokens": n_img}
     padding = False
     if cfg.padding != "off":
-        pix = _placeholder(program, "pixel_values")
-        geo = geometry(tuple(pix.meta["val"].shape), n_img) if pix is not None else None
+        geo = _geometry(program, n_img)
         if geo is None and cfg.padding == "on":
             raise PassError(f"token-pruning padding_mask: {n_img} image tokens are not a raster "
                             "grid of the pixel input")
         padding = geo is not None
         info["padding_mask"] = "from the letterbox bars" if padding else "off: no raster grid"
+    else:
+        info["padding_mask"] = "off"
     plan = Plan(site.node, _boundary(program.gm, site.node), tok, n_img,
                 keep_count(cfg.keep, n_img), padding, None)
     if cfg.debias != "none":
-        w, fit = _calibrate(program, plan, cfg, ctx)
-        plan = Plan(*[getattr(plan, f) for f in ("site", "boundary", "image_token", "n_img",
-                                                  "keep_count", "padding")], torch.from_numpy(w))
+        w, fit = fit_weights(_prober(program, plan, cfg), cfg.debias, n_img, ctx)
+        plan = replace(plan, weights=torch.from_numpy(w))
         info["trend"] = fit
     return plan, info
 
 
+def _geometry(program, n_img: int):
+    pix = _placeholder(program, "pixel_values")
+    return geometry(tuple(pix.meta["val"].shape), n_img) if pix is not None else None
+
+
+def _prober(program, plan: Plan, cfg: TokenPruningConfig):
+    """probe(keep_n, weights) -> (program, Selection): the selection without the gather."""
+    return lambda keep_n, weights: _build(program, replace(plan, weights=weights), cfg,
+                                          keep_n=keep_n, gather=False)
+
+
+# The plan travels from plan() to apply() in the decision's metrics, as plain JSON values (as
+# every pass's choice does): apply() rebuilds it from them, so report.json holds what was applied.
+PLAN_KEYS = ("node", "boundary", "image_token_id", "image_tokens", "keep", "padding")
+
+
+def plan_metrics(p: Plan) -> dict:
+    m = {"node": p.site, "boundary": p.boundary, "image_token_id": p.image_token,
+         "image_tokens": p.n_img, "keep": p.keep_count, "padding": p.padding}
+    if p.weights is not None:  # float32 values are exact as JSON floats
+        m["trend_weights"] = [float(x) for x in p.weights.to(torch.float32)]
+    return m
+
+
+def plan_from_metrics(m: dict) -> Plan:
+    missing = [k for k in PLAN_KEYS if k not in m]
+    if missing:
+        raise PassError(f"token-pruning decision lacks {missing} (not made by token-pruning's "
+                        "plan)")
+    w = m.get("trend_weights")
+    weights = torch.tensor(w, dtype=torch.float32) if w is not None else None
+    if weights is not None and weights.shape != (int(m["image_tokens"]),):
+        raise PassError(f"token-pruning trend_weights has {weights.numel()} values for "
+                        f"{m['image_tokens']} image tokens")
+    return Plan(str(m["node"]), str(m["boundary"]), int(m["image_token_id"]),
+                int(m["image_tokens"]), int(m["keep"]), bool(m["padding"]), weights)
+
+
 def plan(program, cfg: TokenPruningConfig, ctx) -> list[Decision]:
     p, info = make_plan(program, cfg, ctx)
+    m = {"layer": cfg.layer, "scorer": cfg.scorer, "debias": cfg.debias,
+         "score_op": cfg.score_op, "output": cfg.output, **info, **plan_metrics(p),
+         "calibration_images": calibration_images(ctx)}
+    stats = kept_stats(_prober(program, p, cfg), p.keep_count, p.weights, p.n_img,
+                       _geometry(program, p.n_img), ctx)
+    if stats is not None:
+        m["kept_on_calibration"] = stats
     decisions = []
     for s in _decoder_sites(program):
         if s.node != p.site:
             decisions.append(Decision(s.node, "skip", "not the scoring layer", {}))
-            continue
-        noop = p.keep_count == p.n_img and not p.padding
-        m = {"keep": p.keep_count, "of": p.n_img, "boundary": p.boundary, **info}
-        if noop:
+        elif p.keep_count == p.n_img and not p.padding:
             decisions.append(Decision(s.node, "keep", "keeps every image token", m))
         else:
             reason = (f"keep {p.keep_count} of {p.n_img} image tokens after layer {cfg.layer} "
                       f"({cfg.scorer}, debias {cfg.debias}, padding mask "
                       f"{'on' if p.padding else 'off'})")
             decisions.append(Decision(s.node, "prune", reason, m))
-    decisions[0].metrics["_plan"] = p  # carried to apply (not serialised: see apply)
     return decisions
 
 
 def apply(program, decisions: list[Decision], cfg: TokenPruningConfig):
-    p = decisions[0].metrics.pop("_plan", None)
-    if p is None or not any(d.action == "prune" for d in decisions):
+    todo = [d for d in decisions if d.action == "prune"]
+    if not todo:
         return program
-    if p.weights is not None:
-        for d in decisions:
-            if d.action == "prune":
-                d.metrics["trend_weights"] = [round(float(x), 6) for x in p.weights]
+    if len(todo) > 1:
+        raise PassError(f"token-pruning prunes after one layer; {len(todo)} decisions prune")
+    p = plan_from_metrics(todo[0].metrics)
     return _build(program, p, cfg, keep_n=p.keep_count, gather=True)[0]
 
 
@@ -320,5 +334,6 @@ register_pass(
         exact=False,
         summary="drop low-attention visual tokens after a decoder layer (debiased FastV)",
         paper="arXiv 2403.06764, arXiv 2508.17807",
+        report=render_report,
     )
 )

@@ -72,6 +72,7 @@ class Selection:
     live: Node | None  # (B, S') bool, or None without a padding mask
     is_img: Node  # (B, S) bool
     valid: Node | None  # (B, S) bool: image tokens that are not padding
+    attn: Node  # (B, S) float: the scorer's attention to each token, mean over heads
 
 
 def select_nodes(b: Builder, ids: Node, colsum: Node, *, image_token: int, n_img: int,
@@ -100,7 +101,7 @@ def select_nodes(b: Builder, ids: Node, colsum: Node, *, image_token: int, n_img
     if valid is not None:
         real = b(aten.logical_or.default, b(aten.logical_not.default, is_img), valid)  # (B, S)
         live = b(aten.gather.default, real, 1, keep)  # (B, S')
-    return Selection(score, keep, live, is_img, valid)
+    return Selection(score, keep, live, is_img, valid, a)
 
 
 def _sub(b: Builder, size, n: int):

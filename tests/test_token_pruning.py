@@ -227,6 +227,50 @@ def test_debias_is_fitted_on_calibration_and_stored(setup):
     assert out.shape[1] == batches[0].args[0].shape[1] - N_IMG + 8
 
 
+def test_plan_travels_as_json_and_the_report_section(setup, tmp_path):
+    """decide -> report.json -> apply: the decisions are plain JSON (no private keys), apply
+    rebuilds the plan from them (trend weights exact), and the report section renders it."""
+    import json
+    from dataclasses import asdict
+
+    from attnc.passes.token_pruning import apply
+    from attnc.recipe.manager import Decision
+    from attnc.report.write import render_pass
+
+    model, program = setup
+    batches = [Batch(_inputs(s, (7, 8, 9), letterbox=True), None) for s in (4, 5)]
+
+    class Calib:
+        calib, holdout, source, images = batches, [], "test", "real (4 image files)"
+
+    cfg = TokenPruningConfig(layer=LAYER, keep=0.25, debias="cubic")
+    decisions = plan(program, cfg, PassContext(calibration=Calib()))
+    text = json.dumps([asdict(d) for d in decisions])  # no default=: must be plain JSON
+    assert "_plan" not in text
+    back = [Decision(**d) for d in json.loads(text)]
+    m = back[LAYER].metrics
+    assert back[LAYER].action == "prune" and m["keep"] == 4 and m["padding"] is True
+    assert m["calibration_images"] == "real (4 image files)"
+    kept = m["kept_on_calibration"]
+    assert kept["sequences"] == 4 and kept["valid_image_tokens"]["max"] == 8
+    assert kept["kept_image_tokens"] == {"mean": 4.0, "min": 4, "max": 4}
+    assert kept["kept_padding_tokens"]["max"] == 0  # R = 4 < 8 valid: no padding kept
+    assert kept["kept_share_by_row_quarter"][0] == kept["kept_share_by_row_quarter"][3] == 0
+    ref, p, _ = prune_tokens(program, cfg, PassContext(calibration=Calib()))
+    assert m["trend_weights"] == [float(x) for x in p.weights]
+    args = _inputs(8, (7, 8, 9), letterbox=True)
+    torch.testing.assert_close(apply(program, back, cfg)(*args), ref(*args), rtol=0, atol=0)
+    entry = {"pass_id": "token-pruning", "config": asdict(cfg), "seconds": 1.0,
+             "decisions": json.loads(text)}
+    _, part = render_pass(entry, "token-pruning-")
+    md = part.markdown
+    for want in ("layer (prune after)", "4 of 16", "cubic", "from the letterbox bars",
+                 "real (4 image files)", "coefficients", "kept padding tokens",
+                 "token-pruning-trend.svg"):
+        assert want in md, want
+    assert part.files["trend.svg"].startswith("<svg")
+
+
 @pytest.mark.slow
 def test_onnx_export_matches_torch(setup, tmp_path):
     import onnx
