@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 FORM = "gathered block-sparse (TopK index table of listed key blocks, Gather, MatMul/Softmax)"
+DENSE_FORM = "Attention(opset 23) + in-graph block-layout mask"
 MIN_SEQ = 512  # torch: below, the plain reference (one SDPA-sized matmul) wins
 ONNX_MIN_BLOCKS = 2  # ONNX: the gathered form from 2 key blocks on
 
@@ -246,22 +247,39 @@ def onnx_form(skv: int | None, block_size: int, mask_rank: int | None = None) ->
     return FORM
 
 
+def export_form(skv: int | None, block_size: int, mask_rank: int | None = None) -> str:
+    """The ONNX form the block-sparse op's translation emits (onnx_form, else DENSE_FORM): the
+    selection the sparse pass's cost model prices a site by."""
+    return onnx_form(skv, block_size, mask_rank) or DENSE_FORM
+
+
+def _why(skv: int | None, block_size: int, mask_rank: int | None, form: str) -> str:
+    if form == FORM:
+        return f"key length {skv}: the listed key blocks only (cost rule)"
+    if mask_rank not in (None, 2):
+        return f"a {mask_rank}-D mask: masked dense (a layout need not contain the diagonal)"
+    return f"key length {skv} spans fewer than {ONNX_MIN_BLOCKS} blocks of {block_size}"
+
+
 def translate(q, k, v, layout, block_size: int, is_causal: bool = False, scale=None,
               key_padding_mask=None):
     """The gathered ONNX graph of the op when `onnx_form` picks it, else None (masked dense)."""
     if not (_static(q.shape, (1, 3)) and _static(k.shape, (1,))
             and _static(layout.shape, (0, 1))):
         return None
+    from attnc.kernels import window_blocked
+
     if _static(k.shape, (2,)):
         skv = int(k.shape[2])
     elif _static(layout.shape, (3,)):
         skv = int(layout.shape[3]) * int(block_size)
     else:
-        from attnc.kernels import window_blocked
-
         skv = window_blocked.seq_hint()
     rank = None if key_padding_mask is None else len(key_padding_mask.shape)
-    if onnx_form(skv, block_size, rank) is None:
+    form = export_form(skv, block_size, rank)
+    window_blocked.record_form("block_sparse_attention", form,
+                               _why(skv, block_size, rank, form))
+    if form != FORM:
         return None
     return gather_onnx(q, k, v, layout, block_size, is_causal, scale, key_padding_mask,
                        key_padding_mask is None or key_padding_mask.dtype == 9)  # BOOL

@@ -234,8 +234,8 @@ def _blocked_1d(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale,
     seq = q.shape[2] if isinstance(q.shape[2], int) else window_blocked.seq_hint()
     kern = [h[0] for h in reference.head_kernels(kernel_size, head_kernel_size, q.shape[1], 1)]
     rank = None if key_padding_mask is None else len(key_padding_mask.shape)
-    ok = static and rank in (None, 2, 4) and nb1d.blocked_pays(
-        seq, kern, int(dilation[0]), int(stride[0]), int(num_global))
+    ok = static and nb1d.onnx_form(seq, kern, int(dilation[0]), int(stride[0]),
+                                   int(num_global), rank) is not None
     nb1d.record(seq, kern, int(stride[0]), int(num_global), ok, DENSE_FORM)
     if not ok:
         return None
@@ -247,4 +247,4 @@ def _blocked_1d(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale,
                              padding_is_bool=pad is None or key_padding_mask.dtype == 9)
 
 
-DENSE_FORM = "Attention(opset 23) + in-graph Range/Div/Mod neighborhood mask"
+DENSE_FORM = neighborhood_blocked.DENSE_FORM

@@ -55,6 +55,17 @@ def blocked_pays(seq: int | None, kernels: Sequence[int], dilation: int, stride:
     return seq is None or seq > 2 * (w + BQ) + num_global
 
 
+def onnx_form(seq: int | None, kernels: Sequence[int], dilation: int, stride: int,
+              num_global: int = 0, mask_rank: int | None = None) -> str | None:
+    """FORM where the neighborhood translation emits the 1-D blocked form at length `seq` (the
+    static length, or the build's target length), with no mask, a (B|1, S) key padding mask or
+    a 4-D mask (its diagonal read as the padding); else None (masked dense). The one rule the
+    translation and the sparse pass's cost model both call."""
+    if mask_rank not in (None, 2, 4):
+        return None
+    return FORM if blocked_pays(seq, kernels, dilation, stride, num_global) else None
+
+
 def why_form(seq: int | None, kernels: Sequence[int], stride: int, num_global: int) -> str:
     w = span(kernels, stride)
     if w is None:

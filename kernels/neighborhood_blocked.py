@@ -36,6 +36,7 @@ from attnc.kernels import masks
 
 TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 FORM = "blocked neighborhood (grid tiles Gather their key halo + global keys, MatMul/Softmax)"
+DENSE_FORM = "Attention(opset 23) + in-graph Range/Div/Mod neighborhood mask"
 
 
 class Plan(NamedTuple):
@@ -335,6 +336,34 @@ def onnx_form(seq: int | None, grid, heads, dilation, stride, is_causal, num_glo
     return FORM
 
 
+def export_form(seq: int | None, grid, heads, dilation, stride, is_causal, num_global: int = 0,
+                mask_rank: int | None = None) -> str:
+    """The ONNX form the neighborhood op's translation emits at length `seq` (static, or the
+    build's target length), `heads` as reference.head_kernels gives them: the 1-D blocked form
+    (neighborhood1d_blocked.onnx_form) on one axis, the halo tiles (onnx_form) on 2-3, else
+    DENSE_FORM. The sparse pass's cost model prices a site by this same selection."""
+    from attnc.kernels import neighborhood1d_blocked as nb1d
+
+    if len(grid) == 1:
+        return nb1d.onnx_form(seq, [int(h[0]) for h in heads], int(dilation[0]), int(stride[0]),
+                              int(num_global), mask_rank) or DENSE_FORM
+    return onnx_form(seq, grid, heads, dilation, stride, is_causal, num_global,
+                     mask_rank) or DENSE_FORM
+
+
+def why_form(seq: int | None, grid, heads, dilation, stride, is_causal, num_global: int,
+             mask_rank: int | None, form: str) -> str:
+    if form == FORM:
+        return f"length {seq}: grid {list(grid)} tiles score only their halos (cost rule)"
+    if mask_rank not in (None, 2, 4):
+        return f"a {mask_rank}-D mask: masked dense"
+    p = plan(*_args(grid, heads, dilation, stride, is_causal), int(num_global))
+    if mask_rank == 4 and not p.diag:
+        return "a 4-D mask whose diagonal is not the padding: masked dense"
+    return (f"length {seq} < max(512, 2 x {p.keys.shape[1]} keys per tile): masked dense "
+            f"(onnxruntime-cpu cost rule)")
+
+
 def translate(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=None,
               key_padding_mask=None, num_global: int = 0, head_kernel_size=None):
     """The blocked ONNX graph of the op when `onnx_form` picks it, else None (masked dense)."""
@@ -347,10 +376,15 @@ def translate(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=Non
         if not _static(q.shape, (2,)):
             return None
         gl = masks.resolve_grid(gl, int(q.shape[2]) - int(num_global))
+    if len(gl) < 2:  # one axis: neighborhood1d_blocked's form (it records its own choice)
+        return None
     heads = reference.head_kernels(kernel_size, head_kernel_size, int(q.shape[1]), len(gl))
     seq = int(q.shape[2]) if _static(q.shape, (2,)) else window_blocked.seq_hint()
     rank = None if key_padding_mask is None else len(key_padding_mask.shape)
-    if onnx_form(seq, gl, heads, dilation, stride, is_causal, num_global, rank) is None:
+    form = export_form(seq, gl, heads, dilation, stride, is_causal, num_global, rank)
+    window_blocked.record_form("neighborhood_attention", form, why_form(
+        seq, gl, heads, dilation, stride, is_causal, num_global, rank, form))
+    if form != FORM:
         return None
     pad = key_padding_mask
     if rank == 4:

@@ -338,13 +338,20 @@ def _option(site, info: SiteInfo, fam: Family, choice, backend: str, shape) -> O
                   "head_kernel_size": [x for k in ks for x in k] if per_head else None}
         pc = cost.neighborhood_cost(fam.shared["grid"], ks, fam.shared["dilation"],
                                     fam.shared["stride"], fam.shared["is_causal"],
-                                    fam.shared["num_global"], extras or params["num_global"] > 0)
+                                    fam.shared["num_global"], extras or params["num_global"] > 0,
+                                    seq=info.target, mask_rank=_mask_rank(site))
     else:
         lay = block_layout(fam, vals, H)
         params = {"block_size": fam.shared["block_size"], "is_causal": fam.shared["causal"],
                   "layout": {"layout": fam.shared["layout"], "heads": _jsonable(vals)}}
-        pc = cost.block_cost(lay, fam.shared["block_size"], fam.shared["causal"], extras, H)
+        pc = cost.block_cost(lay, fam.shared["block_size"], fam.shared["causal"], extras, H,
+                             mask_rank=_mask_rank(site))
     return Option(fam, tuple(choice), cost.predict(backend, shape, pc), params)
+
+
+def _mask_rank(site) -> int | None:
+    """The rank of the mask the op gets (the site's SDPA attn_mask: 4-D), for the ONNX form."""
+    return None if site.mask == "none" else 4
 
 
 def _jsonable(v):

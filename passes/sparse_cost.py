@@ -28,14 +28,16 @@ Each backend is priced by what it actually runs:
   shared 2-core machine, two runs (the long LM's H=4, Hkv=2, D=48 at S=2048: windows 128-1024
   measured 4.38-1.53x and 2.98-1.13x, predicted 3.30-1.31x; the split sites 0.74-0.97x,
   predicted 0.85-0.87x; H=8, D=64, window 256 at S=4096: 5.37x, predicted 5.43x), the
-  conservative end: the 1-thread runs measure more (blocked 256: 4.8x; split 1.25-1.41x). Any other
-  pattern op is opset-23 ``Attention`` with an in-graph bool mask (Range/Sub/Less... over
-  S x S): every score is still computed, and the mask is built and applied on top: at most
-  1.0x (a site mixing dense heads with windows, per-head mask: 0.62x predicted, 0.60x / 0.68x
-  measured at 1 / 2 threads; windows of 1024 at 2048, where the blocked rule says no though
-  the forced blocked form measures 1.5x: 0.83x predicted, 0.92x / 1.00x measured). The
-  ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks, no padding mask)
-  is priced as dense: no gain measured.
+  conservative end: the 1-thread runs measure more (blocked 256: 4.8x; split 1.25-1.41x).
+  Neighborhood and block-sparse sites get the form their translation selects at the target length
+  (``*_cost`` call ``neighborhood_blocked.export_form`` / ``block_sparse_gather.export_form``;
+  priced in ``passes/sparse_cost_ort.py``). The masked-dense form is opset-23 ``Attention`` with
+  an in-graph bool mask (Range/Sub/Less... over S x S): every score is still computed, and the
+  mask is built and applied on top: at most 1.0x (a site mixing dense heads with windows, per-head
+  mask: 0.62x predicted, 0.60x / 0.68x measured at 1 / 2 threads; windows of 1024 at 2048, where
+  the blocked rule says no though the forced blocked form measures 1.5x: 0.83x predicted, 0.92x /
+  1.00x measured). The ``GroupQueryAttention(local_window_size)`` form (causal window, no sinks,
+  no padding mask) is priced as dense: no gain measured.
 - ``torch-cpu``: the blocked window form likewise (SDPA per query block, against SDPA's causal
   kernel); otherwise the op runs its reference (``kernels/reference.py``): float32 scores
   materialised, the dense mask built and the padding checked, against SDPA's fused CPU kernel:
@@ -83,6 +85,12 @@ ORT_BLOCKED_EFF = 1.05  # per score computed (fit_ort: 1.052; the 1-thread runs:
 ORT_BLOCK_OVH = 26600.0  # per (batch, head, query block) (fit_ort: 26,608; 1 thread: ~2,000)
 ORT_PER_HEAD = 0.94  # per score more with per-head windows (fit_ort: 0.941; 1 thread: 0.33)
 ORT_SPLIT_EXCESS = 0.32  # head-split form: measured over its parts, in dense-site times (0.317)
+# 2-D/3-D halo tiles and gathered block-sparse, in dense-score costs (fit_ort_patterns over
+# benchmarks/results/onnx_patterns-*.json, the rows at S >= 1024)
+ORT_NBHD_EFF = 1.385  # per score of a tile's halo
+ORT_NBHD_OVH = 24200.0  # per (batch, head, tile)
+ORT_GATHER_EFF = 1.426  # per score of a query block's gathered key blocks
+ORT_GATHER_OVH = 31850.0  # per (batch, head, query block)
 
 SAMPLE_TILES = 24
 
@@ -111,6 +119,9 @@ class PatternCost:
     extras: bool  # padding mask, global tokens or per-head params: the 1-D-tile kernels
     mask_heads: int = 1  # heads of the in-graph ONNX mask (1 unless per-head parameters)
     window: tuple | None = None  # (windows, num_sinks, causal): a window the blocked form takes
+    # the tiled ONNX form the export emits at the target length (sparse_cost_ort.form_work):
+    # ("nd" | "1d" | "gather", ...) where it is a neighborhood/block-sparse blocked form, else None
+    form_args: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,9 @@ def predict(backend: str, shape: SiteShape, pattern: PatternCost) -> Prediction:
     if backend == "cuda":
         return _cuda(shape, pattern, counts, density)
     if backend == "onnxruntime-cpu":
-        return _ort(shape, pattern, density)
+        from attnc.passes.sparse_cost_ort import ort
+
+        return ort(shape, pattern, density)
     if backend == "torch-cpu":
         return _torch_cpu(shape, pattern, density)
     raise ValueError(f"unknown backend {backend!r}")
@@ -270,77 +283,6 @@ def _blocked(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | None
     return BLOCKED_EFF * (scores * per + (gathers + mask) * C_CPU_ELEM) + BLOCKED_OVH, wb.FORM
 
 
-def _blocked_ort(shape: SiteShape, pattern: PatternCost) -> tuple[float, str] | None:
-    """Seconds of the blocked window form in ONNX Runtime CPU where the export emits it (None
-    elsewhere), in the dense kernel's per-score cost: ORT_BLOCKED_EFF per score of the query
-    blocks' key windows (+ sinks), ORT_PER_HEAD more with per-head windows, ORT_BLOCK_OVH per
-    (batch, head, query block)."""
-    from attnc.kernels import sliding_window as sw
-    from attnc.kernels import window_blocked as wb
-
-    if pattern.window is None or pattern.onnx_form == sw.DENSE_FORM:
-        return None  # the export emits masked dense (a dense head, a short length, a mask)
-    wins, ns, causal = pattern.window
-    if not wb.blocked_pays(shape.seq, wins, causal):
-        return None
-    s, bq = shape.seq, wb.BQ
-    keys = ns + min(s, bq + max(wins) - 1 if causal else bq + 2 * max(wins) - 2)
-    nb = shape.batch * shape.heads * (-(-s // bq))
-    eff = ORT_BLOCKED_EFF + (ORT_PER_HEAD if len(set(wins)) > 1 else 0.0)
-    per = 4 * shape.head_dim / F_CPU + C_SOFTMAX  # the dense kernel's, as _cpu_dense prices
-    return per * (eff * nb * bq * keys + ORT_BLOCK_OVH * nb), wb.FORM
-
-
-def _masked_ort(shape: SiteShape, kind: str, mask_heads: int) -> float:
-    """Seconds of opset-23 Attention with an in-graph mask: every score, plus the mask built
-    (per head with per-head parameters), applied, and ANDed with the padding."""
-    s2 = float(shape.seq) ** 2
-    build = MASK_OPS.get(kind, 8) * mask_heads * s2 * C_CPU_ELEM
-    apply = shape.batch * shape.heads * s2 * C_CPU_ELEM  # the bool mask applied to every score
-    pad = 0.0
-    if shape.mask:  # AND with the padding mask, and the zero rows (ReduceMax, Cast, Where)
-        pad = 4 * shape.batch * mask_heads * s2 * C_CPU_ELEM
-    return _cpu_dense(shape) + build + apply + pad
-
-
-def _split_ort(shape: SiteShape, pattern: PatternCost) -> float | None:
-    """Seconds of the head-split form (kernels/window_split.py) where the export emits it: per
-    group of heads sharing a window, the blocked form or masked Attention on its slice, plus
-    the Gathers of q/k/v and the Concat/Gather of the output (one copy each)."""
-    from attnc.kernels import window_blocked as wb
-    from attnc.kernels import window_split as split
-
-    if pattern.window is None or pattern.onnx_form != split.FORM:
-        return None
-    wins, ns, causal = pattern.window
-    t = 5 * shape.batch * shape.heads * shape.seq * shape.head_dim * C_CPU_ELEM
-    t += ORT_SPLIT_EXCESS * _cpu_dense(shape)
-    for w, idx in split.groups(wins):
-        sub = SiteShape(shape.seq, len(idx), shape.head_dim, causal, shape.batch, shape.mask)
-        blocked = _blocked_ort(sub, PatternCost(
-            "window", (), wb.FORM, True, 1, ((w,) * len(idx), ns, causal))) if w >= 0 else None
-        t += blocked[0] if blocked is not None else _masked_ort(sub, "window", 1)
-    return t
-
-
-def _ort(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
-    dense = _cpu_dense(shape)
-    if pattern.onnx_form.startswith("com.microsoft"):  # what an export of unknown length emits
-        return Prediction("onnxruntime-cpu", 1.0, dense * 1e3, dense * 1e3, density,
-                          pattern.onnx_form, "priced as dense: no gain measured")
-    blocked = _blocked_ort(shape, pattern)
-    if blocked is not None:
-        return Prediction("onnxruntime-cpu", dense / blocked[0], dense * 1e3, blocked[0] * 1e3,
-                          density, blocked[1], "only the blocks' key windows are computed")
-    split = _split_ort(shape, pattern)
-    if split is not None:
-        return Prediction("onnxruntime-cpu", dense / split, dense * 1e3, split * 1e3, density,
-                          pattern.onnx_form, "windowed head groups computed blocked")
-    t = _masked_ort(shape, pattern.kind, pattern.mask_heads)
-    return Prediction("onnxruntime-cpu", dense / t, dense * 1e3, t * 1e3, density,
-                      pattern.onnx_form, "every score is still computed")
-
-
 def _torch_cpu(shape: SiteShape, pattern: PatternCost, density: float) -> Prediction:
     dense = _cpu_dense(shape)
     blocked = _blocked(shape, pattern)
@@ -356,10 +298,6 @@ def _torch_cpu(shape: SiteShape, pattern: PatternCost, density: float) -> Predic
     return Prediction("torch-cpu", dense / t, dense * 1e3, t * 1e3, density,
                       "the op's reference (dense float32 scores and mask)",
                       "every score is still computed")
-
-
-def _natten1d(s: int, k: int, masks) -> Pred:
-    return lambda i, j: masks.natten_axis_visible(i, j, s, k, 1, 1, False)
 
 
 def _window(w: int, sinks: int, causal: bool, masks) -> Pred:
@@ -384,10 +322,15 @@ def window_cost(windows: Sequence[int], num_sinks: int, causal: bool, onnx_form:
 
 
 def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dilation, stride,
-                      is_causal, num_global: int, extras: bool) -> PatternCost:
+                      is_causal, num_global: int, extras: bool, seq: int | None = None,
+                      mask_rank: int | None = None) -> PatternCost:
     """NATTEN on `grid` after `num_global` global tokens, one kernel per head (-1 entries: the
-    whole axis; a kernel of all -1: a dense head)."""
+    whole axis; a kernel of all -1: a dense head), priced as the ONNX form the op's translation
+    emits at length `seq` with a mask of `mask_rank` (None: no mask):
+    `neighborhood_blocked.export_form`, the translation's own selection."""
     from attnc.kernels import masks
+    from attnc.kernels import neighborhood1d_blocked as nb1d
+    from attnc.kernels import neighborhood_blocked as nb
 
     groups: dict[tuple[int, ...], int] = {}
     for ks in kernels:
@@ -403,14 +346,26 @@ def neighborhood_cost(grid: Sequence[int], kernels: Sequence[Sequence[int]], dil
            num_global)
     heads = tuple((pred(ks), n, (*key, ks)) for ks, n in groups.items())
     per_head = len(groups) > 1
-    return PatternCost("neighborhood", heads, "Attention(opset 23) + in-graph neighborhood mask",
-                       extras, len(kernels) if per_head else 1)
+    op_heads = [list(k) for k in kernels] if per_head else [list(kernels[0])]  # head_kernels
+    args = nb._args(grid, op_heads, dilation, stride, is_causal)
+    form = nb.export_form(seq, *args, int(num_global), mask_rank)
+    fa = None
+    if form == nb.FORM:
+        fa = ("nd", *args, int(num_global))
+    elif form == nb1d.FORM:
+        fa = ("1d", tuple(h[0] for h in args[1]), args[2][0], args[3][0], int(num_global))
+    return PatternCost("neighborhood", heads, form, extras, len(kernels) if per_head else 1,
+                       form_args=fa)
 
 
 def block_cost(layout: torch.Tensor, block_size: int, causal: bool, extras: bool,
-               heads: int) -> PatternCost:
+               heads: int, mask_rank: int | None = None) -> PatternCost:
     """A (1, H|1, n, n) block layout over `heads` heads (a head whose blocks are all kept and
-    not causal counts as dense)."""
+    not causal counts as dense), priced as the ONNX form the op's translation emits for it
+    (`block_sparse_gather.export_form` at the layout's n blocks, as the translation reads a
+    dynamic key length off the layout) with a mask of `mask_rank` (None: no mask)."""
+    from attnc.kernels import block_sparse_gather as bsg
+
     groups: dict[bytes, tuple[torch.Tensor, int]] = {}
     for h in range(layout.shape[1]):
         key = layout[0, h].numpy().tobytes()
@@ -431,8 +386,12 @@ def block_cost(layout: torch.Tensor, block_size: int, causal: bool, extras: bool
 
     heads = tuple((pred(lay), n, ("block", k, tuple(lay.shape), block_size, causal))
                   for k, (lay, n) in groups.items())
-    return PatternCost("block", heads, "Attention(opset 23) + in-graph block-layout mask", extras,
-                       layout.shape[1] if len(groups) > 1 else 1)
+    n = layout.shape[-1]
+    form = bsg.export_form(n * block_size, block_size, mask_rank)
+    m = max(int(layout.sum(-1).max()), 1) if layout.numel() else 1  # the index table's width
+    fa = ("gather", layout.shape[-2], int(block_size), m) if form == bsg.FORM else None
+    return PatternCost("block", heads, form, extras, layout.shape[1] if len(groups) > 1 else 1,
+                       form_args=fa)
 
 
 def fmt_speedup(x: float) -> str:

@@ -17,12 +17,15 @@ from .sparse_cost import (
     BN,
     D_REF,
     SiteShape,
-    _natten1d,
     _window,
     predict,
     tile_counts,
     window_cost,
 )
+
+
+def _natten1d(s: int, k: int, masks):
+    return lambda i, j: masks.natten_axis_visible(i, j, s, k, 1, 1, False)
 
 
 def fit_cuda(path: str | Path) -> dict[str, float]:
@@ -134,4 +137,60 @@ def fit_ort(paths: Sequence[str | Path]) -> dict[str, float]:
                 for k, v in keep.items():
                     setattr(sc, k, v)
             out["ORT_SPLIT_EXCESS"] = sum(ex) / len(ex)
+    return out
+
+
+NBHD_WINDOWS = {"nbhd64x64": (13, 13), "nbhd32x32": (7, 7), "nbhd16x16": (7, 7)}  # older rows
+
+
+def pattern_row(row: dict, heads: int = 8, head_dim: int = 64):
+    """(SiteShape, PatternCost) of a benchmarks/onnx_patterns.py nbhd*/block* row (the grid and
+    window from the row, else from its case name; a layout with the row's fullest row count:
+    the ORT prices read only that and the block count), or None for other rows."""
+    s, case = int(row["S"]), row["case"]
+    shape = SiteShape(s, heads, head_dim, False)
+    if case.startswith("nbhd"):
+        grid = row.get("grid") or [int(x) for x in case[4:].split("x")]
+        ks = row.get("window") or NBHD_WINDOWS[case]
+        nd = len(grid)
+        return shape, sc.neighborhood_cost(grid, [list(ks)] * heads, [1] * nd, [1] * nd,
+                                           [False] * nd, 0, False, seq=s)
+    if case.startswith("block"):
+        bs = int(row.get("block_size", 64))
+        n, m = -(-s // bs), int(row["max_blocks_per_row"])
+        lay = torch.zeros(1, 1, n, n, dtype=torch.bool)
+        for i in range(n):
+            lay[0, 0, i, [(i + j) % n for j in range(m)]] = True
+        return shape, sc.block_cost(lay, bs, False, False, heads)
+    return None
+
+
+def fit_ort_patterns(paths: Sequence[str | Path], min_seq: int = 1024) -> dict[str, float]:
+    """Re-derive ORT_NBHD_EFF/OVH and ORT_GATHER_EFF/OVH (least squares, in the dense
+    `Attention`'s per-score cost) from benchmarks/onnx_patterns.py JSON files: each nbhd/block
+    row at S >= `min_seq` (smaller ones are noise-dominated on the shared machine) whose chosen,
+    blocked or gathered form is the tiled one, its time over the same run's dense time times
+    the S x S scores dense computes, against the form's scores and blocks per head."""
+    from attnc.passes.sparse_cost_ort import form_work
+
+    pts: dict[str, list] = {"nd": [], "gather": []}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            got = pattern_row(r) if int(r["S"]) >= min_seq else None
+            if got is None:
+                continue
+            shape, pc = got
+            sp = r["ort_speedup_vs_dense"]
+            meas = sp.get("blocked") or sp.get("gathered") or sp.get("chosen")
+            if pc.form_args is None or meas is None:
+                continue
+            kind, scores, blocks, _ = form_work(shape.seq, pc.form_args)
+            pts[kind].append((scores, blocks, float(shape.seq) ** 2 / meas))
+    out: dict[str, float] = {}
+    for kind, name in (("nd", "NBHD"), ("gather", "GATHER")):
+        if len(pts[kind]) >= 2:
+            a = torch.tensor([[x, n] for x, n, _ in pts[kind]], dtype=torch.float64)
+            y = torch.tensor([u for _, _, u in pts[kind]], dtype=torch.float64)
+            eff, ovh = torch.linalg.lstsq(a, y[:, None]).solution[:, 0].tolist()
+            out.update({f"ORT_{name}_EFF": eff, f"ORT_{name}_OVH": ovh})
     return out
