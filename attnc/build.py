@@ -178,6 +178,7 @@ def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
         cfg=recipe.calibration,
         extra=extra,
         positions=model_positions(loaded.config),
+        model_dir=loaded.source if Path(loaded.source).is_dir() else None,  # image mean/std
     )  # checked against the model before the (slower) capture
     say("capturing with torch.export")
     progress.stage("capture")
@@ -419,7 +420,14 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
         from attnc.check.fidelity import onnx_tolerance, ort_check_file
 
         onnx_file, optimize = ort_check_file(stage / "model.onnx", onnx_info)
-        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
+        if onnx_info["layout"]["external_data"]:  # big: one resident copy of the weights
+            from attnc.export import external_data as ext
+
+            run = ext.mapped_runner(str(onnx_file), program.input_names)  # ORT maps the data
+            ext.page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's
+            onnx_info["verified_optimizations"] = getattr(run, "optimizations", "on")
+        else:
+            run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
         onnx_info["providers"] = run.providers
         onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised

@@ -12,13 +12,16 @@ Writes benchmarks/results/scale-<device>.json (merged with earlier runs of other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,14 +61,20 @@ print(sum(p.numel() for p in m.parameters()))
 BUILD = """
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
+import attnc.progress as progress
 from attnc.build import BuildOptions, build
+_stage = progress.stage
+def stage(name):  # the parent attributes its RSS samples to the stage printed last
+    _stage(name)
+    print("ATTNC_STAGE " + json.dumps(name), flush=True)
+progress.stage = stage
 t = time.perf_counter()
+opts = json.loads(sys.argv[5])
 res = build(sys.argv[1], json.loads(sys.argv[2]), None, sys.argv[3],
-            BuildOptions(dtype="auto", force=True, progress=lambda s: print(s, flush=True)))
+            BuildOptions(dtype="auto", force=True, progress=lambda s: print(s, flush=True), **opts))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("ATTNC_RESULT " + json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
 """
-
 
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
@@ -75,29 +84,110 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], threads: int, log: Path) -> tuple[int, str, dict]:
-    """Run `cmd` niced; returns (exit code, its output, /usr/bin/time -v figures)."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _mem(pids: list[int]) -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes) summed over `pids`; file-backed pages (the
+    memory-mapped safetensors and ONNX data) count in the first only."""
+    rss = anon = 0
+    for p in pids:
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1]) * 1024
+            elif line.startswith("RssAnon:"):
+                anon += int(line.split()[1]) * 1024
+    return rss, anon
+
+
+def _run(cmd: list[str], threads: int, log: Path, limit: int | None = None,
+         ) -> tuple[int, str, dict]:
+    """Run `cmd` niced, sampling the resident memory of its process tree every 0.1 s (per stage
+    when the child prints `ATTNC_STAGE "name"` lines) and killing it when the tree's resident
+    memory passes `limit` bytes (the watchdog: a failed row, not an out-of-memory machine).
+    Returns (exit code, its output, figures)."""
     timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     full = ["nice", "-n", "10", *([timer, "-v"] if timer else []), *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(full, env=_env(threads), capture_output=True, text=True, cwd=ROOT)
-    out = proc.stdout
-    log.write_text(proc.stdout + proc.stderr)
-    tv = {"wall_seconds": time.perf_counter() - t0}
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    err_path = log.with_suffix(".stderr")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(full, env=_env(threads), stdout=subprocess.PIPE, stderr=err,
+                                text=True, cwd=ROOT)
+        lines: list[str] = []
+        state = {"stage": None}
+
+        def reader() -> None:
+            assert proc.stdout is not None
+            with open(log, "w") as live:  # followable while the build runs
+                for line in proc.stdout:
+                    lines.append(line)
+                    live.write(f"[{time.perf_counter() - t0:7.1f} s] {line}")
+                    live.flush()
+                if line.startswith("ATTNC_STAGE "):
+                    state["stage"] = json.loads(line.split(" ", 1)[1]) or "end"
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        stages: dict[str, dict] = {}
+        peak = peak_anon = 0
+        killed = None
+        while proc.poll() is None:
+            rss, anon = _mem(_tree(proc.pid))
+            peak, peak_anon = max(peak, rss), max(peak_anon, anon)
+            name = state["stage"] or "startup"
+            st = stages.setdefault(name, {"peak_rss": 0, "peak_anon": 0})
+            st["peak_rss"], st["peak_anon"] = max(st["peak_rss"], rss), max(st["peak_anon"], anon)
+            if limit is not None and rss > limit and killed is None:
+                killed = name
+                for p in reversed(_tree(proc.pid)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+            time.sleep(0.1)
+        th.join(timeout=5)
+    out = "".join(lines)
+    with open(log, "a") as f:
+        f.write(err_path.read_text())
+    err_path.unlink()
+    tv: dict = {"wall_seconds": round(time.perf_counter() - t0, 1),
+                "sampled_peak_rss_bytes": peak, "sampled_peak_anon_bytes": peak_anon,
+                "sampled_stages": stages}
+    if killed is not None:
+        tv["killed"] = f"watchdog: resident memory passed {limit / 2**30:.0f} GiB in {killed!r}"
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
     if m:
         tv["max_rss_bytes"] = int(m.group(1)) * 1024
     return proc.returncode, out, tv
 
 
-def make_model(size: str, dtype: str, threads: int, logs: Path) -> tuple[Path, int]:
+def make_model(size: str, dtype: str, threads: int, logs: Path,
+               limit: int | None = None) -> tuple[Path, int]:
     folder = WORK / f"llama-{size}b-{dtype}"
     if (folder / "attnc-params.json").exists() and any(folder.glob("*.safetensors")):
         params = json.loads((folder / "attnc-params.json").read_text())["params"]
         return folder, params
     shutil.rmtree(folder, ignore_errors=True)
     rc, out, _ = _run([sys.executable, "-c", MAKE, json.dumps(CONFIGS[size]), str(folder), dtype,
-                       str(threads)], threads, logs / f"make-{size}-{dtype}.log")
+                       str(threads)], threads, logs / f"make-{size}-{dtype}.log", limit)
     if rc != 0:
         raise SystemExit(f"making the {size} B {dtype} model failed:\n{out[-2000:]}")
     params = int(out.strip().splitlines()[-1])
@@ -105,31 +195,46 @@ def make_model(size: str, dtype: str, threads: int, logs: Path) -> tuple[Path, i
     return folder, params
 
 
-def build_one(size: str, dtype: str, threads: int, logs: Path) -> dict:
-    folder, params = make_model(size, dtype, threads, logs)
+def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None,
+              opts: dict) -> dict:
+    folder, params = make_model(size, dtype, threads, logs, limit)
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = WORK / f"build-{size}b-{dtype}"
     rc, text, tv = _run([sys.executable, "-c", BUILD, str(folder), json.dumps(RECIPE), str(out),
-                         str(threads)], threads, logs / f"build-{size}-{dtype}.log")
+                         str(threads), json.dumps(opts)], threads,
+                        logs / f"build-{size}-{dtype}.log", limit)
+    x = lambda n: round((n or 0) / weights, 2)  # noqa: E731
+    sampled = tv.pop("sampled_stages")
     row: dict = {"size": f"{size}B", "dtype": dtype, "params": params,
-                 "weights_bytes": weights, "ok": rc == 0, "commit": _commit(), **tv}
+                 "weights_bytes": weights, "ok": rc == 0 and "killed" not in tv,
+                 "commit": _commit(), "build_options": opts, **tv,
+                 "peak_x_weights": x(tv.get("sampled_peak_rss_bytes")),
+                 "peak_anon_x_weights": x(tv.get("sampled_peak_anon_bytes"))}
     if "max_rss_bytes" in tv:
-        row["peak_x_weights"] = round(tv["max_rss_bytes"] / weights, 2)
-    if rc != 0:
+        row["time_v_peak_x_weights"] = x(tv["max_rss_bytes"])  # the largest single process
+    row["stage_peaks"] = [{"stage": k, "peak_x_weights": x(v["peak_rss"]),
+                           "peak_anon_x_weights": x(v["peak_anon"])} for k, v in sampled.items()]
+    if not row["ok"]:
         err = (logs / f"build-{size}-{dtype}.log").read_text().strip().splitlines()
-        row["error"] = next((ln for ln in reversed(err) if "Error" in ln), f"exit {rc}")[:400]
+        row["error"] = tv.get("killed") or next(
+            (ln for ln in reversed(err) if "Error" in ln), f"exit {rc}")[:400]
+        shutil.rmtree(out, ignore_errors=True)
         return row
     res = json.loads(text.split("ATTNC_RESULT ", 1)[1].splitlines()[0])
     row["build_seconds"] = round(res["seconds"], 1)
-    row.setdefault("max_rss_bytes", res["peak_rss"])
-    row.setdefault("peak_x_weights", round(res["peak_rss"] / weights, 2))
+    row["build_seconds_per_gparam"] = round(res["seconds"] / (params / 1e9), 1)
     report = json.loads((out / "report.json").read_text())
     row["stages"] = [
         {"stage": s["stage"], "seconds": s["seconds"],
-         "peak_x_weights": round((s["peak_rss_bytes"] or 0) / weights, 2),
-         "rss_x_weights_after": round((s["rss_bytes"] or 0) / weights, 2)}
+         "peak_x_weights": x((sampled.get(s["stage"]) or {}).get("peak_rss")),
+         "peak_anon_x_weights": x((sampled.get(s["stage"]) or {}).get("peak_anon")),
+         "rss_x_weights_after": x(s["rss_bytes"])}
         for s in report.get("stages", [])
     ]
+    # the Python/torch/onnx runtime before the model is read (imports), and the peak without it
+    base = next((s["rss_bytes"] for s in report.get("stages", []) if s["stage"] == "preflight"), 0)
+    row["runtime_rss_bytes"] = base
+    row["peak_less_runtime_x_weights"] = x(tv["sampled_peak_rss_bytes"] - (base or 0))
     onnx = report.get("onnx") or {}
     row["onnx_layout"] = onnx.get("layout")
     row["onnx_verified_file"] = onnx.get("verified_file")
@@ -155,24 +260,34 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep-models", action="store_true", help="keep the HF folders in /tmp")
+    ap.add_argument("--limit-gib", type=float, default=12.0,
+                    help="kill a build whose resident memory passes this (a failed row)")
+    ap.add_argument("--no-original", action="store_true",
+                    help="build without original.pt2 (BuildOptions.save_original=False)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     logs = ROOT / "benchmarks" / "results" / "scale-logs"
     logs.mkdir(parents=True, exist_ok=True)
     device = "cpu"
     path = ROOT / "benchmarks" / "results" / f"scale-{device}.json"
-    doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             print(f"== {size} B {dtype}", flush=True)
-            row = build_one(size, dtype, args.threads, logs)
-            print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
+            opts = {"save_original": False} if args.no_original else {}
+            row = build_one(size, dtype, args.threads, logs, int(args.limit_gib * 2**30), opts)
+            print(json.dumps({k: v for k, v in row.items() if "stage" not in k}), flush=True)
+            (logs / f"row-{size}-{dtype}.json").write_text(json.dumps(row, indent=1) + "\n")
+            # read again just before writing: another size may have finished meanwhile
+            doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
             doc["runs"] = [r for r in doc["runs"]
                            if not (r["size"] == row["size"] and r["dtype"] == dtype)] + [row]
             doc.update(device=f"{device} ({platform.processor() or platform.machine()})",
                        threads=args.threads, recipe=RECIPE,
                        note="shared 2-core machine with other jobs running: wall times are "
-                            "noisy; peak memory is the build process's own")
+                            "noisy. peak_x_weights: the build's process tree's resident memory, "
+                            "sampled every 0.1 s, over the safetensors bytes (source dtype); "
+                            "peak_anon_x_weights: its anonymous part (without the memory-mapped "
+                            "safetensors/ONNX data pages the kernel can drop)")
             path.write_text(json.dumps(doc, indent=1) + "\n")
             if not args.keep_models:
                 shutil.rmtree(WORK / f"llama-{size}b-{dtype}", ignore_errors=True)

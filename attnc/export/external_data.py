@@ -126,3 +126,86 @@ def layout(path: Path, model: Any | None = None) -> dict[str, Any]:
         "files": files,
         "total_bytes": sum(files.values()),
     }
+
+
+def mapped_runner(onnx_path: str, input_names: list[str]):
+    """A callable running a model whose weights are external data in ONNX Runtime (CPU) without
+    a second copy of them: graph optimizations off (constant folding writes a transposed copy of
+    every Linear weight, MLAS prepacking another), the CPU arena off and memory patterns on (each
+    transient, such as one weight's Transpose or float32 Cast, is freed after its last use), so
+    ONNX Runtime memory-maps the data file and reads the weights in place. Measured on a 268 MB
+    MLP: 25 MB of anonymous memory after session and runs, against 391 MB fully optimized. With
+    CUDA the weights go to the GPU anyway: the usual optimized runner."""
+    import onnxruntime as ort
+
+    from attnc.check.fidelity import _ort_msg, ort_runner
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ort_runner(onnx_path, input_names, optimize=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = True
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT's errors are many: one line, named
+        raise ExportError(f"ONNX Runtime cannot load {Path(onnx_path).name}: {_ort_msg(exc)}"
+                          ) from exc
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*args: torch.Tensor):
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=False)}
+        try:
+            return torch.from_numpy(sess.run(None, feed)[0])
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(
+                f"ONNX Runtime cannot run {Path(onnx_path).name}: {_ort_msg(exc)}",
+                "the exported graph uses an op/dtype pair this ONNX Runtime build lacks",
+            ) from exc
+
+    run.providers = sess.get_providers()  # type: ignore[attr-defined]
+    run.optimizations = "off: weights read in place from the mapped data file"  # type: ignore[attr-defined]
+    return run
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; contents never change (a hint)
+
+
+def page_out(tensors) -> int:
+    """Ask the kernel to drop the resident pages of `tensors` whose memory is a file mapping
+    (weights memory-mapped from safetensors): they are read back from the file on the next use,
+    with the same bytes (MADV_PAGEOUT changes no contents, unlike MADV_DONTNEED). Used while ONNX
+    Runtime reads its own mapped copy of the weights, so that the two are not resident at once.
+    Returns the bytes advised; 0 where the platform has no such call (a no-op)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        maps = [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    files = []  # (start, end) of file-backed mappings (an inode, a path)
+    for f in maps:
+        if len(f) >= 6 and f[4] != "0" and f[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            files.append((lo, hi))
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = set()
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        st = t.untyped_storage()
+        a, b = st.data_ptr(), st.data_ptr() + st.nbytes()
+        for lo, hi in files:
+            if lo <= a < hi:
+                spans.add((max(lo, a - a % page), min(hi, b)))
+                break
+    n = 0
+    for a, b in sorted(spans):
+        if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_PAGEOUT) == 0:
+            n += b - a
+    return n
