@@ -178,6 +178,7 @@ def prepare(spec, recipe: Recipe, calib: str | None, opts: BuildOptions):
         cfg=recipe.calibration,
         extra=extra,
         positions=model_positions(loaded.config),
+        model_dir=loaded.source if Path(loaded.source).is_dir() else None,  # image mean/std
     )  # checked against the model before the (slower) capture
     say("capturing with torch.export")
     progress.stage("capture")

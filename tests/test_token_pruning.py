@@ -5,6 +5,8 @@ masks), letterbox padding, the trend fits, and the ONNX export in ONNX Runtime."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -271,8 +273,83 @@ def test_plan_travels_as_json_and_the_report_section(setup, tmp_path):
     assert part.files["trend.svg"].startswith("<svg")
 
 
+def _real_images(folder):
+    """Real photographs shipped with scikit-learn (640x427), and a portrait crop of one."""
+    import shutil
+
+    sk = pytest.importorskip("sklearn.datasets")
+    pil = pytest.importorskip("PIL.Image")
+    src = Path(sk.__file__).parent / "images"
+    folder.mkdir()
+    for name in ("china.jpg", "flower.jpg"):
+        shutil.copy(src / name, folder / name)
+    with pil.open(src / "china.jpg") as im:
+        im.crop((100, 0, 340, 427)).save(folder / "china_portrait.png")
+    return sorted(folder.iterdir())
+
+
+def test_calibration_on_real_images(setup, tmp_path):
+    """A folder of images and a JSONL of image + prompt rows calibrate the VLM: pixels
+    letterboxed on the mean colour (so the pass finds the padding patches), the image token
+    expanded, rows left-padded; the report says the images were real."""
+    import json
+
+    from attnc.errors import CalibrationError
+    from attnc.load.calib_files import check_calibration_file
+    from attnc.load.calibration import CalibrationConfig, load_calibration
+
+    model, program = setup
+    files = _real_images(tmp_path / "imgs")
+    names, ex = program.input_names, program.example_args
+    cfg = CalibrationConfig(samples=8, batch_size=2, holdout=0.0)
+    check_calibration_file(tmp_path / "imgs")
+    data = load_calibration(str(tmp_path / "imgs"), names=names, example_args=ex, cfg=cfg)
+    assert data.images.startswith("real (3 image files") and data.num_samples == 6
+    pix = torch.cat([b.args[2] for b in data.calib])  # (3, 3, 32, 32) sorted: china, portrait
+    assert pix.shape == (3, 3, 32, 32)
+    bar = pix.abs().le(0.02).all(1)  # (3, 32, 32): letterbox pixels
+    assert bar[0, :5].all() and not bar[0, 8:24].any()  # landscape: bars top and bottom
+    assert bar[1][:, :7].all() and not bar[1][8:24, 10:22].any()  # portrait: left and right
+    rows = [{"image": f.name, "input_ids": [BOS, IMG, 7, 8, 9][: 5 - i]} for i, f in
+            enumerate(files)]
+    jl = tmp_path / "imgs" / "calib.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    check_calibration_file(jl)
+    data = load_calibration(str(jl), names=names, example_args=ex, cfg=cfg)
+    ids = data.calib[0].args[0]
+    assert ids.shape == (2, 1 + N_IMG + 3) and (ids == IMG).sum(1).tolist() == [N_IMG] * 2
+    assert ids[1, 0] == 0 and data.calib[0].args[1][1, 0] == 0  # left-padded
+    decisions = plan(program, TokenPruningConfig(layer=LAYER, keep=0.25),
+                     PassContext(calibration=data))
+    m = decisions[LAYER].metrics
+    assert m["calibration_images"].startswith("real (3 image files")
+    assert m["kept_on_calibration"]["valid_image_tokens"]["min"] == 8  # landscape: 2 rows pad
+    jl.write_text(json.dumps({"image": "missing.png", "input_ids": [BOS, IMG]}))
+    with pytest.raises(CalibrationError, match="image file not found"):
+        check_calibration_file(jl)
+    jl.write_text(json.dumps({"image": files[0].name, "input_ids": [BOS, 7]}))
+    with pytest.raises(CalibrationError, match="image token"):
+        load_calibration(str(jl), names=names, example_args=ex, cfg=cfg)
+
+
+def test_llava_captured_with_dynamic_batch(setup):
+    """LLaVA's image features no longer tie the batch (attnc.capture.hf_patches): batch and
+    sequence are dynamic, and the program runs at batch 1 and 3."""
+    model, program = setup
+    assert program.dynamic_dims["pixel_values"] == {0: "batch"}
+    assert program.dynamic_dims["input_ids"] == {0: "batch", 1: "seq"}
+    ids, mask, pix = _inputs(9, (7, 8, 9), letterbox=False)
+    for b in (1, 3):
+        args = tuple(torch.cat([t, t])[:b] for t in (ids, mask, pix))
+        with torch.no_grad():
+            ref = model(input_ids=args[0], attention_mask=args[1], pixel_values=args[2]).logits
+        torch.testing.assert_close(program(*args), ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_onnx_export_matches_torch(setup, tmp_path):
+    """The pruned LLaVA exports with dynamic batch and sequence, passes the full ONNX check and
+    matches torch in ONNX Runtime at batch 1 and 2, two lengths, optimizations off and on."""
     import onnx
     import onnxruntime as ort
 
@@ -283,12 +360,21 @@ def test_onnx_export_matches_torch(setup, tmp_path):
     pruned = prune_tokens(program, cfg)[0]
     path = tmp_path / "model.onnx"
     export_onnx(pruned, path)
-    onnx.checker.check_model(str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    for seed, text, lb in ((6, (7, 8, 9), True), (7, (7, 8, 9, 10, 11, 12), False)):
-        args = _inputs(seed, text, letterbox=lb)  # two sequence lengths
-        got = sess.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
-        want = pruned(*args)
-        assert got.shape == tuple(want.shape)
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input}
+    assert dims["input_ids"] == ["batch", "sequence"] and dims["pixel_values"][0] == "batch"
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        for seed, text, lb, b in ((6, (7, 8, 9), True, 2), (7, (7, 8, 9, 10, 11, 12), False, 2),
+                                  (6, (7, 8, 9), True, 1), (7, (7, 8, 9, 10), False, 1)):
+            args = tuple(t[:b] for t in _inputs(seed, text, letterbox=lb))  # lengths, batches
+            got = sess.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
+            want = pruned(*args)
+            assert got.shape == tuple(want.shape)
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)

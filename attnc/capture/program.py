@@ -227,7 +227,9 @@ def _export(module, args, names, dynamic_dims):
     shapes = _dim_specs(names, args, dynamic_dims) if dynamic_dims else None
     if shapes is not None and isinstance(module, OutputAdapter):
         shapes = (shapes,)  # OutputAdapter.forward(*inputs)
-    with torch.no_grad():
+    from attnc.capture.hf_patches import export_patches
+
+    with torch.no_grad(), export_patches(module):  # LLaVA: keep the batch dynamic
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 

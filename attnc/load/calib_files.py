@@ -48,7 +48,12 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def check_calibration_file(path: str | Path) -> None:
-    """Every check that needs no model. Raises CalibrationError; returns nothing."""
+    """Every check that needs no model. Raises CalibrationError; returns nothing. A folder of
+    images, or JSONL lines naming images, is checked by `attnc.load.calib_images`."""
+    from attnc.load.calib_images import read_image_rows
+
+    if Path(path).exists() and read_image_rows(path) is not None:
+        return
     p = _existing(path)
     if p.suffix in JSONL_SUFFIXES:
         read_rows(p)

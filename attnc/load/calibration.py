@@ -68,6 +68,9 @@ class CalibrationData:
     calib: list[Batch]
     holdout: list[Batch]
     source: str
+    # where a VLM's pixels came from, for the report: real image files, a tensor file, or
+    # generated (random pixels); None for models without pixel inputs
+    images: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -209,17 +212,30 @@ def load_calibration(
     cfg: CalibrationConfig = CalibrationConfig(),
     extra: dict[str, Callable[[int], torch.Tensor]] | None = None,
     positions: int | None = None,
+    model_dir: str | None = None,
 ) -> CalibrationData:
-    """Batches from `path` (JSONL, .pt, .safetensors), checked against the model: token ids in
-    `vocab`, sequences within `positions`, inputs named, shaped and typed like `example_args`."""
+    """Batches from `path` (JSONL, .pt, .safetensors; for a VLM also images: a folder, or JSONL
+    lines with "image" and a prompt, `attnc.load.calib_images`, normalised as `model_dir`'s
+    preprocessor_config.json says), checked against the model: token ids in `vocab`, sequences
+    within `positions`, inputs named, shaped and typed like `example_args`."""
     extra = extra or {}
+    pixels = "pixel_values" in names
     if path is None or path == "generated":
         batches = generated_batches(example_args, list(names), cfg)
-        return _split(batches, cfg, "generated")
+        return _split(batches, cfg, "generated", "generated (random pixels)" if pixels else None)
     p = Path(path)
+    from attnc.load.calib_images import image_batches
+
+    got = image_batches(p, list(names), example_args, tokenizer=tokenizer, vocab=vocab,
+                        positions=positions, samples=cfg.samples, batch_size=cfg.batch_size,
+                        model_dir=model_dir, pad_id=_pad_id(tokenizer))
+    if got is not None:
+        return _split(got[0], cfg, str(p), got[1])
+    images = None
     if p.suffix in TENSOR_SUFFIXES:
         data = check_tensors(p, read_tensors(p), names, example_args, vocab, positions)
         batches = _tensor_batches(data, names, cfg)
+        images = "from the tensor file" if pixels else None
     else:  # read_rows refuses a missing file, a folder, an empty file, an unknown suffix
         # inputs text cannot fill (pixels, audio features) are random, shaped like the examples
         like = {
@@ -239,7 +255,9 @@ def load_calibration(
         row_limit = positions if any("mask" in n for n in names) else None
         seqs = _tokenize(p, rows, tokenizer, length, vocab, row_limit)
         batches = _token_batches(seqs, list(names), cfg, _pad_id(tokenizer), length, extra)
-    return _split(batches, cfg, str(p))
+        images = "generated (random pixels: the calibration file gives no images)" \
+            if pixels else None
+    return _split(batches, cfg, str(p), images)
 
 
 def check_source(calib: str | None, cfg: CalibrationConfig) -> None:
@@ -282,16 +300,17 @@ def _tensor_batches(data: dict[str, torch.Tensor], names, cfg) -> list[Batch]:
     return batches
 
 
-def _split(batches: list[Batch], cfg: CalibrationConfig, source: str) -> CalibrationData:
+def _split(batches: list[Batch], cfg: CalibrationConfig, source: str,
+           images: str | None = None) -> CalibrationData:
     if not batches:
         raise CalibrationError(f"no calibration batches from {source}")
     if cfg.holdout <= 0:  # no held-out part: verification reuses the calibration batches
-        return CalibrationData(batches, batches, source)
+        return CalibrationData(batches, batches, source, images)
     if len(batches) == 1:
         b = batches[0]
         n = b.args[0].shape[0]
         if n < 2:
-            return CalibrationData([b], [b], source)
+            return CalibrationData([b], [b], source, images)
         cut = max(1, int(round(n * (1 - cfg.holdout))))
         cut = min(cut, n - 1)
         part = lambda lo, hi: Batch(
@@ -299,12 +318,12 @@ def _split(batches: list[Batch], cfg: CalibrationConfig, source: str) -> Calibra
             None if b.token_mask is None else b.token_mask[lo:hi],
             None if b.labels is None else b.labels[lo:hi],
         )
-        return CalibrationData([part(0, cut)], [part(cut, n)], source)
+        return CalibrationData([part(0, cut)], [part(cut, n)], source, images)
     n_hold = max(1, int(round(len(batches) * cfg.holdout))) if cfg.holdout > 0 else 0
     n_hold = min(n_hold, len(batches) - 1)
     calib = batches[: len(batches) - n_hold]
     hold = batches[len(batches) - n_hold :] or calib[-1:]
-    return CalibrationData(calib, hold, source)
+    return CalibrationData(calib, hold, source, images)
 
 
 def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: int = 0):
@@ -364,4 +383,4 @@ def conform(data: CalibrationData, names, example_args, dynamic_dims, pad_id: in
 
     calib = regroup([fix_seq(b) for b in data.calib])
     hold = regroup([fix_seq(b) for b in data.holdout])
-    return CalibrationData(calib, hold, data.source)
+    return CalibrationData(calib, hold, data.source, data.images)
