@@ -10,11 +10,16 @@ token of the block uses. This is the calibration-only APPROXIMATION of MoH (the 
 calibration data, gates are binary (as the published LLaMA3 model) or weighted (least-squares
 per-head scale), and `distill_steps` optionally fits router and gate values for minutes on CPU
 against the original attention-branch outputs (`moh_fit`). Keys, values and the model's weights
-are never changed. `active: 1.0` leaves every site as it is (exact).
+are never changed. `active: 1.0` leaves every site as it is (exact). Shared heads are chosen by
+output norm or by the calibration loss's rise when a head is masked (`importance: loss`,
+`moh_importance`). When the routed program misses the recipe's fidelity bound on the calibration
+batches, the pass backs off step by step (`moh_backoff`: un-route the costliest site, or raise
+`active`), and the trail is in the decisions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -29,8 +34,10 @@ from attnc.graph.gate import add_buffer, add_node, fuse_head_gate, insert_head_g
 from attnc.recipe.manager import Decision, PassInfo, register_pass
 from attnc.recipe.selectors import Selector
 
+from .moh_backoff import back_off
 from .moh_calib import anchors, calibrate
 from .moh_fit import fit_site
+from .moh_importance import loss_importance
 from .moh_report import render as render_report
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,15 @@ class MoHConfig:
     router: Literal["query-norm", "linear"] = "linear"
     gates: Literal["binary", "weighted"] = "binary"
     distill_steps: int = 0
-    lr: float = 0.003  # Adam's step size for distill_steps (relative to each tensor's scale)
+    # shared heads = the most important: mean contribution norm through the output projection
+    # (output-norm) or the rise of the calibration loss when the head is masked (loss)
+    importance: Literal["output-norm", "loss"] = "output-norm"
+    # while the routed program misses the recipe's fidelity bound on the calibration batches,
+    # back off one step, at most this many times (then every site runs all heads): un-route the
+    # site with the largest branch error (sites), or raise active to 1 - (1 - active) / 2 (active)
+    back_off: int = 3
+    back_off_by: Literal["sites", "active"] = "sites"
+    lr: float = 0.05  # Adam's step size for distill_steps (relative to each tensor's scale)
     max_tokens: int = 4096  # calibration tokens per site kept for the fits
     fuse: bool = True  # one attnc::routed_attention per site (else a plain gate after the call)
     layers: str | int | tuple[str | int, ...] | None = None
@@ -60,6 +75,14 @@ class MoHConfig:
             raise RecipeError(f"moh router must be query-norm or linear, got {self.router!r}")
         if self.gates not in ("binary", "weighted"):
             raise RecipeError(f"moh gates must be binary or weighted, got {self.gates!r}")
+        if self.importance not in ("output-norm", "loss"):
+            raise RecipeError(f"moh importance must be output-norm or loss, got "
+                              f"{self.importance!r}")
+        if self.back_off_by not in ("sites", "active"):
+            raise RecipeError(f"moh back_off_by must be sites or active, got "
+                              f"{self.back_off_by!r}")
+        if self.back_off < 0:
+            raise RecipeError(f"moh back_off must be 0 or more, got {self.back_off}")
         if self.distill_steps < 0:
             raise RecipeError(f"moh distill_steps must be 0 or more, got {self.distill_steps}")
         if self.max_tokens < 16:
@@ -96,31 +119,43 @@ def plan(program, cfg: MoHConfig, ctx) -> list[Decision]:
     if not sites:
         raise PassError("moh found no attention site")
     sel = Selector.parse(cfg.layers, cfg.modules)
-    decisions: dict[str, Decision] = {}
-    todo = []
-    for s in sites:
-        reason = _skip_reason(program.gm, s, sel)
-        k, n_shared = head_counts(s.num_heads, cfg.active, cfg.shared)
-        if reason is None and k == s.num_heads:
-            reason = f"active {cfg.active}: all {k} heads run (identity)"
-            decisions[s.node] = Decision(s.node, "keep", reason, {"active_heads": k})
-        elif reason is not None:
-            decisions[s.node] = Decision(s.node, "skip", reason, {})
-        else:
-            todo.append((s, k, n_shared))
-    if todo:
+    reasons = {s.node: _skip_reason(program.gm, s, sel) for s in sites}
+    # statistics once, for the sites that any active fraction up to 1 could route
+    cand = [s for s in sites if reasons[s.node] is None
+            and head_counts(s.num_heads, cfg.active, cfg.shared)[0] < s.num_heads]
+    cals, imp_info = {}, None
+    if cand:
         if ctx is None or ctx.calibration is None:
             raise PassError("moh needs calibration data (--calib)")
-        cals = calibrate(program, [s for s, _, _ in todo], ctx.calibration.calib, cfg.max_tokens)
-        for i, (s, k, n_shared) in enumerate(todo):
-            p = fit_site(cals[s.node], n_shared, k, cfg.router, cfg.gates, cfg.distill_steps,
-                         cfg.lr, seed=i)
-            m = {"node": s.node, "layer": s.layer, "router": cfg.router, "gates": cfg.gates,
-                 "params": p.params, **p.metrics}
+        cals = calibrate(program, cand, ctx.calibration.calib, cfg.max_tokens)
+        if cfg.importance == "loss":
+            imp, imp_info = loss_importance(program, cand, ctx.calibration.calib)
+            cals = {k: dataclasses.replace(c, importance=imp[k]) for k, c in cals.items()}
+
+    def decide(c: MoHConfig) -> list[Decision]:
+        out = []
+        for i, s in enumerate(sites):
+            k, n_shared = head_counts(s.num_heads, c.active, c.shared)
+            if reasons[s.node] is not None:
+                out.append(Decision(s.node, "skip", reasons[s.node], {}))
+                continue
+            if k == s.num_heads:
+                out.append(Decision(s.node, "keep",
+                                    f"active {c.active:g}: all {k} heads run (identity)",
+                                    {"active_heads": k}))
+                continue
+            p = fit_site(cals[s.node], n_shared, k, c.router, c.gates, c.distill_steps, c.lr,
+                         seed=i)
+            m = {"node": s.node, "layer": s.layer, "router": c.router, "gates": c.gates,
+                 "importance_by": c.importance, "params": p.params, **p.metrics}
+            if imp_info:
+                m["importance_loss"] = imp_info
             reason = (f"{k} of {s.num_heads} heads per token, shared {p.shared}, routed by "
-                      f"{cfg.router}; branch cosine {p.metrics['branch_cosine']:.4f}")
-            decisions[s.node] = Decision(s.node, "route", reason, m)
-    return [decisions[s.node] for s in sites]
+                      f"{c.router}; branch cosine {p.metrics['branch_cosine']:.4f}")
+            out.append(Decision(s.node, "route", reason, m))
+        return out
+
+    return back_off(program, decide, cfg, ctx, apply)
 
 
 def _router_scores(gm, attn, x, q, d: Decision, H: int):

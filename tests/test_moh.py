@@ -1,7 +1,9 @@
 """moh against the unmodified model: active 1.0 leaves the program alone, every router with all
 heads on (binary gates) is exact, fused and plain gates agree, the pass fires and stays quiet,
-each token runs exactly `active` heads, the routed program re-exports and matches ONNX Runtime,
-and the head-skipping kernel (Triton interpreter) matches the plain-PyTorch reference."""
+each token runs exactly `active` heads, distillation never touches the model's weights, loss
+importance ranks a planted useless head last, the back-off un-routes sites (or raises `active`)
+until the bound is met, the routed program re-exports and matches ONNX Runtime, and the
+head-skipping kernel (Triton interpreter) matches the plain-PyTorch reference."""
 
 from __future__ import annotations
 
@@ -96,6 +98,87 @@ def test_stays_quiet_and_validates(llama):
     with pytest.raises(PassError):
         M.plan(program, M.MoHConfig(active=0.5), PassContext())
     assert M.head_counts(4, 0.875, 0.5) == (4, 2) and M.head_counts(12, 0.75, 0.5) == (9, 6)
+
+
+def test_distill_keeps_weights_and_never_worsens(llama):
+    loaded, program, ctx = llama
+    before = {k: v.clone() for k, v in program.gm.state_dict().items()}
+    cfg = M.MoHConfig(active=0.5, shared=0.25, router="query-norm", distill_steps=4)
+    ds = M.plan(program, cfg, ctx)
+    out = M.apply(program, ds, cfg)
+    after = program.gm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the original: untouched
+    routed = out.gm.state_dict()
+    assert all(torch.equal(before[k], routed[k]) for k in before)  # the routed copy's weights too
+    assert any(k.startswith("attnc_moh_") for k in routed.keys() - before.keys())  # router
+    for d in (d for d in ds if d.action == "route"):
+        assert len(d.metrics["distill_trail"]) > 1
+        assert d.metrics["branch_rel_err"] <= d.metrics["before_distill"]["branch_rel_err"] + 1e-6
+
+
+def _plant_useless_head(program, site, h: int):
+    """A copy of `program` whose `site` head `h` adds nothing (its output-projection columns
+    zeroed in a new parameter: the shared weights stay as they are)."""
+    from attnc.passes.moh_calib import anchors
+
+    work = program.clone()
+    w_node = anchors(work.gm, site)[3]
+    owner_path, _, attr = w_node.target.rpartition(".")
+    owner = work.gm.get_submodule(owner_path) if owner_path else work.gm
+    w = getattr(owner, attr).detach().clone()  # (E, H * Dv)
+    dv = w.shape[1] // site.num_heads
+    w[:, h * dv:(h + 1) * dv] = 0
+    setattr(owner, attr, torch.nn.Parameter(w, requires_grad=False))
+    return work
+
+
+def test_loss_importance_ranks_a_planted_useless_head_last(llama):
+    from attnc.passes.moh_importance import loss_importance
+
+    loaded, program, ctx = llama
+    site = program.sites[0]
+    work = _plant_useless_head(program, site, 2)
+    imp, info = loss_importance(work, work.sites, ctx.calibration.calib, max_batches=1)
+    assert info["objective"].startswith("next-token NLL") and info["batches"] == 1
+    assert abs(float(imp[site.node][2])) < 1e-5  # masking it changes no logit
+    work.kind = "custom"  # the output-change loss: > 0 for every head that does something
+    imp, _ = loss_importance(work, work.sites[:1], ctx.calibration.calib, max_batches=1)
+    assert int(imp[site.node].argmin()) == 2 and float(imp[site.node][2]) < 1e-9
+    assert bool((imp[site.node][[0, 1, 3]] > 0).all())
+    cfg = M.MoHConfig(active=0.75, shared=0.5, importance="loss", layers="0")
+    ds = M.plan(work, cfg, ctx)
+    d = next(d for d in ds if d.action == "route")
+    assert 2 not in d.metrics["shared_heads"] and d.metrics["importance_by"] == "loss"
+
+
+def test_back_off_until_the_bound_is_met(llama):
+    loaded, program, ctx = llama
+    ref = _run(program, loaded.example_args)
+
+    def evaluate(candidate):
+        got = _run(candidate, loaded.example_args)
+        return {"max_abs_diff": float((got - ref).abs().max())}
+
+    bound = PassContext(calibration=ctx.calibration, evaluate=evaluate,
+                        meets_bound=lambda m: m["max_abs_diff"] == 0.0)
+    free = {d.site: d.metrics["branch_rel_err"]
+            for d in M.plan(program, M.MoHConfig(active=0.5, back_off=0), bound)}
+    assert len(free) == 2 and all(v > 0 for v in free.values())  # back_off 0: routes as asked
+    ds = M.plan(program, M.MoHConfig(active=0.5), bound)  # only all heads meet it
+    trail = ds[0].metrics["back_off"]
+    assert [t["sites"] for t in trail] == [2, 1, 0] and [t["ok"] for t in trail] == [0, 0, 1]
+    worst = max(free, key=free.get)  # the costliest site is un-routed first
+    assert trail[0]["next"] == f"un-route {worst}"
+    assert all(d.action == "keep" and "un-routed by the back-off" in d.reason for d in ds)
+    assert M.apply(program, ds, M.MoHConfig(active=0.5)) is program
+    cfg = M.MoHConfig(active=0.5, back_off_by="active")  # 0.5 -> 0.75 -> 0.875 (4 of 4)
+    ds = M.plan(program, cfg, bound)
+    assert [t["active"] for t in ds[0].metrics["back_off"]] == [0.5, 0.75, 0.875]
+    assert all(d.action == "keep" and "raised from 0.5 to 0.875" in d.reason for d in ds)
+    ok = PassContext(calibration=ctx.calibration, evaluate=evaluate, meets_bound=lambda m: True)
+    ds = M.plan(program, M.MoHConfig(active=0.5), ok)  # met at once: as asked, trail of one
+    assert all(d.action == "route" and len(d.metrics["back_off"]) == 1 for d in ds)
 
 
 @pytest.mark.slow
