@@ -332,6 +332,22 @@ def test_calibration_on_real_images(setup, tmp_path):
         load_calibration(str(jl), names=names, example_args=ex, cfg=cfg)
 
 
+def test_task_metrics_align_the_text_after_the_image(setup):
+    """A build's VLM fidelity (bits/byte, agreement) reads the positions after the image, which
+    a token-pruned output keeps in order: at keep-all they equal the unpruned model's."""
+    from attnc.check.task import _text_after_image, task_metrics
+
+    model, program = setup
+    args = _inputs(10, (7, 8, 9, 10), letterbox=False)
+    assert _text_after_image(args[0], args[1]) == 3  # the shorter row: 3 after its image
+    batches = [Batch(args, args[1])]
+    pruned = prune_tokens(program, TokenPruningConfig(layer=LAYER, keep=4))[0]
+    m = task_metrics("vlm", pruned, program, batches)
+    assert m["tokens"] == 2 * 2 and 0 < m["top1_agreement"] <= 1 and m["kl"] >= 0
+    same = task_metrics("vlm", program, program, batches)
+    assert same["kl"] == 0 and same["tokens"] > m["tokens"]
+
+
 def test_llava_captured_with_dynamic_batch(setup):
     """LLaVA's image features no longer tie the batch (attnc.capture.hf_patches): batch and
     sequence are dynamic, and the program runs at batch 1 and 3."""

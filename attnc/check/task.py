@@ -41,7 +41,12 @@ def lm_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: An
         for b in batches:
             ids = b.args[0]
             mask = b.token_mask if b.token_mask is not None else torch.ones_like(ids)
-            lo, lr = _out(run(*b.args))[:, :-1], _out(ref(*b.args))[:, :-1]  # (B, S-1, V)
+            lo, lr = _out(run(*b.args)), _out(ref(*b.args))
+            if lo.shape[1] < lr.shape[1]:  # token-pruned: the text after the image aligns
+                k = min(_text_after_image(ids, mask), lo.shape[1])
+                lr, ids, mask = lr[:, -k:], ids[:, -k:], mask[:, -k:]
+                lo = lo[:, -k:]
+            lo, lr = lo[:, :-1], lr[:, :-1]  # (B, S-1, V)
             tgt = ids[:, 1:]
             valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, S-1)
             logp_o, logp_r = F.log_softmax(lo, -1), F.log_softmax(lr, -1)
@@ -69,6 +74,19 @@ def lm_metrics(run: Runner, ref: Runner, batches: Sequence[Batch], tokenizer: An
         "tokens": int(n_tok),
         "bytes": int(n_bytes),
     }
+
+
+def _text_after_image(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Positions after the image in every row: the image is each row's longest run of one id
+    among real tokens (a VLM's image tokens), which token pruning thins; what follows is kept."""
+    ends = []
+    for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+        best, run, end = 0, 0, 0
+        for i, t in enumerate(row):
+            run = run + 1 if i and t == row[i - 1] and m[i - 1] else int(bool(m[i]))
+            best, end = (run, i) if run > best else (best, end)
+        ends.append(len(row) - 1 - end)
+    return min(ends)
 
 
 def _n_bytes(tokenizer: Any, ids: list[int]) -> int:
