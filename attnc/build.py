@@ -316,6 +316,7 @@ def build(
                     "calib_batches": len(data.calib),
                     "holdout_batches": len(data.holdout),
                     "samples": data.num_samples,
+                    "images": data.images,  # a VLM's pixels: real files, a tensor file, generated
                 },
                 "sites_before": sites_before,
                 "sites_after": [s.row() for s in program.sites],

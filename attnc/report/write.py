@@ -104,7 +104,8 @@ def render_markdown(r: dict, parts: list[tuple[PassSection, ReportPart]] | None 
         f"- parameters: {m['params_before']:,} → {m['params_after']:,}",
         f"- attention sites: {len(r['sites_before'])} → {len(r['sites_after'])}",
         f"- calibration: {r['calibration']['source']}, {r['calibration']['calib_batches']} "
-        f"calibration + {r['calibration']['holdout_batches']} held-out batches",
+        f"calibration + {r['calibration']['holdout_batches']} held-out batches"
+        + (f"; images: {r['calibration']['images']}" if r["calibration"].get("images") else ""),
         f"- build time: {r['seconds']:.1f} s; versions: "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
         "",
