@@ -82,5 +82,9 @@ def back_off(program, decide, cfg, ctx, apply) -> list[Decision]:
 
 
 def _keep(d: Decision, reason: str) -> Decision:
-    return Decision(d.site, "keep", reason, {k: v for k, v in d.metrics.items()
-                                             if k not in ("params",)})
+    """`d`'s site runs all heads again; its fitted figures stay in the metrics for the report."""
+    m = {k: v for k, v in d.metrics.items() if k != "params"}
+    if "heads" in m:
+        m["routed_heads_tried"], m["active_heads"] = m.get("active_heads"), m["heads"]
+        m["load"] = [1.0] * m["heads"]
+    return Decision(d.site, "keep", reason, m)

@@ -32,8 +32,8 @@ def _trail_rows(trail: list[dict]) -> tuple[list[str], list[list]]:
     keys = [k for k in _TASK if k in have][:5]
     rows = [[t["active"], t.get("sites", ""), t.get("heads_per_token", ""),
              "meets" if t["ok"] else "misses", *(fmt(t.get(k, "")) for k in keys),
-             t.get("note", "")] for t in trail]
-    return ["active", "sites routed", "heads/token", "bound", *keys, "note"], rows
+             t.get("next", t.get("note", ""))] for t in trail]
+    return ["active", "sites routed", "heads/token", "bound", *keys, "then"], rows
 
 
 def render(section: PassSection) -> ReportPart:
@@ -65,8 +65,9 @@ def render(section: PassSection) -> ReportPart:
                     f"{loss['seconds']:g} s)."]
     if first.get("back_off"):
         head, rows = _trail_rows(first["back_off"])
-        out += ["", "back-off on the calibration batches (raise active while the recipe's "
-                    "fidelity bound is missed):", "", table(head, rows)]
+        out += ["", f"back-off on the calibration batches (by {cfg.get('back_off_by', 'sites')}: "
+                    f"one step while the recipe's fidelity bound is missed):", "",
+                table(head, rows)]
     trails = [(d.site, d.metrics["distill_trail"]) for d in routed
               if d.metrics.get("distill_trail")]
     if trails:
