@@ -17,11 +17,12 @@ B=1, H=8, D=64:
             (block_sparse_gather.py).
 
     nice python benchmarks/onnx_patterns.py [--runs 7] [--threads 2] [--quick]
-        [--cases window,nbhd,block] [--window-sizes 16384] [--merge]
+        [--cases window,nbhd,block] [--window-sizes 16384] [--merge] [--denormal-as-zero]
 
-Prints a line per case and writes benchmarks/results/onnx_patterns-<device>.json (`--merge`:
-the measured rows replace those of the same case and S in that file, the others stay; the load
-average, `uptime`, is kept per row). Above S = 4096 the reference runs one head at a time.
+Prints a line per case and writes benchmarks/results/onnx_patterns-<device>.json (or `--out`;
+`--merge`: the measured rows replace those of the same case and S, the others stay; `uptime` is
+kept per row, and the sparse pass's cost-model prediction per nbhd/block row). Above S = 4096
+the reference runs one head at a time.
 """
 
 from __future__ import annotations
@@ -39,13 +40,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from llm_drop import cpu_name, session  # noqa: E402
+from llm_drop import cpu_name  # noqa: E402
 
 H, D = 8, 64
 DENSE_SPLIT = 2  # heads per dense ORT run above S = 4096 (run_case)
 NOTE = ("2 shared cores: each row's load_avg says how busy; rows at S <= 256 (a few ms) are "
         "noise-dominated there. The *_half block rows list half the key blocks per row: "
         "neither form beats dense there at S = 1024 (such a site is better left dense).")
+
+
+DAZ = False  # --denormal-as-zero: every session (dense too) flushes denormals
+
+
+def session(path: str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    if DAZ:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def uptime() -> str:
+    import os
+
+    return os.popen("uptime").read().strip()  # the machine is shared: how loaded it was
+
+
+def cost_model(row: dict) -> dict | None:
+    """The sparse pass's onnxruntime-cpu prediction for a nbhd/block row: the form it prices
+    (the export's own selection) and the speed-up; `keeps_sparse` where it clears the pass's
+    default min_speedup."""
+    from attnc.passes import sparse_cost as c
+    from attnc.passes import sparse_cost_fit as fit
+    from attnc.passes.sparse import SparseConfig
+
+    got = fit.pattern_row(row, H, D)
+    if got is None:
+        return None
+    pred = c.predict("onnxruntime-cpu", *got)
+    return {"form": pred.form, "predicted_speedup": round(pred.speedup, 3),
+            "keeps_sparse": pred.speedup >= SparseConfig().min_speedup}
 
 
 def export(fn, inputs, path: Path, hint: int | None) -> str:
@@ -145,7 +181,8 @@ def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dic
     ms = interleaved({f: (lambda ss=sess, fds=feeds[f]: [ss.run(None, fd) for fd in fds])
                       for f, sess in sessions.items()}, runs)
     del sessions
-    row = {"case": name, "S": s, "load_avg": load(), "runs": runs,
+    row = {"case": name, "S": s, "load_avg": load(), "uptime": uptime(), "runs": runs,
+           "denormal_as_zero": DAZ,
            "dense_heads_per_run": hs,
            "ort_ms": {f: round(x, 3) for f, x in ms.items()},
            "ort_speedup_vs_dense": {f: round(ms["dense"] / x, 3) for f, x in ms.items()},
@@ -204,7 +241,12 @@ def main() -> None:
                     "256,1024,4096[,16384])")
     ap.add_argument("--merge", action="store_true",
                     help="keep the JSON's rows of cases not measured in this run")
+    ap.add_argument("--out", default=None, help="JSON path (default: per device)")
+    ap.add_argument("--denormal-as-zero", action="store_true", help="ORT session option "
+                    "session.set_denormal_as_zero on every session, the dense baseline's too")
     a = ap.parse_args()
+    global DAZ
+    DAZ = a.denormal_as_zero
     cases = set(a.cases.split(","))
 
     import torch
@@ -277,6 +319,8 @@ def main() -> None:
                            (nfn, False), a, tmp)
             row["chosen_form"] = neighborhood_blocked.FORM if pays else "masked dense"
             row["chosen_sparse"] = pays
+            row["grid"], row["window"] = list(grid), list(ks)
+            row["cost_model"] = cost_model(row)
             row["torch_op_runs"] = "blocked" if pays else "reference"
             rows.append(row)
         # ---- block-sparse
@@ -305,13 +349,15 @@ def main() -> None:
             row["torch_op_runs"] = ("gathered" if block_sparse_gather.gather_pays(
                 s, bs, int(lay.sum(-1).max())) else "reference")
             row["chosen_sparse"] = row["chosen_form"] == block_sparse_gather.FORM
+            row["block_size"] = bs
+            row["cost_model"] = cost_model(row)
             rows.append(row)
 
     dev = cpu_name()
     slug = "".join(c if c.isalnum() else "-" for c in dev.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    path = ROOT / "benchmarks" / "results" / f"onnx_patterns-{slug}.json"
+    path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"onnx_patterns-{slug}.json"
     if a.merge and path.exists():
         new = {(r["case"], r["S"]) for r in rows}
         rows = [r for r in json.loads(path.read_text())["results"]
@@ -332,7 +378,8 @@ def main() -> None:
     never_slower = {f"{r['case']} S={r['S']}": {
         "chosen": r["chosen_form"], "speedup": r["ort_speedup_vs_dense"]["chosen"],
         "met": r["ort_speedup_vs_dense"]["chosen"] >= 1.0}
-        for r in rows if r["chosen_sparse"]}
+        for r in rows if r["chosen_sparse"] and (r.get("cost_model") or {}).get(
+            "keeps_sparse", True)}  # where the sparse pass's cost model keeps the site sparse
     chosen_all = {f"{r['case']} S={r['S']}": {
         "chosen": r["chosen_form"], "speedup": r["ort_speedup_vs_dense"]["chosen"]}
         for r in rows}

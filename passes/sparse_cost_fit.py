@@ -168,9 +168,12 @@ def pattern_row(row: dict, heads: int = 8, head_dim: int = 64):
 def fit_ort_patterns(paths: Sequence[str | Path], min_seq: int = 1024) -> dict[str, float]:
     """Re-derive ORT_NBHD_EFF/OVH and ORT_GATHER_EFF/OVH (least squares, in the dense
     `Attention`'s per-score cost) from benchmarks/onnx_patterns.py JSON files: each nbhd/block
-    row at S >= `min_seq` (smaller ones are noise-dominated on the shared machine) whose chosen,
-    blocked or gathered form is the tiled one, its time over the same run's dense time times
-    the S x S scores dense computes, against the form's scores and blocks per head."""
+    row at S >= `min_seq` (smaller ones are noise-dominated on the shared machine) whose chosen
+    form is the tiled form the export emits now (rows of an earlier form, by its name, are left
+    out), its time over the same run's dense time times the S x S scores dense computes,
+    against the form's scores and blocks per head."""
+    from attnc.kernels import block_sparse_gather as bsg
+    from attnc.kernels import neighborhood_blocked as nb
     from attnc.passes.sparse_cost_ort import form_work
 
     pts: dict[str, list] = {"nd": [], "gather": []}
@@ -180,9 +183,9 @@ def fit_ort_patterns(paths: Sequence[str | Path], min_seq: int = 1024) -> dict[s
             if got is None:
                 continue
             shape, pc = got
-            sp = r["ort_speedup_vs_dense"]
-            meas = sp.get("blocked") or sp.get("gathered") or sp.get("chosen")
-            if pc.form_args is None or meas is None:
+            meas = r["ort_speedup_vs_dense"].get("chosen")
+            if pc.form_args is None or meas is None or r["chosen_form"] not in (nb.FORM,
+                                                                                 bsg.FORM):
                 continue
             kind, scores, blocks, _ = form_work(shape.seq, pc.form_args)
             pts[kind].append((scores, blocks, float(shape.seq) ** 2 / meas))
