@@ -2,8 +2,14 @@
 accuracy against keep ratio x debias x padding mask, and prefill latency of the pruned build
 against the unpruned one in torch and ONNX Runtime (CPU), timed interleaved in the same run.
 
-    python benchmarks/token_pruning.py [--n-eval 256] [--layer 1]
-writes benchmarks/results/token_pruning-cpu.json
+    python benchmarks/token_pruning.py [--n-eval 256] [--layer 1] [--latency-only]
+writes benchmarks/results/token_pruning-cpu<suffix>.json
+
+Latency: the unpruned program, the scoring alone (torch: the selection subgraph computed and
+unused; FX runs every node), scoring plus an identity gather (keep all), and each keep ratio,
+interleaved, at each batch size of --batches (the export has dynamic batch and sequence). The
+vision tower's share of prefill (eager model, same process) bounds what pruning the decoder can
+give: expected speed-up 1 / (1 - decoder_share x (1 - token_layer_ratio)).
 """
 
 from __future__ import annotations
@@ -92,6 +98,71 @@ def ort_fn(program, tmp: Path, name: str):
     return lambda *a: sess.run(None, {n: t.numpy() for n, t in zip(names, a, strict=True)})
 
 
+def uptime() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def vision_share(model, args_, reps: int) -> float:
+    """The vision tower + projector's share of an eager prefill (same process, interleaved)."""
+    ids, mask, pix = args_
+    with torch.no_grad():
+        t = timed({"all": lambda: model(input_ids=ids, attention_mask=mask, pixel_values=pix),
+                   "vision": lambda: model.model.get_image_features(pixel_values=pix)}, (), reps)
+    return t["vision"] / t["all"]
+
+
+def measure_latency(model, program, args) -> dict:
+    from attnc.passes.token_pruning import _build, make_plan
+
+    cfg_all = TokenPruningConfig(layer=args.layer, keep=1.0, padding_mask="off")
+    p_all, _ = make_plan(program, cfg_all)
+    fns_t = {"unpruned": program,
+             # the selection computed and left unused (FX runs it): scoring cost alone
+             "scored_only": _build(program, p_all, cfg_all, keep_n=p_all.n_img, gather=False)[0],
+             # scoring and an identity gather: the whole machinery at keep-all
+             "keep_all_scored": prune_tokens(program, cfg_all)[0]}
+    for r in RATIOS:
+        fns_t[f"keep_{r}"] = prune_tokens(program, TokenPruningConfig(layer=args.layer,
+                                                                      keep=r))[0]
+    n_layers = len([s for s in program.sites if s.causal])
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fns_o = {k: ort_fn(f, Path(tmp), k) for k, f in fns_t.items() if k != "scored_only"}
+        for bsz in [int(b) for b in args.batches.split(",")]:
+            b = make_batch("eval", range(1000, 1000 + bsz))
+            probe = (b["input_ids"], b["attention_mask"], b["pixel_values"])
+            t_torch = timed(fns_t, probe, args.reps)
+            t_ort = timed(fns_o, probe, args.reps)
+            share = vision_share(model, probe, args.reps)
+            S = probe[0].shape[1]
+            rows = {}
+            for name in fns_t:
+                kept = S if not name.startswith("keep_0") else S - 64 + round(
+                    float(name[5:]) * 64)
+                ratio = ((args.layer + 1) * S + (n_layers - args.layer - 1) * kept) / (
+                    n_layers * S)
+                row = {"torch_s": t_torch[name], "torch_speedup": t_torch["unpruned"]
+                       / t_torch[name], "tokens_after_layer": kept, "tokens": S,
+                       "decoder_token_layers_ratio": ratio,
+                       "expected_speedup_if_decoder_scales":
+                           1 / (1 - (1 - share) * (1 - ratio))}
+                if name in t_ort:
+                    row.update(ort_s=t_ort[name], ort_speedup=t_ort["unpruned"] / t_ort[name])
+                rows[name] = row
+                print(bsz, name, json.dumps(row), flush=True)
+            rows["vision_share_of_eager_prefill"] = share
+            rows["scoring_overhead_torch"] = t_torch["scored_only"] / t_torch["unpruned"] - 1
+            rows["keep_all_overhead_torch"] = t_torch["keep_all_scored"] / t_torch["unpruned"] - 1
+            rows["keep_all_overhead_ort"] = t_ort["keep_all_scored"] / t_ort["unpruned"] - 1
+            out[f"batch_{bsz}"] = rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-eval", type=int, default=256)
@@ -99,6 +170,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--batches", default="2", help="batch sizes timed, e.g. 2,8")
     ap.add_argument("--suffix", default="", help="results file token_pruning-cpu<suffix>.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -110,12 +183,14 @@ def main() -> None:
     program = capture(wrap_hf(model, str(MODEL), None, None))
     data = pairs("eval", args.n_eval)
     ctx = PassContext(calibration=Calib(args.n_calib))
-    base, base_pred = accuracy(program, data)
-    rows = [{"keep": 1.0, "debias": "none", "padding_mask": "off", "pruned": False, **base}]
-    print(f"unpruned: {base['accuracy']:.3f}", flush=True)
-    grid = [(1.0, "none", "auto")] + [
+    rows = []
+    grid = [] if args.latency_only else [(1.0, "none", "auto")] + [
         (r, d, p) for r in RATIOS for d in ("none", "exponential", "cubic") for p in ("auto", "off")
     ]
+    if grid:
+        base, base_pred = accuracy(program, data)
+        rows = [{"keep": 1.0, "debias": "none", "padding_mask": "off", "pruned": False, **base}]
+        print(f"unpruned: {base['accuracy']:.3f}", flush=True)
     for keep, debias, pad in grid:
         cfg = TokenPruningConfig(layer=args.layer, keep=keep, debias=debias, padding_mask=pad)
         t0 = time.perf_counter()
@@ -130,42 +205,16 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "trend"}), flush=True)
     latency = {}
     if not args.skip_latency:
-        probe = data[0][0]
-        fns_t, fns_o = {"unpruned": program}, {}
-        with tempfile.TemporaryDirectory() as tmp:
-            fns_o["unpruned"] = ort_fn(program, Path(tmp), "unpruned")
-            # scoring and an identity gather only: the overhead of the machinery
-            keep_all = prune_tokens(program, TokenPruningConfig(
-                layer=args.layer, keep=1.0, padding_mask="off"))[0]
-            fns_t["keep_all_scored"] = keep_all
-            fns_o["keep_all_scored"] = ort_fn(keep_all, Path(tmp), "keep_all")
-            for r in RATIOS:
-                p = prune_tokens(program, TokenPruningConfig(layer=args.layer, keep=r))[0]
-                fns_t[f"keep_{r}"] = p
-                fns_o[f"keep_{r}"] = ort_fn(p, Path(tmp), f"keep_{r}")
-            t_torch = timed(fns_t, probe, args.reps)
-            t_ort = timed(fns_o, probe, args.reps)
-        S = probe[0].shape[1]
-        n_layers = len([s for s in program.sites if s.causal])
-        for name in fns_t:
-            kept = S if not name.startswith("keep_0") else S - 64 + round(float(name[5:]) * 64)
-            latency[name] = {
-                "torch_s": t_torch[name], "ort_s": t_ort[name],
-                "torch_speedup": t_torch["unpruned"] / t_torch[name],
-                "ort_speedup": t_ort["unpruned"] / t_ort[name],
-                "tokens_after_layer": kept, "tokens": S,
-                "decoder_token_layers_ratio": ((args.layer + 1) * S + (n_layers - args.layer - 1)
-                                               * kept) / (n_layers * S),
-            }
-            print(name, json.dumps(latency[name]), flush=True)
+        latency = measure_latency(model, program, args)
     out = {
         "benchmark": "token_pruning", "device": "cpu", "threads": 1,
         "load_average_at_end": os.getloadavg(), "model": "examples/models/attnc-tiny-vlm",
         "layer": args.layer, "n_eval": args.n_eval, "n_calib": args.n_calib,
-        "accuracy": rows, "latency": latency,
+        "accuracy": rows, "latency": latency, "uptime": uptime(),
         "note": "accuracy: exact match of the argmax at the last position on held-out VQA; "
                 "agreement: same answer as the unpruned program; latency: median of interleaved "
-                "runs on one batch of 2 (prefill, full logits), same process",
+                "runs per batch size (prefill, full logits), same process, 1 thread, on a "
+                "2-core machine shared with other jobs (load in uptime)",
     }
     res = ROOT / "benchmarks" / "results" / f"token_pruning-cpu{args.suffix}.json"
     res.parent.mkdir(parents=True, exist_ok=True)
