@@ -116,23 +116,43 @@ def vision_share(model, args_, reps: int) -> float:
     return t["vision"] / t["all"]
 
 
-def measure_latency(model, program, args) -> dict:
+def scored_only(program, cfg):
+    """The program plus the pass's selection, its scores tied to the output as + 0 * sum(score)
+    (no runtime folds 0 * x away: NaN semantics), so both torch and ORT compute the scoring."""
+    from attnc.graph.gather import Builder
     from attnc.passes.token_pruning import _build, make_plan
 
+    p, _ = make_plan(program, cfg)
+    probe, sel = _build(program, p, cfg, keep_n=p.n_img, gather=False)
+    gm = probe.gm
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    b = Builder(gm, out, first)
+    aten = torch.ops.aten
+    zero = b(aten.mul.Tensor, b(aten.sum.default, sel.keep), 0)  # the kept positions: all of it
+    zero = b(aten.mul.Scalar, b(aten._to_copy.default, zero, dtype=first.meta["val"].dtype), 0.0)
+    tied = b(aten.add.Tensor, first, zero)
+    out.args = ((tied, *out.args[0][1:]),) if isinstance(out.args[0], (tuple, list)) \
+        else (tied,)
+    gm.graph.lint()
+    gm.recompile()
+    return probe
+
+
+def measure_latency(model, program, args) -> dict:
     cfg_all = TokenPruningConfig(layer=args.layer, keep=1.0, padding_mask="off")
-    p_all, _ = make_plan(program, cfg_all)
     fns_t = {"unpruned": program,
-             # the selection computed and left unused (FX runs it): scoring cost alone
-             "scored_only": _build(program, p_all, cfg_all, keep_n=p_all.n_img, gather=False)[0],
+             # the selection (scores, top-k, sort) computed and tied to the output by + 0
+             "scored_only": scored_only(program, cfg_all),
              # scoring and an identity gather: the whole machinery at keep-all
              "keep_all_scored": prune_tokens(program, cfg_all)[0]}
-    for r in RATIOS:
+    for r in ([] if args.overhead_only else RATIOS):
         fns_t[f"keep_{r}"] = prune_tokens(program, TokenPruningConfig(layer=args.layer,
                                                                       keep=r))[0]
     n_layers = len([s for s in program.sites if s.causal])
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        fns_o = {k: ort_fn(f, Path(tmp), k) for k, f in fns_t.items() if k != "scored_only"}
+        fns_o = {k: ort_fn(f, Path(tmp), k) for k, f in fns_t.items()}
         for bsz in [int(b) for b in args.batches.split(",")]:
             b = make_batch("eval", range(1000, 1000 + bsz))
             probe = (b["input_ids"], b["attention_mask"], b["pixel_values"])
@@ -157,6 +177,7 @@ def measure_latency(model, program, args) -> dict:
                 print(bsz, name, json.dumps(row), flush=True)
             rows["vision_share_of_eager_prefill"] = share
             rows["scoring_overhead_torch"] = t_torch["scored_only"] / t_torch["unpruned"] - 1
+            rows["scoring_overhead_ort"] = t_ort["scored_only"] / t_ort["unpruned"] - 1
             rows["keep_all_overhead_torch"] = t_torch["keep_all_scored"] / t_torch["unpruned"] - 1
             rows["keep_all_overhead_ort"] = t_ort["keep_all_scored"] / t_ort["unpruned"] - 1
             out[f"batch_{bsz}"] = rows
@@ -171,6 +192,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="latency: no keep ratios")
     ap.add_argument("--batches", default="2", help="batch sizes timed, e.g. 2,8")
     ap.add_argument("--suffix", default="", help="results file token_pruning-cpu<suffix>.json")
     args = ap.parse_args()
