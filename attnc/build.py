@@ -421,14 +421,11 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
         from attnc.check.fidelity import onnx_tolerance, ort_check_file
 
         onnx_file, optimize = ort_check_file(stage / "model.onnx", onnx_info)
-        if onnx_info["layout"]["external_data"]:  # big: one resident copy of the weights
-            from attnc.export import external_data as ext
+        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
+        if onnx_info["layout"]["external_data"]:  # big: ORT holds its own copy meanwhile
+            from attnc.export.external_data import page_out
 
-            run = ext.mapped_runner(str(onnx_file), program.input_names)  # ORT maps the data
-            ext.page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's
-            onnx_info["verified_optimizations"] = getattr(run, "optimizations", "on")
-        else:
-            run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
+            page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's, mapped
         onnx_info["providers"] = run.providers
         onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised

@@ -1,12 +1,17 @@
 """Real model sizes: synthetic Llama configs of about 0.3 B, 0.7 B and 1.1 B parameters, saved as
 Hugging Face folders in float32 and bfloat16 (under /tmp, never in the repo), each built with a
-one-drop llm-drop recipe in its own subprocess (`/usr/bin/time -v` where present, else the
-child's getrusage). Per size and dtype: wall time per stage, peak resident memory as a multiple
-of the weights' bytes (whole build and per stage), the ONNX file layout and ONNX Runtime parity.
+one-drop llm-drop recipe in its own subprocess. The parent samples the resident memory of the
+build's process tree every 0.1 s (all of it, and its anonymous part), per build stage (the child
+prints each stage as it starts), and kills a build whose resident memory passes --limit-gib (a
+failed row, not an out-of-memory machine shared with others). Per size and dtype: wall time per
+stage, peak memory as a multiple of the weights' bytes (whole build and per stage), the ONNX file
+layout and ONNX Runtime parity. `--sequential` measures layer-by-layer calibration alone
+(`attnc.load.sequential`: one block's weights resident).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py --sizes 0.3 --dtypes float32,bfloat16
 
-Writes benchmarks/results/scale-<device>.json (merged with earlier runs of other sizes).
+Writes benchmarks/results/scale-<device>.json (merged with earlier runs of other sizes) and one
+row file per build in benchmarks/results/scale-logs/.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("ATTNC_SCALE_DIR", "/tmp/attnc-scale"))
+NICE = 10  # --nice: the builds yield to other jobs on a shared machine by default
 
 # TinyLlama's shape for 1.1 B; the smaller two keep its vocab and GQA, fewer/narrower layers
 CONFIGS = {
@@ -75,6 +81,38 @@ res = build(sys.argv[1], json.loads(sys.argv[2]), None, sys.argv[3],
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("ATTNC_RESULT " + json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
 """
+SEQUENTIAL = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+from attnc.load.calibration import Batch
+from attnc.load.sequential import attention_cosines
+g = torch.Generator().manual_seed(0)
+batches = []
+for _ in range(2):  # the recipe's calibration share: 2 batches of 4 x 64 tokens
+    ids = torch.randint(0, 32000, (4, 64), generator=g)
+    batches.append(Batch((ids, torch.ones_like(ids)), torch.ones_like(ids)))
+t = time.perf_counter()
+scores = attention_cosines(sys.argv[1], batches, ["input_ids", "attention_mask"])
+print("ATTNC_RESULT " + json.dumps({"seconds": time.perf_counter() - t, "layers": len(scores)}))
+"""
+
+
+def sequential_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None) -> dict:
+    """Layer-by-layer calibration alone (attnc.load.sequential): llm-drop's attention scores
+    with one block's weights resident, its peak memory over the weights."""
+    folder, params = make_model(size, dtype, threads, logs, limit)
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    rc, text, tv = _run([sys.executable, "-c", SEQUENTIAL, str(folder), str(threads)], threads,
+                        logs / f"sequential-{size}-{dtype}.log", limit)
+    tv.pop("sampled_stages")
+    row = {"size": f"{size}B", "dtype": dtype, "params": params, "weights_bytes": weights,
+           "ok": rc == 0, "commit": _commit(), "wall_seconds": tv["wall_seconds"],
+           "peak_x_weights": round(tv["sampled_peak_rss_bytes"] / weights, 2),
+           "peak_anon_x_weights": round(tv["sampled_peak_anon_bytes"] / weights, 2)}
+    if rc == 0:
+        row.update(json.loads(text.split("ATTNC_RESULT ", 1)[1].splitlines()[0]))
+    return row
+
 
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
@@ -127,7 +165,7 @@ def _run(cmd: list[str], threads: int, log: Path, limit: int | None = None,
     memory passes `limit` bytes (the watchdog: a failed row, not an out-of-memory machine).
     Returns (exit code, its output, figures)."""
     timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    full = ["nice", "-n", "10", *([timer, "-v"] if timer else []), *cmd]
+    full = ["nice", "-n", str(NICE), *([timer, "-v"] if timer else []), *cmd]
     t0 = time.perf_counter()
     err_path = log.with_suffix(".stderr")
     with open(err_path, "w") as err:
@@ -143,8 +181,8 @@ def _run(cmd: list[str], threads: int, log: Path, limit: int | None = None,
                     lines.append(line)
                     live.write(f"[{time.perf_counter() - t0:7.1f} s] {line}")
                     live.flush()
-                if line.startswith("ATTNC_STAGE "):
-                    state["stage"] = json.loads(line.split(" ", 1)[1]) or "end"
+                    if line.startswith("ATTNC_STAGE "):
+                        state["stage"] = json.loads(line.split(" ", 1)[1]) or "end"
 
         th = threading.Thread(target=reader, daemon=True)
         th.start()
@@ -262,14 +300,30 @@ def main() -> None:
     ap.add_argument("--keep-models", action="store_true", help="keep the HF folders in /tmp")
     ap.add_argument("--limit-gib", type=float, default=12.0,
                     help="kill a build whose resident memory passes this (a failed row)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="only layer-by-layer calibration (attnc.load.sequential), no build")
     ap.add_argument("--no-original", action="store_true",
                     help="build without original.pt2 (BuildOptions.save_original=False)")
+    ap.add_argument("--nice", type=int, default=10)
     args = ap.parse_args()
+    global NICE
+    NICE = args.nice
     WORK.mkdir(parents=True, exist_ok=True)
     logs = ROOT / "benchmarks" / "results" / "scale-logs"
     logs.mkdir(parents=True, exist_ok=True)
     device = "cpu"
     path = ROOT / "benchmarks" / "results" / f"scale-{device}.json"
+    if args.sequential:
+        for size in args.sizes.split(","):
+            for dtype in args.dtypes.split(","):
+                row = sequential_one(size, dtype, args.threads, logs, int(args.limit_gib * 2**30))
+                print(json.dumps(row), flush=True)
+                doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
+                doc["sequential_calibration"] = [
+                    r for r in doc.get("sequential_calibration", [])
+                    if not (r["size"] == row["size"] and r["dtype"] == dtype)] + [row]
+                path.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             print(f"== {size} B {dtype}", flush=True)

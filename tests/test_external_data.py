@@ -68,8 +68,6 @@ def test_forced_external_data_builds_and_runs_in_ort(tmp_path, monkeypatch):
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
     ver = report["verification"]["comparisons"]["ONNX Runtime vs torch optimized"]
     assert ver["max_abs_diff"] <= 1e-3
-    # verified without a folded copy of the weights (ORT reads the mapped data file)
-    assert report["onnx"]["verified_optimizations"].startswith("off")
 
 
 def test_limit_and_request(monkeypatch):
@@ -84,13 +82,10 @@ def test_limit_and_request(monkeypatch):
         ext.limit()
 
 
-def test_page_out_keeps_values_and_mapped_runner_matches(tmp_path):
-    """Paged-out weights memory-mapped from safetensors read back the same bytes; the mapped
-    ORT runner (no optimizations, no arena) computes what the default one does."""
+def test_page_out_keeps_values(tmp_path):
+    """Weights memory-mapped from safetensors, paged out, read back the same bytes."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from attnc.check.fidelity import ort_runner
 
     save_file({"w": torch.randn(64, 1024), "b": torch.randn(1024)}, tmp_path / "w.safetensors")
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
@@ -98,10 +93,3 @@ def test_page_out_keeps_values_and_mapped_runner_matches(tmp_path):
     before = [t.clone() for t in ts]
     ext.page_out(ts + [torch.ones(3)])  # an anonymous tensor is skipped
     assert all(torch.equal(a, b) for a, b in zip(ts, before, strict=True))
-    lin = torch.nn.Linear(1024, 64).eval()
-    x = torch.randn(2, 5, 1024)
-    prog = torch.onnx.export(lin, (x,), dynamo=True, optimize=False, verbose=False)
-    prog.save(str(tmp_path / "m.onnx"), external_data=True)
-    got = ext.mapped_runner(str(tmp_path / "m.onnx"), ["x"])(x)
-    want = ort_runner(str(tmp_path / "m.onnx"), ["x"])(x)
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0)

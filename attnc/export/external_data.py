@@ -128,47 +128,6 @@ def layout(path: Path, model: Any | None = None) -> dict[str, Any]:
     }
 
 
-def mapped_runner(onnx_path: str, input_names: list[str]):
-    """A callable running a model whose weights are external data in ONNX Runtime (CPU) without
-    a second copy of them: graph optimizations off (constant folding writes a transposed copy of
-    every Linear weight, MLAS prepacking another), the CPU arena off and memory patterns on (each
-    transient, such as one weight's Transpose or float32 Cast, is freed after its last use), so
-    ONNX Runtime memory-maps the data file and reads the weights in place. Measured on a 268 MB
-    MLP: 25 MB of anonymous memory after session and runs, against 391 MB fully optimized. With
-    CUDA the weights go to the GPU anyway: the usual optimized runner."""
-    import onnxruntime as ort
-
-    from attnc.check.fidelity import _ort_msg, ort_runner
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ort_runner(onnx_path, input_names, optimize=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = True
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT's errors are many: one line, named
-        raise ExportError(f"ONNX Runtime cannot load {Path(onnx_path).name}: {_ort_msg(exc)}"
-                          ) from exc
-    names = [i.name for i in sess.get_inputs()]
-
-    def run(*args: torch.Tensor):
-        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=False)}
-        try:
-            return torch.from_numpy(sess.run(None, feed)[0])
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(
-                f"ONNX Runtime cannot run {Path(onnx_path).name}: {_ort_msg(exc)}",
-                "the exported graph uses an op/dtype pair this ONNX Runtime build lacks",
-            ) from exc
-
-    run.providers = sess.get_providers()  # type: ignore[attr-defined]
-    run.optimizations = "off: weights read in place from the mapped data file"  # type: ignore[attr-defined]
-    return run
-
-
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; contents never change (a hint)
 
 
