@@ -421,11 +421,11 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
         from attnc.check.fidelity import onnx_tolerance, ort_check_file
 
         onnx_file, optimize = ort_check_file(stage / "model.onnx", onnx_info)
-        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
-        if onnx_info["layout"]["external_data"]:  # big: ORT holds its own copy meanwhile
+        if onnx_info["layout"]["external_data"]:  # big: ORT is about to load its own copy
             from attnc.export.external_data import page_out
 
             page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's, mapped
+        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
         onnx_info["providers"] = run.providers
         onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised
