@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from attnc.passes.sparse_backoff import with_trail
 from attnc.recipe.manager import Decision
 
 log = logging.getLogger("passes.moh")
@@ -66,19 +67,9 @@ def back_off(program, decide, cfg, ctx, apply) -> list[Decision]:
         else:
             c = dataclasses.replace(c, active=1.0 - (1.0 - c.active) / 2.0)
             decided = _unroute(decide(c), dense, why)
-    raised = c.active != cfg.active
-    out = []
-    for d in decided:
-        if d.action == "skip":
-            out.append(d)
-            continue
-        m = {**d.metrics, "back_off": trail, "active_used": c.active}
-        reason = d.reason
-        if raised:
-            reason = (f"active raised from {cfg.active:g} to {c.active:g} to meet the fidelity "
-                      f"bound {bound} on the calibration batches; {reason}")
-        out.append(Decision(d.site, d.action, reason, m))
-    return out
+    note = (f"active raised from {cfg.active:g} to {c.active:g} to meet the fidelity "
+            f"bound {bound} on the calibration batches" if c.active != cfg.active else None)
+    return with_trail(decided, trail, {"active_used": c.active}, note)
 
 
 def _keep(d: Decision, reason: str) -> Decision:

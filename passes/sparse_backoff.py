@@ -51,18 +51,25 @@ def back_off(program, decide, cfg, ctx, apply) -> list[Decision]:
         decided = decide(c)
     if not trail:
         return decided
-    raised = c.min_mass != cfg.min_mass
+    note = (f"min_mass raised to {c.min_mass:g} to meet the fidelity bound {bound} on "
+            f"the calibration batches" if c.min_mass != cfg.min_mass else None)
+    return with_trail(decided, trail, {"min_mass_used": c.min_mass}, note, ("sparse",))
+
+
+def with_trail(decided: list[Decision], trail: list[dict], used: dict, note: str | None,
+               note_actions: tuple[str, ...] | None = None) -> list[Decision]:
+    """The back-off's record on every decided site (skips untouched): the trail and the
+    setting used in the metrics, and `note` before the reason of the sites whose action is in
+    `note_actions` (all when None). Shared by the passes that back off (sparse, moh)."""
     out = []
     for d in decided:
         if d.action == "skip":
             out.append(d)
             continue
-        m = {**d.metrics, "back_off": trail, "min_mass_used": c.min_mass}
         reason = d.reason
-        if raised and d.action == "sparse":
-            reason = (f"min_mass raised to {c.min_mass:g} to meet the fidelity bound {bound} on "
-                      f"the calibration batches; {reason}")
-        out.append(Decision(d.site, d.action, reason, m))
+        if note and (note_actions is None or d.action in note_actions):
+            reason = f"{note}; {reason}"
+        out.append(Decision(d.site, d.action, reason, {**d.metrics, "back_off": trail, **used}))
     return out
 
 
