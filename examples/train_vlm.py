@@ -44,6 +44,7 @@ from make_vqa import (  # noqa: E402
     make_sample,
     qtype_of,
 )
+from vqa_aux import AuxHead, collate_multi, make_multi  # noqa: E402
 
 
 def build_model(vis: int = 64, vis_layers: int = 2, txt: int = 96, txt_layers: int = 4):
@@ -89,6 +90,26 @@ def build_model(vis: int = 64, vis_layers: int = 2, txt: int = 96, txt_layers: i
     return model
 
 
+def multi_loss(model, aux, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every <ans> of a several-question sequence, and the per-patch label
+    loss of the auxiliary head on the projector's output (captured by a forward hook)."""
+    feats = []
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda _m, _i, o: feats.append(o)
+    )
+    try:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].float(),
+        ).logits
+    finally:
+        hook.remove()
+    tgt = batch["targets"]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+    return loss, aux.loss(feats[0], batch["patch_labels"])
+
+
 def logits_last(model, batch: dict) -> torch.Tensor:
     out = model(
         input_ids=batch["input_ids"],
@@ -131,7 +152,11 @@ def train(args) -> None:
     eval_data = make_batch("eval", eval_idx)
     questions = [make_sample("eval", i)["question"] for i in eval_idx]
     held = {_key(make_sample("eval", i)) for i in eval_idx}
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    multi = args.questions > 1 or args.aux_weight > 0
+    aux = AuxHead(args.txt)
+    params = list(model.parameters()) + (list(aux.parameters()) if multi else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    aux_ema = None
     log = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,17 +174,23 @@ def train(args) -> None:
             g["lr"] = lr
         samples = []
         while len(samples) < args.batch:
-            s = make_sample("train", nxt)
+            s = make_multi("train", nxt, args.questions) if multi else make_sample("train", nxt)
             if _key(s) in held:
                 skipped += 1
             else:
                 samples.append(s)
             nxt += 1
-        batch = collate(samples)
-        loss = torch.nn.functional.cross_entropy(logits_last(model, batch), batch["labels"])
+        if multi:
+            loss, aux_loss = multi_loss(model, aux, collate_multi(samples))
+            loss = loss + args.aux_weight * aux_loss
+            a = aux_loss.item()
+            aux_ema = a if aux_ema is None else 0.98 * aux_ema + 0.02 * a
+        else:
+            batch = collate(samples)
+            loss = torch.nn.functional.cross_entropy(logits_last(model, batch), batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         step += 1
@@ -170,6 +201,7 @@ def train(args) -> None:
                 "minutes": round((time.time() - t0) / 60, 2),
                 "lr": round(lr, 6),
                 "loss_ema": round(ema, 4),
+                "aux_loss_ema": None if aux_ema is None else round(aux_ema, 4),
                 "eval_accuracy": round(m["accuracy"], 4),
                 "per_type": m["per_type"],
             }
@@ -291,6 +323,8 @@ def main() -> None:
     ap.add_argument("--vis-layers", type=int, default=2)
     ap.add_argument("--txt", type=int, default=96)
     ap.add_argument("--txt-layers", type=int, default=4)
+    ap.add_argument("--questions", type=int, default=1, help="questions per image (>1: packed)")
+    ap.add_argument("--aux-weight", type=float, default=0.0, help="per-patch label loss weight")
     ap.add_argument("--n-eval", type=int, default=512)
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--out", default=str(Path(__file__).parent / "models" / "attnc-tiny-vlm"))
