@@ -425,7 +425,9 @@ def _write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, lo
             from attnc.export.external_data import page_out
 
             page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's, mapped
-        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize)
+        # the float32-compute copy (unoptimized): each weight cast when its layer runs
+        run = ort_runner(str(onnx_file), program.input_names, optimize=optimize,
+                         low_memory=not optimize)
         onnx_info["providers"] = run.providers
         onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised

@@ -183,8 +183,13 @@ def _ort_msg(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
-    """A callable running the ONNX file in ONNX Runtime (CUDA provider when present)."""
+def ort_options(optimize: bool = True, low_memory: bool = False):
+    """ONNX Runtime session options. `low_memory` (the float32-compute copy of a bf16/fp16
+    model, whose every weight feeds a Cast to float32): nodes run in the file's order (the
+    priority order's tie-break; the default order runs every Cast of an initializer first, so all
+    the float32 weights are alive at once), and no CPU arena or memory pattern (each would keep
+    the largest float32 weights allocated): each weight is cast when its layer runs and freed
+    after it, so the peak is the mapped low-precision weights plus about one layer's float32."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -194,6 +199,20 @@ def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True):
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
+    if low_memory:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+    return so
+
+
+def ort_runner(onnx_path: str, input_names: list[str], optimize: bool = True,
+               low_memory: bool = False):
+    """A callable running the ONNX file in ONNX Runtime (CUDA provider when present);
+    `optimize` and `low_memory` as in `ort_options`."""
+    import onnxruntime as ort
+
+    so = ort_options(optimize, low_memory)
     providers = [
         p
         for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -245,7 +264,8 @@ def onnx_tolerance(recipe: Any, program: Any, refs: Sequence[torch.Tensor]) -> f
 def ort_check_file(onnx_path: Path, info: dict) -> tuple[Path, bool]:
     """The file ONNX Runtime verifies, and whether with graph optimizations: `model.onnx`, or
     on a machine without CUDA its float32-compute copy (a bf16 model; unoptimized, so ORT does
-    not fold a float32 copy of every weight)."""
+    not fold a float32 copy of every weight: run it with `ort_options(False, low_memory=True)`,
+    so each weight is cast when its layer runs)."""
     import onnxruntime as ort
 
     copy = (info.get("cpu_fp32_compute_copy") or {}).get("file")
