@@ -238,6 +238,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     folder, params = make_model(size, dtype, threads, logs, limit)
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = WORK / f"build-{size}b-{dtype}"
+    load_before = _uptime()
     rc, text, tv = _run([sys.executable, "-c", BUILD, str(folder), json.dumps(RECIPE), str(out),
                          str(threads), json.dumps(opts)], threads,
                         logs / f"build-{size}-{dtype}.log", limit)
@@ -246,6 +247,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     row: dict = {"size": f"{size}B", "dtype": dtype, "params": params,
                  "weights_bytes": weights, "ok": rc == 0 and "killed" not in tv,
                  "commit": _commit(), "build_options": opts, **tv,
+                 "uptime_before": load_before, "uptime_after": _uptime(),
                  "peak_x_weights": x(tv.get("sampled_peak_rss_bytes")),
                  "peak_anon_x_weights": x(tv.get("sampled_peak_anon_bytes"))}
     if "max_rss_bytes" in tv:
@@ -282,6 +284,11 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     row["artifacts"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     shutil.rmtree(out, ignore_errors=True)  # the disk is shared
     return row
+
+
+def _uptime() -> str:
+    """`uptime`: the machine's load (shared with other jobs) around a build."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def _commit() -> str:
