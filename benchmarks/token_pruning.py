@@ -66,9 +66,16 @@ def accuracy(program, data, ref_pred=None) -> dict:
 
 
 class Calib:
-    def __init__(self, n: int):
+    def __init__(self, n: int, images: str | None = None):
         self.calib = [Batch(a, None) for a, _ in pairs("calib", n)]
         self.holdout, self.source = [], "examples/make_vqa.py calib split (generated)"
+        if images:  # real photos (attnc.load.calib_images; examples/make_photo_calib.py)
+            from attnc.load.calib_images import image_batches
+
+            self.calib, self.source = image_batches(
+                images, ["input_ids", "attention_mask", "pixel_values"], self.calib[0].args,
+                tokenizer=None, vocab=None, positions=None, samples=n, batch_size=2,
+                model_dir=str(MODEL), pad_id=0)
 
 
 def timed(fns: dict, args, reps: int) -> dict:
@@ -194,6 +201,8 @@ def main() -> None:
     ap.add_argument("--latency-only", action="store_true")
     ap.add_argument("--overhead-only", action="store_true", help="latency: no keep ratios")
     ap.add_argument("--batches", default="2", help="batch sizes timed, e.g. 2,8")
+    ap.add_argument("--calib-images", help="calibrate on real images: a folder or JSONL "
+                    "(examples/make_photo_calib.py); default the generated calib split")
     ap.add_argument("--suffix", default="", help="results file token_pruning-cpu<suffix>.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -204,7 +213,7 @@ def main() -> None:
     model.eval()
     program = capture(wrap_hf(model, str(MODEL), None, None))
     data = pairs("eval", args.n_eval)
-    ctx = PassContext(calibration=Calib(args.n_calib))
+    ctx = PassContext(calibration=Calib(args.n_calib, args.calib_images))
     rows = []
     grid = [] if args.latency_only else [(1.0, "none", "auto")] + [
         (r, d, p) for r in RATIOS for d in ("none", "exponential", "cubic") for p in ("auto", "off")
@@ -232,6 +241,7 @@ def main() -> None:
         "benchmark": "token_pruning", "device": "cpu", "threads": 1,
         "load_average_at_end": os.getloadavg(), "model": "examples/models/attnc-tiny-vlm",
         "layer": args.layer, "n_eval": args.n_eval, "n_calib": args.n_calib,
+        "calibration": ctx.calibration.source,
         "accuracy": rows, "latency": latency, "uptime": uptime(),
         "note": "accuracy: exact match of the argmax at the last position on held-out VQA; "
                 "agreement: same answer as the unpruned program; latency: median of interleaved "
