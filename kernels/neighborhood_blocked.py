@@ -17,11 +17,10 @@ axis) make the halo cover the widest head and the in-tile mask per head. A key p
 gathered like the keys; a row that sees no key gives zeros (reference.masked_attention).
 
 `blocked_attention` is the torch form (the op's path off CUDA when `blocked_pays`), built on SDPA
-per tile; `blocked_onnx` the ONNX form (Gather of the tiles and halos, one opset-23 `Attention`
-with the tiles as heads and the in-tile mask as a bias: ORT's fused kernel, 1.07-1.10x the
-MatMul/Softmax chain in 3 interleaved ORT CPU runs at 64x64; the global rows dense; dynamic
-batch, the sequence fixed by the grid). The plan (index tables) depends only on the static grid
-arguments and is cached. 1-D grids are left to the 1-D blocked form."""
+per tile; neighborhood_blocked_onnx.py the ONNX forms (Gather of the tiles and halos, the
+in-tile scores capped by a Min or a fused `Attention` with a bias; the global rows dense;
+dynamic batch, the sequence fixed by the grid). The plan (index tables) depends only on the
+static grid arguments and is cached. 1-D grids are left to the 1-D blocked form."""
 
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from onnxscript import opset23 as op
 
 from attnc.kernels import masks
 
@@ -226,100 +224,6 @@ def blocked_attention(q, k, v, grid, heads, dilation, stride, is_causal, scale=N
     return out.to(q.dtype).contiguous()
 
 
-# ------------------------------------------------------------------ ONNX
-
-
-def _ints(xs):
-    return op.Constant(value_ints=[int(x) for x in xs])
-
-
-def _table(t: torch.Tensor, bool_: bool = False):
-    """A small constant table (int64, or bool) of t's shape."""
-    c = op.Reshape(_ints(t.flatten().long().tolist()), _ints(t.shape))
-    return op.Cast(c, to=9) if bool_ else c
-
-
-def blocked_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, padding=None,
-                 num_global: int = 0, padding_is_bool: bool = True,
-                 tiles: tuple[int, ...] | None = None):
-    """The ONNX graph of `blocked_attention`: q (B, Hq, S, D), k/v (B, Hkv, S, D) with static
-    heads and head size, S = num_global + prod(grid); `padding` a (B|1, S) key padding mask
-    (bool, or float with masked entries <= -1e4: `padding_is_bool` False) or None."""
-    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
-    g = hq // hkv
-    p = plan(*_args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
-    nt, t = p.qtok.shape
-    kk = p.keys.shape[1]
-    ng = int(num_global)
-    n = len(p.tiles)
-    # in-tile mask: AND of the per-axis tables, (Hk, nt_0.., T_0.., H_0..) -> (Hk, nt, T, H)
-    vis = None
-    for a, va in enumerate(p.axis_vis):
-        shape = [va.shape[0]] + [1] * (3 * n)
-        shape[1 + a], shape[1 + n + a], shape[1 + 2 * n + a] = va.shape[1:]
-        m = op.Reshape(_table(va, True), _ints(shape))
-        vis = m if vis is None else op.And(vis, m)
-    hk = p.axis_vis[0].shape[0]
-    vis = op.Reshape(vis, _ints([hk, nt, t, -1]))  # (Hk, nt, T, H)
-    if ng:
-        vis = op.Concat(op.Expand(op.Cast(_ints([1]), to=9), _ints([hk, nt, t, ng])), vis,
-                        axis=3)
-    if hk == 1:
-        vis = op.Reshape(vis, _ints([1, 1, nt, 1, t, kk]))
-    else:  # (Hq, nt, T, K) -> (1, Hkv, nt, g, T, K)
-        vis = op.Transpose(op.Reshape(vis, _ints([hkv, g, nt, t, kk])), perm=[0, 2, 1, 3, 4])
-        vis = op.Unsqueeze(vis, _ints([0]))
-    keys = _table(p.keys)  # (nt, K)
-    kw = op.Reshape(op.Gather(k, keys, axis=2), _ints([-1, nt, kk, d]))  # (B Hkv, nt, K, D)
-    vw = op.Reshape(op.Gather(v, keys, axis=2), _ints([-1, nt, kk, d]))
-    qb = op.Gather(q, _table(p.qtok), axis=2)  # (B, Hq, nt, T, D)
-    if g > 1:  # fold a KV head's query heads into the tile rows
-        qb = op.Transpose(op.Reshape(qb, _ints([0, hkv, g, nt, t, d])), perm=[0, 1, 3, 2, 4, 5])
-    qb = op.Reshape(qb, _ints([-1, nt, g * t, d]))  # (B Hkv, nt, g T, D): the tiles as heads
-    sc = (1.0 / d ** 0.5) if scale is None else float(scale)
-    real = None
-    if padding is not None:
-        if not padding_is_bool:  # a float mask: 0 attend, <= -1e4 masked
-            padding = op.Greater(padding, op.CastLike(op.Constant(value_float=-1e4), padding))
-        real = padding
-        vis = op.And(vis, op.Unsqueeze(op.Gather(padding, keys, axis=1), _ints([1, 3, 4])))
-    neg = op.CastLike(op.Constant(value_float=float("-inf")), q)
-    zero = op.CastLike(op.Constant(value_float=0.0), q)
-    if padding is None and hk == 1:  # one (1, nt, g T, K) mask for every batch and head
-        vb = op.Reshape(op.Expand(vis, _ints([1, 1, nt, g, t, kk])), _ints([1, nt, g * t, kk]))
-    else:  # (B|1, Hkv|1, nt, g|1, T, K) -> (B Hkv, nt, g T, K)
-        full = op.Concat(op.Shape(q, start=0, end=1), _ints([hkv, nt, g, t, kk]), axis=0)
-        vb = op.Reshape(op.Expand(vis, full), _ints([-1, nt, g * t, kk]))
-    # the mask as a bias of -1e9, not -inf (faster in ORT CPU; a masked key's weight exp(-1e9) is
-    # 0 unless its score beats every visible one by ~1e9); rows that see nothing: zeroed below
-    bias = op.Where(vb, zero, op.CastLike(op.Constant(value_float=-1e9), q))
-    res = op.Attention(qb, kw, vw, bias, scale=sc)  # (Y, present_key, present_value, qk)
-    o = res[0] if isinstance(res, (tuple, list)) else res  # (B Hkv, nt, g T, D)
-    o = op.Reshape(o, _ints([-1, hkv, nt, g, t, d]))
-    if padding is not None or p.unseen:  # rows that see no key give zeros
-        seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
-        o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o, zero)
-    if g > 1:
-        o = op.Transpose(o, perm=[0, 1, 3, 2, 4, 5])
-    o = op.Reshape(o, _ints([-1, hq, nt * t, d]))
-    o = op.Gather(o, _table(p.inv), axis=2)  # (B, Hq, prod grid, D)
-    if not ng:
-        return o
-    qg = op.Slice(q, _ints([0]), _ints([ng]), _ints([2]))  # (B, Hq, ng, D)
-    qg = op.Mul(op.Reshape(qg, _ints([0, hkv, g * ng, d])), op.CastLike(
-        op.Constant(value_float=sc), q))  # (B, Hkv, g*ng, D): a KV head's query heads in a row
-    sg = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hkv, g*ng, S)
-    if real is not None:
-        m = op.Unsqueeze(real, _ints([1, 2]))  # (B|1, 1, 1, S)
-        sg = op.Add(sg, op.Where(m, zero, neg))
-    go = op.MatMul(op.Softmax(sg, axis=-1), v)  # (B, Hkv, g*ng, D)
-    if real is not None:  # a row whose keys are all padding gives zeros
-        seen = op.ReduceMax(op.Cast(m, to=1), _ints([-1]), keepdims=1)
-        go = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), go, zero)
-    go = op.Reshape(go, _ints([0, hq, ng, d]))
-    return op.Concat(go, o, axis=2)
-
-
 def _static(shape, axes) -> bool:
     try:
         return all(isinstance(shape[a], int) for a in axes)
@@ -394,6 +298,8 @@ def translate(q, k, v, grid, kernel_size, dilation, stride, is_causal, scale=Non
     pad = key_padding_mask
     if rank == 4:
         pad = window_blocked.diagonal_padding(pad)
-    return blocked_onnx(q, k, v, gl, heads, dilation, stride, is_causal, scale, pad,
-                        int(num_global), key_padding_mask is None or
-                        key_padding_mask.dtype == 9)  # BOOL
+    from attnc.kernels import neighborhood_blocked_onnx as nbo
+
+    return nbo.blocked_onnx(q, k, v, gl, heads, dilation, stride, is_causal, scale, pad,
+                            int(num_global), key_padding_mask is None or
+                            key_padding_mask.dtype == 9)  # BOOL

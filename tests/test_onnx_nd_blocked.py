@@ -164,6 +164,35 @@ def test_onnx_neighborhood_blocked(tmp_path, monkeypatch, cis, mask):
 
 
 @pytest.mark.slow
+def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch):
+    """Without a padding mask the tiles' scores are capped by a Min (no fused Attention where
+    every token sees itself): every case in one export, two batch sizes, large score spreads
+    (a masked key scoring far above the visible ones must still get no weight)."""
+    monkeypatch.setattr(neighborhood_blocked, "TILES", {2: (4, 3), 3: (2, 3, 2)})
+    monkeypatch.setattr(neighborhood_blocked, "blocked_pays", lambda *a, **k: True)
+
+    def inputs(b, seed):
+        args, wants = [], []
+        for i, case in enumerate(NBHD):
+            q, k, v = _nb_qkv(b, case, seed + 10 * i)
+            q, k = q * 6.0, k * 6.0  # scores spread over ~+-100
+            args += [q, k, v]
+            wants.append(_nb_ref(q, k, v, case))
+        return tuple(args), wants
+
+    class Unmasked(_Nbhds):
+        def forward(self, *args):
+            return tuple(m(*args[3 * i:3 * i + 3], None) for i, m in enumerate(self.ops))
+
+    ops, sessions = _sessions(tmp_path, Unmasked(NBHD, False), inputs(1, 0)[0],
+                              (({0: B},) * (3 * len(NBHD)),))
+    assert {"Gather", "Min"} <= ops
+    assert all(neighborhood_blocked.plan(*neighborhood_blocked._args(*c[:5]), c[5]).diag
+               for c in NBHD if c[3] == [1, 1])
+    _check(sessions, [inputs(1, 3), inputs(3, 4)])
+
+
+@pytest.mark.slow
 def test_onnx_neighborhood_falls_back(tmp_path):
     """A -1 grid axis with a dynamic length, or a rule that does not pay: masked dense."""
     case = ([4, -1], [[3, 3]], [1, 1], [1, 1], [False, False], 1, (2, 2))

@@ -1,0 +1,193 @@
+"""The ONNX forms of the blocked 2-D/3-D neighborhood (kernels/neighborhood_blocked.py).
+
+Both Gather the query tiles and their key halos through the plan's index tables and score a
+tile's T queries against its K keys only (a KV head's g query heads folded into the rows):
+  - `min_onnx` (no key padding mask, every token in its own window): the scores of a tile in
+    one MatMul of [q * scale, -s_ii] against [k, 1] (s_ii = q_i . k_i * scale, the query's score
+    against its own key, which it always sees: rows shifted so their own key scores 0), then
+    Min with a constant cap (+3e38 on visible keys, -40 on masked ones), Softmax, MatMul(V).
+    A masked key's score is at most s_ii - 40 <= (the row's visible max) - 40: weight
+    <= e^-40 per key, exact in fp32; a visible score below that is raised to it (its weight
+    was < e^-40 already). Unlike a -1e9 bias, the masked weights stay normal floats: MLAS's
+    exp of a clamped input and a P @ V over denormals take microcode assists on Intel CPUs
+    (ORT CPU, 64x64 grid, 13x13 window: 1.3x the fused form without
+    session.set_denormal_as_zero; benchmarks/results/onnx_patterns-nbhd2-*.json);
+  - `fused_onnx` (a key padding mask, or a pattern without the diagonal): the tiles as the
+    heads of one opset-23 `Attention` over their halo keys with the in-tile mask as a -1e9
+    bias, rows that see no key zeroed.
+The global query rows attend densely (a MatMul/Softmax chain)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from onnxscript import opset23 as op
+
+from attnc.kernels import neighborhood_blocked as nb
+
+MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <= e^-40
+
+
+def _ints(xs):
+    return op.Constant(value_ints=[int(x) for x in xs])
+
+
+def _table(t: torch.Tensor, bool_: bool = False):
+    """A small constant table (int64, or bool) of t's shape."""
+    c = op.Reshape(_ints(t.flatten().long().tolist()), _ints(t.shape))
+    return op.Cast(c, to=9) if bool_ else c
+
+
+def _vis(p, hkv: int, g: int):
+    """The in-tile mask (1, Hkv|1, nt, g|1, T, K), the global keys in front: the AND of the
+    per-axis tables, (Hk, nt_0.., T_0.., H_0..) -> (Hk, nt, T, H), never an S x S table."""
+    nt, t = p.qtok.shape
+    kk = p.keys.shape[1]
+    ng = kk - math.prod(p.halos)
+    n = len(p.tiles)
+    vis = None
+    for a, va in enumerate(p.axis_vis):
+        shape = [va.shape[0]] + [1] * (3 * n)
+        shape[1 + a], shape[1 + n + a], shape[1 + 2 * n + a] = va.shape[1:]
+        m = op.Reshape(_table(va, True), _ints(shape))
+        vis = m if vis is None else op.And(vis, m)
+    hk = p.axis_vis[0].shape[0]
+    vis = op.Reshape(vis, _ints([hk, nt, t, -1]))  # (Hk, nt, T, H)
+    if ng:
+        vis = op.Concat(op.Expand(op.Cast(_ints([1]), to=9), _ints([hk, nt, t, ng])), vis,
+                        axis=3)
+    if hk == 1:
+        return op.Reshape(vis, _ints([1, 1, nt, 1, t, kk]))
+    # (Hq, nt, T, K) -> (1, Hkv, nt, g, T, K)
+    vis = op.Transpose(op.Reshape(vis, _ints([hkv, g, nt, t, kk])), perm=[0, 2, 1, 3, 4])
+    return op.Unsqueeze(vis, _ints([0]))
+
+
+def fused_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, padding=None,
+               num_global: int = 0, padding_is_bool: bool = True,
+               tiles: tuple[int, ...] | None = None):
+    """The fused-Attention ONNX graph of `blocked_attention`: q (B, Hq, S, D), k/v
+    (B, Hkv, S, D) with static heads and head size, S = num_global + prod(grid); `padding` a
+    (B|1, S) key padding mask (bool, or float with masked entries <= -1e4: `padding_is_bool`
+    False) or None."""
+    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
+    g = hq // hkv
+    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
+    nt, t = p.qtok.shape
+    kk = p.keys.shape[1]
+    ng = int(num_global)
+    hk = p.axis_vis[0].shape[0]
+    vis = _vis(p, hkv, g)  # (1, Hkv|1, nt, g|1, T, K)
+    keys = _table(p.keys)  # (nt, K)
+    kw = op.Reshape(op.Gather(k, keys, axis=2), _ints([-1, nt, kk, d]))  # (B Hkv, nt, K, D)
+    vw = op.Reshape(op.Gather(v, keys, axis=2), _ints([-1, nt, kk, d]))
+    qb = op.Gather(q, _table(p.qtok), axis=2)  # (B, Hq, nt, T, D)
+    if g > 1:  # fold a KV head's query heads into the tile rows
+        qb = op.Transpose(op.Reshape(qb, _ints([0, hkv, g, nt, t, d])), perm=[0, 1, 3, 2, 4, 5])
+    qb = op.Reshape(qb, _ints([-1, nt, g * t, d]))  # (B Hkv, nt, g T, D): the tiles as heads
+    sc = (1.0 / d ** 0.5) if scale is None else float(scale)
+    real = None
+    if padding is not None:
+        if not padding_is_bool:  # a float mask: 0 attend, <= -1e4 masked
+            padding = op.Greater(padding, op.CastLike(op.Constant(value_float=-1e4), padding))
+        real = padding
+        vis = op.And(vis, op.Unsqueeze(op.Gather(padding, keys, axis=1), _ints([1, 3, 4])))
+    neg = op.CastLike(op.Constant(value_float=float("-inf")), q)
+    zero = op.CastLike(op.Constant(value_float=0.0), q)
+    if padding is None and hk == 1:  # one (1, nt, g T, K) mask for every batch and head
+        vb = op.Reshape(op.Expand(vis, _ints([1, 1, nt, g, t, kk])), _ints([1, nt, g * t, kk]))
+    else:  # (B|1, Hkv|1, nt, g|1, T, K) -> (B Hkv, nt, g T, K)
+        full = op.Concat(op.Shape(q, start=0, end=1), _ints([hkv, nt, g, t, kk]), axis=0)
+        vb = op.Reshape(op.Expand(vis, full), _ints([-1, nt, g * t, kk]))
+    # the mask as a bias of -1e9, not -inf (faster in ORT CPU; a masked key's weight exp(-1e9) is
+    # 0 unless its score beats every visible one by ~1e9); rows that see nothing: zeroed below
+    bias = op.Where(vb, zero, op.CastLike(op.Constant(value_float=-1e9), q))
+    res = op.Attention(qb, kw, vw, bias, scale=sc)  # (Y, present_key, present_value, qk)
+    o = res[0] if isinstance(res, (tuple, list)) else res  # (B Hkv, nt, g T, D)
+    o = op.Reshape(o, _ints([-1, hkv, nt, g, t, d]))
+    if padding is not None or p.unseen:  # rows that see no key give zeros
+        seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
+        o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o, zero)
+    if g > 1:
+        o = op.Transpose(o, perm=[0, 1, 3, 2, 4, 5])
+    o = op.Reshape(o, _ints([-1, hq, nt * t, d]))
+    o = op.Gather(o, _table(p.inv), axis=2)  # (B, Hq, prod grid, D)
+    if not ng:
+        return o
+    return op.Concat(_global_rows(q, k, v, hq, hkv, g, d, ng, sc, real, zero, neg), o,
+                     axis=2)
+
+
+def _global_rows(q, k, v, hq, hkv, g, d, ng, sc, real, zero, neg):
+    """(B, Hq, ng, D): the global query rows attend to every (real) key."""
+    qg = op.Slice(q, _ints([0]), _ints([ng]), _ints([2]))  # (B, Hq, ng, D)
+    qg = op.Mul(op.Reshape(qg, _ints([0, hkv, g * ng, d])), op.CastLike(
+        op.Constant(value_float=sc), q))  # (B, Hkv, g*ng, D): a KV head's query heads in a row
+    sg = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hkv, g*ng, S)
+    if real is not None:
+        m = op.Unsqueeze(real, _ints([1, 2]))  # (B|1, 1, 1, S)
+        sg = op.Add(sg, op.Where(m, zero, neg))
+    go = op.MatMul(op.Softmax(sg, axis=-1), v)  # (B, Hkv, g*ng, D)
+    if real is not None:  # a row whose keys are all padding gives zeros
+        seen = op.ReduceMax(op.Cast(m, to=1), _ints([-1]), keepdims=1)
+        go = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), go, zero)
+    return op.Reshape(go, _ints([0, hq, ng, d]))
+
+
+def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_global: int = 0,
+             tiles: tuple[int, ...] | None = None):
+    """The Min-capped MatMul form (module doc): no padding mask, `plan(...).diag` true."""
+    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
+    g = hq // hkv
+    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
+    nt, t = p.qtok.shape
+    kk = p.keys.shape[1]
+    ng = int(num_global)
+    vis = op.Reshape(op.Expand(_vis(p, hkv, g), _ints([1, 1, nt, g, t, kk])),
+                     _ints([1, -1, nt, g * t, kk]))  # (1, Hkv|1, nt, g T, K)
+    cap = op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),
+                   op.CastLike(op.Constant(value_float=-MARGIN), q))  # folded by ORT
+    sc = (1.0 / d ** 0.5) if scale is None else float(scale)
+    qs = op.Mul(q, op.CastLike(op.Constant(value_float=sc), q))
+    kx = k if g == 1 else op.Unsqueeze(k, _ints([2]))  # (B, Hkv, 1, S, D)
+    qx = qs if g == 1 else op.Reshape(qs, _ints([0, hkv, g, -1, d]))
+    own = op.ReduceSum(op.Mul(qx, kx), _ints([-1]), keepdims=1)  # q_i . k_i * scale
+    own = op.Reshape(own, _ints([0, hq, -1, 1]))  # (B, Hq, S, 1)
+    q1 = op.Concat(qs, op.Neg(own), axis=3)  # (B, Hq, S, D + 1)
+    ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), k),
+                     op.Concat(op.Shape(k, start=0, end=3), _ints([1]), axis=0))
+    k1 = op.Concat(k, ones, axis=3)  # (B, Hkv, S, D + 1)
+    keys = _table(p.keys)  # (nt, K)
+    kw = op.Gather(k1, keys, axis=2)  # (B, Hkv, nt, K, D + 1)
+    vw = op.Gather(v, keys, axis=2)  # (B, Hkv, nt, K, D)
+    qb = op.Gather(q1, _table(p.qtok), axis=2)  # (B, Hq, nt, T, D + 1)
+    if g > 1:  # fold a KV head's query heads into the tile rows
+        qb = op.Transpose(op.Reshape(qb, _ints([0, hkv, g, nt, t, d + 1])),
+                          perm=[0, 1, 3, 2, 4, 5])
+    qb = op.Reshape(qb, _ints([0, hkv, nt, g * t, d + 1]))
+    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, nt, g T, K)
+    s = op.Min(s, cap)
+    o = op.MatMul(op.Softmax(s, axis=-1), vw)  # (B, Hkv, nt, g T, D)
+    if g > 1:
+        o = op.Transpose(op.Reshape(o, _ints([0, hkv, nt, g, t, d])), perm=[0, 1, 3, 2, 4, 5])
+    o = op.Reshape(o, _ints([0, hq, nt * t, d]))
+    o = op.Gather(o, _table(p.inv), axis=2)  # (B, Hq, prod grid, D)
+    if not ng:
+        return o
+    zero = op.CastLike(op.Constant(value_float=0.0), q)
+    neg = op.CastLike(op.Constant(value_float=float("-inf")), q)
+    return op.Concat(_global_rows(q, k, v, hq, hkv, g, d, ng, sc, None, zero, neg), o, axis=2)
+
+
+def blocked_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, padding=None,
+                 num_global: int = 0, padding_is_bool: bool = True,
+                 tiles: tuple[int, ...] | None = None):
+    """The ONNX graph of `blocked_attention`: `min_onnx` without a padding mask when every
+    token sees itself, else `fused_onnx`."""
+    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
+    if padding is None and p.diag:
+        return min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale, num_global,
+                        tiles)
+    return fused_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale, padding,
+                      num_global, padding_is_bool, tiles)
