@@ -268,7 +268,8 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
         {"stage": s["stage"], "seconds": s["seconds"],
          "peak_x_weights": x((sampled.get(s["stage"]) or {}).get("peak_rss")),
          "peak_anon_x_weights": x((sampled.get(s["stage"]) or {}).get("peak_anon")),
-         "rss_x_weights_after": x(s["rss_bytes"])}
+         "rss_x_weights_after": x(s["rss_bytes"]),
+         "heap_released_x_weights": x(s.get("heap_released_bytes"))}
         for s in report.get("stages", [])
     ]
     # the Python/torch/onnx runtime before the model is read (imports), and the peak without it
