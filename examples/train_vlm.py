@@ -254,6 +254,8 @@ def save(model, out: Path, final: dict, steps: int, seen: int, skipped: int, n_p
             params=n_params / 1e6,
             majority=majority,
             threads=args.threads,
+            questions=args.questions,
+            aux=args.aux_weight,
         )
     )
 
@@ -285,7 +287,8 @@ its most common held-out answer scores {majority:.3f}).
 |---|---|
 {rows}
 
-Trained {minutes} min on {threads} CPU thread(s): {steps} steps of 32 fresh samples
+Trained {minutes} min on {threads} CPU thread(s): {steps} steps of 32 fresh samples, {questions}
+question(s) per image, per-patch auxiliary loss weight {aux} (examples/vqa_aux.py)
 ({seen} drawn from the "train" stream; held-out samples come from another seed and equal ones are
 skipped). The attnc `token-pruning` pass is measured on this model (benchmarks/token_pruning.py).
 """
