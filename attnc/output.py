@@ -121,10 +121,27 @@ def check_output_dir(out: Path, *, force: bool = False, inputs: Iterable[Path] =
     while not probe.exists():
         probe = probe.parent
     try:  # a real write, not os.access: root passes access checks on read-only mounts
-        tempfile.TemporaryDirectory(dir=probe, prefix=".attnc-probe-").cleanup()
+        with _signals_deferred():  # Ctrl-C between making and removing it must not leave it
+            tempfile.TemporaryDirectory(dir=probe, prefix=".attnc-probe-").cleanup()
     except OSError:
         raise UsageError(f"output folder {out} is not writable") from None
     return parent
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block is done (they arrive right after it), so that a
+    signal cannot land between creating a scratch entry and removing it."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:  # pragma: no cover - not on POSIX
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _check_replaceable(out: Path, force: bool) -> None:
