@@ -87,6 +87,7 @@ def test_encoder_and_vision_identity():
     assert task_metrics("vision", dropped, vit.module, vdata.calib)["embedding_cosine"] < 0.9999
 
 
+@pytest.mark.slow  # a CLI build of the tiny Llama, then eval through torch and ONNX Runtime
 def test_eval_cli_on_build_torch_and_onnx(tiny_llm, root, tmp_path, capsys):
     from test_cli import run_cli
 

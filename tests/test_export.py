@@ -5,6 +5,7 @@ test_matrix.py)."""
 from __future__ import annotations
 
 import hf_models
+import pytest
 import torch
 
 import attnc.passes.llm_drop as D
@@ -14,6 +15,7 @@ from attnc.export.artifacts import export_onnx, lower_dense, save_pt2
 from attnc.load.models import wrap_hf
 
 
+@pytest.mark.slow  # two ONNX exports
 def test_original_export_has_more_attention_nodes(tmp_path):
     program = capture(wrap_hf(hf_models.build("llama"), "llama", None, None))
     full = export_onnx(program, tmp_path / "full.onnx")
@@ -24,6 +26,7 @@ def test_original_export_has_more_attention_nodes(tmp_path):
     assert isinstance(full["inputs"]["input_ids"][1], str)
 
 
+@pytest.mark.slow  # an ONNX export and a .pt2 save
 def test_lowered_dense_op_exports_and_saves(tmp_path):
     loaded = wrap_hf(hf_models.build("qwen2"), "qwen2", None, None)
     program = capture(loaded)

@@ -55,14 +55,20 @@ def test_flagged_bounds_reproduce_the_mask(grid, ks, st, ca, bm, bn):
             assert torch.equal(got[qok], want[qok]), (qt, kt, fl)
 
 
+SLOW = pytest.mark.slow  # the two largest grids: a minute or two each in the interpreter
+
+
 @pytest.mark.parametrize("grid,ks,st,ca", [((12, 20), (5, 9), (1, 2), (False, True)),
                                          ((10, 13), (3, 7), (2, 3), (True, False)),
                                          ((3, 5, 7), (3, 3, 5), (1, 2, 1), (True, False, True)),
                                          ((50,), (9,), (3,), (True,)),
                                          ((45,), (8,), (1,), (False,)),
                                          ((47,), (47,), (1,), (False,)),
-                                         ((9, 23), (9, 4), (1, 1), (False, False)),
-                                         ((6, 7, 9), (5, 7, 2), (1, 1, 3), (False, True, False))])
+                                         pytest.param((9, 23), (9, 4), (1, 1), (False, False),
+                                                      marks=SLOW),
+                                         pytest.param((6, 7, 9), (5, 7, 2), (1, 1, 3),
+                                                      (False, True, False),
+                                                      marks=SLOW)])
 def test_fast_paths_match_general_path(grid, ks, st, ca):
     """Dilation 1: every key-tile loop (lists with flags, box, class loops) gives the general
     predicate's output; the shapes give every cut class tiles (and windows spanning the grid)."""

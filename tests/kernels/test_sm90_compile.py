@@ -15,6 +15,7 @@ import pytest
 from tests.kernels.conftest import GPU
 
 
+@pytest.mark.slow  # compiles every variant to sm90 machine code (minutes on 2 cores)
 @pytest.mark.skipif(GPU, reason="the GPU suite compiles for its own device")
 def test_every_variant_compiles_for_sm90(root, tmp_path):
     out = tmp_path / "sm90.json"
