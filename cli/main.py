@@ -11,129 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
 from typing import Annotated
 
 import typer
-import typer.main
-from rich.console import Console
 from rich.table import Table
 
-from attnc.errors import AttncError, Interrupted
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="attnc: an attention compiler for PyTorch models.",
+from attnc.cli import info_commands
+from attnc.cli.app import GLOBAL_FLAGS, STATE, app, err, out
+from attnc.cli.shell import (
+    click_errors,
+    error_line,
+    hoist_global_flags,
+    install_signal_handlers,
+    interrupted,
 )
-err = Console(stderr=True)
-out = Console()
-STATE = {"debug": False}
-
-
-def _setup_logging(verbose: bool, debug: bool) -> None:
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
-    logger = logging.getLogger("attnc")
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-    logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, show_time=False))
-    logger.setLevel(level)
-    logger.propagate = False
-    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.WARNING)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # Python warnings go to the log (shown with --debug), never straight to the terminal
-    logging.captureWarnings(True)
-    _route_to_log("py.warnings", debug)
-    if not debug:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
-
-
-class _ToAttncLog(logging.Handler):
-    """Forwards another library's records into attnc's debug log (tracebacks included)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.INFO:  # a library's own debug chatter (atexit stats)
-            return
-        try:
-            text = self.format(record)
-        except Exception:  # noqa: BLE001 - a bad record must not break the command
-            text = str(record.msg)
-        logging.getLogger("attnc.lib").debug("%s: %s", record.name, text)
-
-
-def _route_to_log(top: str, debug: bool) -> None:
-    """Take `top`'s loggers off the terminal: drop the stderr handlers a library installed on it
-    and its children (torch._logging does, at import), and forward everything into attnc's log,
-    which the console shows only with --debug."""
-    for name, lg in list(logging.root.manager.loggerDict.items()):
-        if not isinstance(lg, logging.Logger) or not (name == top or name.startswith(top + ".")):
-            continue
-        streams = [h for h in lg.handlers if type(h) is logging.StreamHandler]
-        for h in streams:
-            lg.removeHandler(h)
-        if streams and name != top:
-            lg.propagate = True
-    root = logging.getLogger(top)
-    for h in [h for h in root.handlers if isinstance(h, (_ToAttncLog, logging.StreamHandler))]:
-        root.removeHandler(h)
-    root.addHandler(_ToAttncLog())
-    root.propagate = False
-    root.setLevel(logging.INFO if debug else logging.WARNING)
-
-
-def _route_library_logs(debug: bool) -> None:
-    import torch  # noqa: F401 - torch._logging puts its stderr handlers in place on import
-
-    for top in ("torch", "onnxscript", "onnx_ir", "transformers"):
-        _route_to_log(top, debug)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from attnc import __version__
-
-        print(f"attnc {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_callback(
-    ctx: typer.Context,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks and debug logs (anywhere on the line).")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log progress (anywhere on the line).")
-    ] = False,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version",
-            callback=_print_version,
-            is_eager=True,
-            help="Print attnc's version and exit.",
-        ),
-    ] = False,
-) -> None:
-    STATE["debug"] = debug
-    _setup_logging(verbose, debug)
-    if not ctx.resilient_parsing and not {"--help", "-h"} & set(ctx.args):
-        _route_library_logs(debug)  # a command is about to run, and it imports torch anyway
+from attnc.errors import AttncError, Interrupted
 
 
 def _shape(text: str | None) -> list[int] | None:
@@ -406,167 +301,9 @@ def eval_cmd(
     out.print(t)
 
 
-@app.command("bench")
-def bench_cmd(
-    build_dir: Annotated[str, typer.Argument(help="An attnc build folder.")],
-    shapes: Annotated[
-        str | None,
-        typer.Option("--shapes", help="BATCHxSEQUENCE pairs to time at, e.g. 1x128,8x64 "
-                     "(default: the shapes the build timed)."),
-    ] = None,
-    against: Annotated[
-        str | None,
-        typer.Option("--against", help="The original as a .pt2 (default: the build's "
-                     "original.pt2)."),
-    ] = None,
-    runtime: Annotated[
-        str,
-        typer.Option("--runtime", help="onnxruntime, torch, or both (comma-separated)."),
-    ] = "onnxruntime,torch",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model and shape.")]
-    = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-) -> None:
-    """Time BUILD's model.onnx (ONNX Runtime, CPU) and model.pt2 (torch) against the original,
-    interleaved in one run; prints medians and the speed-up. Runs no code from the folder."""
-    from pathlib import Path
 
-    from attnc.check.bench import BenchConfig, bench_folder, parse_shapes
-    from attnc.cli.render import bench_table
-
-    cfg = BenchConfig(
-        shapes=parse_shapes(shapes),
-        repeats=repeats,
-        runtimes=tuple(x.strip() for x in runtime.split(",") if x.strip()),
-    )
-    res = bench_folder(Path(build_dir), cfg, Path(against) if against else None)
-    if as_json:
-        print(json.dumps(res.as_dict(), indent=2))
-        return
-    out.print(bench_table(res.as_dict()))
-
-
-@app.command()
-def passes(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the passes as JSON.")] = False,
-) -> None:
-    """List the available passes: id, exact or approximate, config fields and defaults."""
-    from attnc.recipe.bounds import DEFAULT_BOUNDS, describe_default_bounds
-    from attnc.recipe.manager import list_passes
-    from attnc.recipe.schema import config_fields
-
-    infos = list_passes()
-    defaults = {kind: b.set_bounds() for kind, b in DEFAULT_BOUNDS.items()}
-    rows = [
-        {
-            "id": i.id,
-            "exact": i.exact,
-            "summary": i.summary,
-            "paper": i.paper,
-            "config": [
-                {"name": n, "type": t, "default": d} for n, t, d in config_fields(i.config_cls)
-            ],
-            "default_bound": None if i.exact else defaults,
-        }
-        for i in infos
-    ]
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    for r in rows:
-        kind = "exact" if r["exact"] else "approximate"
-        out.print(f"[bold]{r['id']}[/bold] ({kind}, {r['paper']}): {r['summary']}")
-        for f in r["config"]:
-            out.print(f"    {f['name']}: {f['type']} = {f['default']!r}")
-    out.print(
-        "default fidelity bound (a recipe without a fidelity: section): "
-        + describe_default_bounds(),
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
-
-
-def _click_errors() -> tuple[type[BaseException], ...]:
-    """The usage-error classes of whichever click typer runs on: typer >= 0.29 vendors its own
-    (typer._click), whose errors derive from typer.TyperException, not click.ClickException."""
-    kinds: list[type[BaseException]] = [typer.TyperException]
-    try:
-        import click
-
-        kinds.append(click.exceptions.ClickException)
-    except ImportError:  # pragma: no cover - typer no longer needs click
-        pass
-    return tuple(kinds)
-
-
-def _value_options() -> set[str]:
-    """Every option of every command that takes a value."""
-    group = typer.main.get_command(app)
-    names: set[str] = set()
-    for cmd in [group, *getattr(group, "commands", {}).values()]:
-        for p in cmd.params:
-            if getattr(p, "param_type_name", "") == "option" and not getattr(p, "is_flag", False):
-                names.update(p.opts)
-    return names
-
-
-def hoist_global_flags(argv: list[str]) -> list[str]:
-    """Move --debug/--verbose to the front, so they work after the subcommand too; a flag given
-    as an option's value (`-o --debug`) or after `--` stays where it is."""
-    takes_value = _value_options()
-    front: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest += argv[i:]
-            break
-        if arg in GLOBAL_FLAGS:
-            front.append(arg)
-        else:
-            rest.append(arg)
-            if arg in takes_value and i + 1 < len(argv):
-                rest.append(argv[i + 1])
-                i += 1
-        i += 1
-    return front + rest
-
-
-def _error(text: str) -> None:
-    """The one line every failure ends with."""
-    sys.stdout.flush()
-    sys.stderr.write("error: " + " ".join(str(text).split()) + "\n")
-    sys.stderr.flush()
-
-
-def _interrupted(code: int) -> int:
-    name = {130: "SIGINT", 143: "SIGTERM"}.get(code, f"signal {code - 128}")
-    sys.stdout.flush()
-    sys.stderr.write(f"interrupted ({name}); no build was written\n")
-    sys.stderr.flush()
-    return code
-
-
-def _install_signal_handlers() -> dict[int, object]:
-    """SIGINT and SIGTERM raise Interrupted (a BaseException) once, so that every cleanup runs;
-    a second signal during that cleanup is ignored, so it completes."""
-
-    def handler(signum, frame):
-        if STATE.get("signal") or not STATE.get("running"):
-            return
-        STATE["signal"] = signum
-        raise Interrupted(signum)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread: keep the defaults
-            previous[sig] = signal.signal(sig, handler)
-    return previous
+app.command("bench")(info_commands.bench_cmd)
+app.command()(info_commands.passes)
 
 
 def _run(args: list[str]) -> int:
@@ -575,28 +312,28 @@ def _run(args: list[str]) -> int:
         # a bare `attnc`: the help, on stderr as click prints it, and exit 2 (a usage error)
         with contextlib.redirect_stdout(sys.stderr):
             app(args=["--help"], prog_name="attnc", standalone_mode=False)
-        _error("missing command (see the commands above)")
+        error_line("missing command (see the commands above)")
         return 2
     try:
         rv = app(args=args, prog_name="attnc", standalone_mode=False)
     except Interrupted as exc:
-        return _interrupted(exc.exit_code)
+        return interrupted(exc.exit_code)
     except KeyboardInterrupt:
-        return _interrupted(130)
+        return interrupted(130)
     except AttncError as exc:
         if STATE["debug"]:
             err.print_exception()
-        _error(exc.one_line())
+        error_line(exc.one_line())
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
-        return _interrupted(130)
-    except _click_errors() as exc:
+        return interrupted(130)
+    except click_errors() as exc:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "attnc"
-        _error(f"{message} (see '{where} --help')")
+        error_line(f"{message} (see '{where} --help')")
         return 2
     except BrokenPipeError:  # `attnc passes --json | head`: the reader left; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -606,14 +343,14 @@ def _run(args: list[str]) -> int:
         if STATE["debug"]:
             err.print_exception()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _error(
+        error_line(
             f"internal error: {type(exc).__name__}: {first[:300]} "
             "(rerun with --debug for the traceback)"
         )
         return 1
     if isinstance(rv, int) and not isinstance(rv, bool) and rv:
         # typer turns a KeyboardInterrupt it sees into a *returned* 130
-        return _interrupted(rv) if rv in (130, 143) else rv
+        return interrupted(rv) if rv in (130, 143) else rv
     return 0
 
 
@@ -621,11 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     """The `attnc` entry point: parse, run, and exit with a code that tells the truth."""
     args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     STATE.update(debug="--debug" in args, signal=None, running=True)
-    previous = _install_signal_handlers()
+    previous = install_signal_handlers()
     try:
         code = _run(args)
     except Interrupted as exc:  # arrived while an error was being reported
-        code = _interrupted(exc.exit_code)
+        code = interrupted(exc.exit_code)
     finally:
         STATE["running"] = False
         for sig, old in previous.items():
