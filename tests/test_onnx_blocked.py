@@ -213,7 +213,7 @@ def test_build_target_length():
     length."""
     from types import SimpleNamespace as NS
 
-    from attnc.build import _target_length
+    from attnc.build_steps import target_length as _target_length
 
     res = [NS(decisions=[NS(metrics={"target_length": 2048}), NS(metrics={})])]
     assert _target_length(res, None, []) == 2048
