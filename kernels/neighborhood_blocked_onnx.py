@@ -66,6 +66,15 @@ def _vis(p, hkv: int, g: int):
     return op.Unsqueeze(vis, _ints([0]))
 
 
+def _setup(q, k, grid, heads, dilation, stride, is_causal, num_global, tiles):
+    """What both forms start from: query/KV heads and head size, the query heads per KV head,
+    the tile plan, tiles x tokens per tile, keys per tile, and the global tokens."""
+    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
+    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
+    nt, t = p.qtok.shape
+    return hq, d, hkv, hq // hkv, p, nt, t, p.keys.shape[1], int(num_global)
+
+
 def fused_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, padding=None,
                num_global: int = 0, padding_is_bool: bool = True,
                tiles: tuple[int, ...] | None = None):
@@ -73,12 +82,8 @@ def fused_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, pa
     (B, Hkv, S, D) with static heads and head size, S = num_global + prod(grid); `padding` a
     (B|1, S) key padding mask (bool, or float with masked entries <= -1e4: `padding_is_bool`
     False) or None."""
-    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
-    g = hq // hkv
-    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
-    nt, t = p.qtok.shape
-    kk = p.keys.shape[1]
-    ng = int(num_global)
+    hq, d, hkv, g, p, nt, t, kk, ng = _setup(q, k, grid, heads, dilation, stride, is_causal,
+                                              num_global, tiles)
     hk = p.axis_vis[0].shape[0]
     vis = _vis(p, hkv, g)  # (1, Hkv|1, nt, g|1, T, K)
     keys = _table(p.keys)  # (nt, K)
@@ -140,12 +145,8 @@ def _global_rows(q, k, v, hq, hkv, g, d, ng, sc, real, zero, neg):
 def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_global: int = 0,
              tiles: tuple[int, ...] | None = None):
     """The Min-capped MatMul form (module doc): no padding mask, `plan(...).diag` true."""
-    hq, d, hkv = int(q.shape[1]), int(q.shape[3]), int(k.shape[1])
-    g = hq // hkv
-    p = nb.plan(*nb._args(grid, heads, dilation, stride, is_causal), int(num_global), tiles)
-    nt, t = p.qtok.shape
-    kk = p.keys.shape[1]
-    ng = int(num_global)
+    hq, d, hkv, g, p, nt, t, kk, ng = _setup(q, k, grid, heads, dilation, stride, is_causal,
+                                              num_global, tiles)
     vis = op.Reshape(op.Expand(_vis(p, hkv, g), _ints([1, 1, nt, g, t, kk])),
                      _ints([1, -1, nt, g * t, kk]))  # (1, Hkv|1, nt, g T, K)
     cap = op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),

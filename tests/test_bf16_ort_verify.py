@@ -11,27 +11,10 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 import torch
+from test_external_data import RECIPE, _tiny_llama
 
 from attnc.build import BuildOptions, build
 from attnc.export import external_data as ext
-
-RECIPE = {
-    "version": 1,
-    "passes": [{"id": "llm-drop", "target": "attention", "count": 1}],
-    "fidelity": {"min_cosine": 0.0},
-    "calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "source": "generated"},
-    "export": {"pt2": False},
-}
-
-
-def _tiny_bf16_llama(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 def _live_casts(events: list[str]) -> int:
@@ -65,7 +48,7 @@ def test_bf16_verified_with_weights_cast_at_run_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ort, "InferenceSession", Recording)
     out = tmp_path / "build"
-    build(str(_tiny_bf16_llama(tmp_path / "src")), RECIPE, None, out,
+    build(str(_tiny_llama(tmp_path / "src", torch.bfloat16)), RECIPE, None, out,
           BuildOptions(save_original=False))
     report = json.loads((out / "report.json").read_text())
     onnx_info = report["onnx"]
