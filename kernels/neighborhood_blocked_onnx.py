@@ -13,7 +13,11 @@ tile's T queries against its K keys only (a KV head's g query heads folded into 
     (ORT CPU, Intel Xeon, 64x64 grid, 13x13 window, against dense `Attention`: 2.99x vs the
     fused form's 2.41x at 2 threads, 4.63x vs 2.64x at 1; with session.set_denormal_as_zero
     on every session the fused form wins, 3.55x vs 2.94x: the chain's extra passes over the
-    scores; benchmarks/results/onnx_patterns_nbhd2-*.json);
+    scores; benchmarks/results/onnx_patterns_nbhd2-*.json). In float32 the tiles go through
+    the steps of a `Loop`, a few tiles per step (`tiles_per_step`), so one step's scores stay
+    in cache through MatMul, Min, Softmax and MatMul instead of streaming a (B, H, tiles, T, K)
+    tensor through memory four times; bf16/fp16 keep one flat chain at the top level, where the
+    export widens the nodes ONNX Runtime's CPU build has no low-precision kernel for;
   - `fused_onnx` (a key padding mask, or a pattern without the diagonal): the tiles as the
     heads of one opset-23 `Attention` over their halo keys with the in-tile mask as a -1e9
     bias, rows that see no key zeroed.
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import math
 
+import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
 
 from attnc.kernels import neighborhood_blocked as nb
 
 MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <= e^-40
+LOOP = True  # float32 tiles in the steps of a Loop (False: one flat chain, as bf16/fp16 get)
 
 
 def _ints(xs):
@@ -161,17 +167,17 @@ def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_
     ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), k),
                      op.Concat(op.Shape(k, start=0, end=3), _ints([1]), axis=0))
     k1 = op.Concat(k, ones, axis=3)  # (B, Hkv, S, D + 1)
-    keys = _table(p.keys)  # (nt, K)
-    kw = op.Gather(k1, keys, axis=2)  # (B, Hkv, nt, K, D + 1)
-    vw = op.Gather(v, keys, axis=2)  # (B, Hkv, nt, K, D)
-    qb = op.Gather(q1, _table(p.qtok), axis=2)  # (B, Hq, nt, T, D + 1)
-    if g > 1:  # fold a KV head's query heads into the tile rows
-        qb = op.Transpose(op.Reshape(qb, _ints([0, hkv, g, nt, t, d + 1])),
-                          perm=[0, 1, 3, 2, 4, 5])
-    qb = op.Reshape(qb, _ints([0, hkv, nt, g * t, d + 1]))
-    s = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, nt, g T, K)
-    s = op.Min(s, cap)
-    o = op.MatMul(op.Softmax(s, axis=-1), vw)  # (B, Hkv, nt, g T, D)
+    if LOOP and q.dtype == ir.DataType.FLOAT:  # tiles in Loop steps (ORT CPU runs float32 bodies)
+        per = tiles_per_step(nt, hq * t * kk)
+        cap = op.Reshape(cap, _ints([1, -1, nt // per, per, g * t, kk]))  # folded by ORT
+        y = _loop(op.Constant(value_int=nt // per), _tile_body(
+            q1, k1, v, _table(p.qtok.reshape(nt // per, per, t)),
+            _table(p.keys.reshape(nt // per, per, kk)), cap, hkv, g, per, t, kk, d))
+        # y: (steps, B, Hkv, per, g T, D) -> (B, Hkv, nt, g T, D)
+        o = op.Reshape(op.Transpose(y, perm=[1, 2, 0, 3, 4, 5]), _ints([0, hkv, nt, g * t, d]))
+    else:  # bf16/fp16: one chain over every tile, its nodes at the top level where the
+        # export's float32 widening of ORT CPU's missing low-precision kernels finds them
+        o = _chain(op, q1, k1, v, _table(p.qtok), _table(p.keys), cap, hkv, g, nt, t, d)
     if g > 1:
         o = op.Transpose(op.Reshape(o, _ints([0, hkv, nt, g, t, d])), perm=[0, 1, 3, 2, 4, 5])
     o = op.Reshape(o, _ints([0, hq, nt * t, d]))
@@ -181,6 +187,74 @@ def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_
     zero = op.CastLike(op.Constant(value_float=0.0), q)
     neg = op.CastLike(op.Constant(value_float=float("-inf")), q)
     return op.Concat(_global_rows(q, k, v, hq, hkv, g, d, ng, sc, None, zero, neg), o, axis=2)
+
+
+STEP_SCORES = 1 << 20  # score elements per Loop step (B = 1): ~4 MB of fp32, cache-sized
+
+
+def tiles_per_step(nt: int, scores_per_tile: int) -> int:
+    """Tiles per Loop step: the largest divisor of nt whose scores (all heads, B = 1) stay
+    within STEP_SCORES, at least 1."""
+    return max([p for p in range(1, nt + 1) if nt % p == 0 and p * scores_per_tile <= STEP_SCORES]
+               or [1])
+
+
+def _loop(m, body):
+    """Loop(M = m, no condition, no loop-carried values, body): its one scan output. The
+    generated `op.Loop` demands a loop-carried value, so the node goes to the exporter's
+    recorder (the evaluator in charge while torch.onnx translates) with the Loop schema."""
+    import onnx
+    import onnxscript
+
+    rec = onnxscript.evaluator.default()
+    if not hasattr(rec, "_call_op"):  # not inside torch.onnx's translation
+        raise RuntimeError("the tiled neighborhood ONNX form is built only by torch.onnx export")
+    sig = ir.schemas.OpSignature.from_op_schema(onnx.defs.get_schema("Loop", 23))
+    cond = op.Cast(op.Constant(value_int=1), to=9)  # true: M alone ends the loop
+    return rec._call_op(sig, {"M": m, "cond": cond, "v_initial": ()}, {"body": body}, 1)[0]
+
+
+class _TapeOps:
+    """`ops.Name(*inputs, **attributes)` records a node on an onnx_ir tape: `_chain` builds
+    with it what it builds with onnxscript's `op` at the top level."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+    def __getattr__(self, name):
+        return lambda *inputs, **attrs: self.tape.op(name, list(inputs), attrs)
+
+
+def _chain(o, q1, k1, v, qtok, keys, cap, hkv: int, g: int, n: int, t: int, d: int):
+    """n tiles: Gather their queries (qtok (n, T)) and key halos (keys (n, K)), score
+    [q * scale, -s_ii] . [k, 1], Min with cap (1, Hkv|1, n, g T, K), Softmax, MatMul(V):
+    (B, Hkv, n, g T, D). `o` builds the nodes (onnxscript's op, or a Loop body's _TapeOps)."""
+    kw = o.Gather(k1, keys, axis=2)  # (B, Hkv, n, K, D + 1)
+    vw = o.Gather(v, keys, axis=2)  # (B, Hkv, n, K, D)
+    qb = o.Gather(q1, qtok, axis=2)  # (B, Hq, n, T, D + 1)
+    if g > 1:  # fold a KV head's query heads into the tile rows
+        qb = o.Transpose(o.Reshape(qb, o.Constant(value_ints=[0, hkv, g, n, t, d + 1])),
+                         perm=[0, 1, 3, 2, 4, 5])
+    qb = o.Reshape(qb, o.Constant(value_ints=[0, hkv, n, g * t, d + 1]))
+    s = o.MatMul(qb, o.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, n, g T, K)
+    return o.MatMul(o.Softmax(o.Min(s, cap), axis=-1), vw)
+
+
+def _tile_body(q1, k1, v, qtok, keys, cap, hkv: int, g: int, per: int, t: int, kk: int, d: int):
+    """The Loop body of `min_onnx`: step i Gathers its `per` tiles' queries (qtok row i) and
+    key halos (keys row i) from the outer q1/k1/v, scores them, caps with cap[:, :, i], Softmax,
+    MatMul(V): (B, Hkv, per, g T, D). One step's scores stay in cache, where ORT's op-by-op
+    MatMul/Min/Softmax/MatMul over all tiles at once would stream them through memory 4-5 times
+    (64x64 grid, 13x13 window: 74 -> 55 ms for the chain, ORT CPU, 2 threads)."""
+    tp = ir.tape.Tape()
+    i = ir.Value(name="tile_step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    cond = ir.Value(name="tile_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+
+    ops = _TapeOps(tp)
+    qi, ki = ops.Gather(qtok, i, axis=0), ops.Gather(keys, i, axis=0)  # (per, T), (per, K)
+    o = _chain(ops, q1, k1, v, qi, ki, ops.Gather(cap, i, axis=2), hkv, g, per, t, d)
+    cond_out = tp.op("Identity", [cond])
+    return ir.Graph([i, cond], [cond_out, o], nodes=tp.nodes, name="neighborhood_tiles")
 
 
 def blocked_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, padding=None,

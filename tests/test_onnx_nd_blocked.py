@@ -16,6 +16,7 @@ from onnx_sessions import ort_sessions
 
 import attnc.kernels
 from attnc.kernels import block_sparse_gather, neighborhood_blocked, reference
+from attnc.kernels import neighborhood_blocked_onnx as nbo
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -170,6 +171,9 @@ def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch):
     (a masked key scoring far above the visible ones must still get no weight)."""
     monkeypatch.setattr(neighborhood_blocked, "TILES", {2: (4, 3), 3: (2, 3, 2)})
     monkeypatch.setattr(neighborhood_blocked, "blocked_pays", lambda *a, **k: True)
+    # several Loop steps of several tiles each (a prime tile count: one tile per step)
+    monkeypatch.setattr(nbo, "tiles_per_step",
+                        lambda nt, _: min([p for p in range(2, nt) if nt % p == 0] or [1]))
 
     cases = NBHD[1:]  # dilation, stride, causal, 3-D, globals, GQA, per-head kernels
 
@@ -188,7 +192,8 @@ def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch):
 
     ops, sessions = _sessions(tmp_path, Unmasked(cases, False), inputs(1, 0)[0],
                               (({0: B},) * (3 * len(cases)),))
-    assert {"Gather", "Min"} <= ops and "Attention" not in ops  # every case: the Min form
+    # every case: the Min form, its tiles in the steps of a Loop (float32)
+    assert {"Gather", "Min", "Loop"} <= ops and "Attention" not in ops
     _check(sessions, [inputs(1, 3), inputs(3, 4)])
 
 
@@ -295,3 +300,44 @@ def test_onnx_block_sparse_gathered(tmp_path, causal, lb, lh, hkv, pad):
                               (dims, dims, dims, mdim))
     assert "Attention" not in ops and "TopK" in ops
     _check(sessions, [inputs(lb, 77, 1), inputs(3 if lb == 1 else lb, 45, 2)])
+
+
+class _GridAttention(torch.nn.Module):
+    """A hand-written vision block whose attention is attnc's 2-D neighborhood op on a 24 x 24
+    grid with a 7 x 7 window (576 tokens: the cost rule picks the halo tiles)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+        o = torch.ops.attnc.neighborhood_attention(q, k, v, [24, 24], [7, 7], [1, 1], [1, 1],
+                                                   [False, False])
+        return self.out(o.transpose(1, 2).reshape(b, s, c))
+
+
+@pytest.mark.slow
+def test_build_export_runs_the_tile_loop_in_ort(tmp_path):
+    """Through the build's own ONNX export (optimizer, names, checks, summary): the site gets
+    the halo-tile form, its tiles in a Loop (the summary counts the body's nodes), and ONNX
+    Runtime matches the model at two batch sizes."""
+    from attnc.capture.program import capture
+    from attnc.export.artifacts import export_onnx
+    from attnc.load.models import from_module
+
+    torch.manual_seed(0)
+    model = _GridAttention().eval()
+    program = capture(from_module(model, (torch.randn(2, 576, 32),)))
+    info = export_onnx(program, tmp_path / "m.onnx", seq_hint=576)
+    assert [f["onnx_form"] for f in info["attention_forms"]] == [neighborhood_blocked.FORM]
+    assert info["op_counts"].get("Loop") == 1 and info["softmax_nodes"] >= 1
+    assert info["attention_nodes"] == 0
+    _, sessions = ort_sessions(tmp_path / "m.onnx")
+    for b in (1, 3):
+        x = torch.randn(b, 576, 32)
+        with torch.no_grad():
+            want = model(x)
+        _check(sessions, [((x,), want)])

@@ -81,12 +81,14 @@ def save_pt2(program: Program, path: Path) -> None:
 
     ep = reexport(program, by_keyword=True)
     strip_provenance(ep)
+    from attnc.export.pt2_stream import streaming
     from attnc.output import safe_writer
 
     try:
         # through Python, not torch's own file writer: on a full disk that one throws from its
-        # destructor and aborts the process; safe_writer raises an OSError naming the file
-        with safe_writer(path) as f:
+        # destructor and aborts the process; safe_writer raises an OSError naming the file.
+        # streaming: each weight written from its storage, no bytes copy (pt2_stream)
+        with safe_writer(path) as f, streaming():
             torch.export.save(ep, f)
     except OSError:
         raise
@@ -163,6 +165,8 @@ def export_onnx(
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
     del onnx_program
+    if external:  # the save read every weight: torch's memory-mapped ones leave memory again
+        ext.page_out(list(program.gm.parameters()))
     model = ext.load_graph(path)  # the graph only: external weights stay on disk
     deploy.name_onnx_dims(model, program)
     deploy.strip_onnx_stack_traces(model)
@@ -277,8 +281,17 @@ def _basic_optimize(onnx_program) -> None:
         log.info("onnxscript optimizer unavailable (%s); exporting unoptimized", exc)
 
 
+def _op_types(graph):
+    """Every node's op type in `graph` and in its nodes' subgraphs (a Loop body)."""
+    for n in graph.node:
+        yield n.op_type
+        for a in n.attribute:
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                yield from _op_types(g)
+
+
 def onnx_summary(model) -> dict:
-    ops = Counter(n.op_type for n in model.graph.node)
+    ops = Counter(_op_types(model.graph))  # a tiled neighborhood's Softmax sits in a Loop body
     shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     dims = {i.name: shape(i) for i in model.graph.input}
     size = sum(len(t.raw_data) for t in model.graph.initializer)
