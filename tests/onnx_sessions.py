@@ -10,7 +10,9 @@ def ort_sessions(path: Path | str) -> tuple[set[str], list]:
     import onnx
     import onnxruntime as ort
 
-    ops = set(op_types(onnx.load(str(path)).graph))
+    from attnc.export.artifacts import op_types
+
+    ops = set(op_types(onnx.load(str(path)).graph))  # a Loop body's nodes too
     sessions = []
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
@@ -19,11 +21,3 @@ def ort_sessions(path: Path | str) -> tuple[set[str], list]:
         sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
     return ops, sessions
 
-
-def op_types(graph):
-    """Every node's op type in `graph` and in the subgraphs its nodes hold (a Loop's body)."""
-    for n in graph.node:
-        yield n.op_type
-        for a in n.attribute:
-            for g in [a.g] if a.HasField("g") else list(a.graphs):
-                yield from op_types(g)

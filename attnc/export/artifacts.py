@@ -281,17 +281,17 @@ def _basic_optimize(onnx_program) -> None:
         log.info("onnxscript optimizer unavailable (%s); exporting unoptimized", exc)
 
 
-def _op_types(graph):
+def op_types(graph):
     """Every node's op type in `graph` and in its nodes' subgraphs (a Loop body)."""
     for n in graph.node:
         yield n.op_type
         for a in n.attribute:
             for g in [a.g] if a.HasField("g") else list(a.graphs):
-                yield from _op_types(g)
+                yield from op_types(g)
 
 
 def onnx_summary(model) -> dict:
-    ops = Counter(_op_types(model.graph))  # a tiled neighborhood's Softmax sits in a Loop body
+    ops = Counter(op_types(model.graph))  # a tiled neighborhood's Softmax sits in a Loop body
     shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     dims = {i.name: shape(i) for i in model.graph.input}
     size = sum(len(t.raw_data) for t in model.graph.initializer)
