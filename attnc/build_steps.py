@@ -69,13 +69,17 @@ def write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, loa
 
             page_out([*program.gm.parameters(), *loaded.module.parameters()])  # torch's, mapped
         # the float32-compute copy (unoptimized): each weight cast when its layer runs
+        # big (external data) or the float32-compute copy: no prepacked weights, low memory
         run = ort_runner(str(onnx_file), program.input_names, optimize=optimize,
-                         low_memory=not optimize)
+                         low_memory=not optimize or onnx_info["layout"]["external_data"])
         onnx_info["providers"] = run.providers
         onnx_info["verified_file"] = onnx_file.name
         ref = reference_outputs(opt_run, data.holdout)  # already computed: memoised
         m = compare(run, data.holdout, ref, top1=False)
         del run  # the session's weights
+        import gc
+
+        gc.collect()  # measured: a cycle kept the session (a weights' copy) until a later stage
         if onnx_file.name != "model.onnx":
             onnx_file.unlink()
         comparisons["ONNX Runtime vs torch optimized"] = m

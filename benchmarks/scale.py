@@ -42,6 +42,9 @@ CONFIGS = {
                 num_attention_heads=16, num_key_value_heads=8),
     "1.1": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4),
+    # the fixed runtime floor: the same pipeline on a 4 M-parameter Llama (vocab 32000)
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
 }
 RECIPE = {
     "version": 1,
@@ -244,7 +247,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
                         logs / f"build-{size}-{dtype}.log", limit)
     x = lambda n: round((n or 0) / weights, 2)  # noqa: E731
     sampled = tv.pop("sampled_stages")
-    row: dict = {"size": f"{size}B", "dtype": dtype, "params": params,
+    row: dict = {"size": _label(size), "dtype": dtype, "params": params,
                  "weights_bytes": weights, "ok": rc == 0 and "killed" not in tv,
                  "commit": _commit(), "build_options": opts, **tv,
                  "uptime_before": load_before, "uptime_after": _uptime(),
@@ -287,6 +290,10 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     return row
 
 
+def _label(size: str) -> str:
+    return size if size == "tiny" else f"{size}B"
+
+
 def _uptime() -> str:
     """`uptime`: the machine's load (shared with other jobs) around a build."""
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -302,7 +309,8 @@ def _commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="0.3", help="comma list of 0.3, 0.7, 1.1")
+    ap.add_argument("--sizes", default="0.3",
+                    help="comma list of 0.3, 0.7, 1.1, tiny (the runtime floor)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep-models", action="store_true", help="keep the HF folders in /tmp")
@@ -343,6 +351,11 @@ def main() -> None:
             doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
             doc["runs"] = [r for r in doc["runs"]
                            if not (r["size"] == row["size"] and r["dtype"] == dtype)] + [row]
+            if row["size"] == "tiny" and row["ok"]:  # the floor every row's peak includes
+                doc.setdefault("runtime_floor", {})[dtype] = {
+                    "peak_rss_bytes": row["sampled_peak_rss_bytes"],
+                    "peak_anon_bytes": row["sampled_peak_anon_bytes"],
+                    "commit": row["commit"]}
             doc.update(device=f"{device} ({platform.processor() or platform.machine()})",
                        threads=args.threads, recipe=RECIPE,
                        note="shared 2-core machine with other jobs running: wall times are "

@@ -200,6 +200,8 @@ def ort_options(optimize: bool = True, low_memory: bool = False):
     )
     so.log_severity_level = 3
     if low_memory:
+        # no prepacked (re-laid-out) copy of the weights: the mapped file's pages are used
+        so.add_session_config_entry("session.disable_prepacking", "1")
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False

@@ -177,6 +177,9 @@ def cpu_compute_copy(path: Path, copy: Path, max_rounds: int = 8) -> list[str] |
     types = _types(model)
     names = [n.name for n in model.graph.node]
     fixed = [n for n in names if _wrap(model, n, types, ops=_WIDE_OPS, check=False, low=low)]
+    from attnc.export.ort_lowmem import narrow_weight_casts
+
+    narrow_weight_casts(model)  # the embedding and output projection: less float32 at once
     _float_outputs(model)  # numpy has no bfloat16: the check reads float32 outputs
     fixed += _fix_rounds(model, path.parent, max_rounds, ops=_WIDE_OPS, low=low)
     onnx.save(model, str(copy))
