@@ -161,12 +161,13 @@ def export_onnx(
     external = ext.wanted(program.gm, external_data)  # weights past the protobuf limit
     try:
         with _quiet():  # external: tensor by tensor into model.onnx.data, no in-memory proto
-            onnx_program.save(str(path), external_data=external)
+            if external:  # torch's mapped weights paged out as the data file is written
+                ext.save_external(onnx_program.model, path, list(program.gm.parameters()))
+            else:
+                onnx_program.save(str(path), external_data=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"saving {path.name} failed: {str(exc).splitlines()[0]}") from exc
     del onnx_program
-    if external:  # the save read every weight: torch's memory-mapped ones leave memory again
-        ext.page_out(list(program.gm.parameters()))
     model = ext.load_graph(path)  # the graph only: external weights stay on disk
     deploy.name_onnx_dims(model, program)
     deploy.strip_onnx_stack_traces(model)

@@ -66,6 +66,25 @@ def wanted(gm: torch.nn.Module, request: bool | None) -> bool:
     return size > limit()
 
 
+def save_external(model: Any, path: Path, mapped: list[torch.Tensor]) -> None:
+    """Write the exporter's `model` (an onnx_ir model) as `path` plus `<name>.data`, as
+    `ONNXProgram.save(external_data=True)` does, paging the memory-mapped torch weights in
+    `mapped` out every 64 MiB written: writing reads every weight, and without this all of them
+    would be resident at the end (the kernel reads a page back from its file if it is used)."""
+    import onnx_ir as ir
+
+    written = [0]  # bytes since the last page-out
+
+    def paged(tensor: Any, info: Any) -> None:
+        written[0] += int(getattr(tensor, "nbytes", 0) or 0)
+        if written[0] >= 64 << 20:
+            written[0] = 0
+            page_out(mapped)
+
+    ir.save(model, str(path), external_data=f"{path.name}.data", callback=paged)
+    page_out(mapped)
+
+
 def load_graph(path: Path) -> Any:
     """The ONNX model at `path` with external data left on disk (references kept)."""
     import onnx
