@@ -16,6 +16,23 @@ per row and head. Global query rows (they see every key) are one small dense att
 GQA: the g = Hq / Hkv query heads of a KV head are a broadcast batch dim of the MatMuls.
 Scores: S x (num_global + W'') against S x S dense.
 
+The ONNX in-tile mask without a key padding mask, where every grid query sees its own key
+(NATTEN's window of in-group row x holds x whenever stride <= kernel, which NATTEN's argument
+check enforces; `own_key_visible`): the scores come shifted from one MatMul of
+[q * scale, a - s_ii] against [k, 1] (s_ii = q_i . k_i * scale, so the own key scores a), and
+one op over the full scores, its second input from the small head-broadcast in-tile mask:
+  - "mul" (MASK, float32): a = MARGIN, times the 0/1 mask: a masked key scores 0;
+  - "min" (bf16/fp16, whose scores near +MARGIN would lose bits): a = 0, Min with a cap from
+    one Where over the mask (+3e38 visible, -MARGIN masked), as the 2-D form
+    (neighborhood_blocked_onnx.min_onnx): a masked key scores <= -MARGIN.
+Either way a masked key sits >= MARGIN below the row's max: weight <= e^-40 (exact in fp32),
+and a normal float, where the Add of Where(vis, 0, -inf) before (still the form with a key
+padding mask: a row may see no key; rows that see nothing zeroed) gave MLAS's exp a clamped
+input: denormal weights, whose Softmax and P @ V take microcode assists on Intel CPUs. ORT's
+Min runs on one thread (variadic broadcast), Mul over the pool. The shift costs a Concat, a Pad
+and q . k over (B, H, S, D). Measured against the old form and dense `Attention`:
+benchmarks/onnx_na1d_min.py, benchmarks/results/onnx_na1d_min-*.json.
+
 `blocked_pays` is the cost rule (both the torch op and the ONNX translation ask it);
 `blocked_attention` the torch form; `blocked_onnx` the ONNX form (opset-23 Range/Div/Mod index
 arithmetic, Gather, MatMul, Softmax; dynamic batch and sequence).
@@ -27,12 +44,18 @@ import functools
 import math
 from collections.abc import Sequence
 
+import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
 
 from attnc.kernels.window_blocked import record_form
 
 BQ = 64
+MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <= e^-40
+# the in-tile mask without a key padding mask (module doc): "mul" (scores shifted to own key +
+# MARGIN times the 0/1 mask), "min" (scores shifted to own key, Min with the cap) or "add" (the
+# Add of -inf, as with a padding mask); benchmarks/onnx_na1d_min.py times the three
+MASK = "mul"
 FORM = (f"blocked 1-D neighborhood attention (query blocks of {BQ} per dilation group: Gather "
         f"of each block's key span + global keys, MatMul/Softmax)")
 
@@ -227,12 +250,26 @@ def blocked_onnx(q, k, v, kernels: Sequence[int], dilation: int, stride: int, ca
     qidx = op.Min(op.Add(op.Add(op.Mul(x, _c(d)), dg), _c(ng)), last)  # (d, nb, BQ)
     sc = dh ** -0.5 if scale is None else float(scale)
     sc_ = op.CastLike(op.Constant(value_float=sc), q)
-    qb = op.Gather(op.Mul(q, sc_), qidx, axis=2)  # (B, Hq, d, nb, BQ, D)
+    qs = op.Mul(q, sc_)
+    capped = MASK in ("mul", "min") and padding is None and own_key_visible(kern, st)
+    # "mul" in float32 only: its scores sit near +MARGIN, where bf16/fp16 lose 3-8 more bits
+    mask = MASK if q.dtype == ir.DataType.FLOAT else "min"
+    at = MARGIN if mask == "mul" else 0.0  # the own key's shifted score
+    qx, kx, dx = (_own_shift(qs, k, hkv, g, dh, at) if capped else (qs, k, dh))  # module doc
+    qb = op.Gather(qx, qidx, axis=2)  # (B, Hq, d, nb, BQ, D|D+1)
     qb = op.Reshape(qb, op.Concat(_ints([0, hkv, g, d]), op.Unsqueeze(nb, _ints([0])),
-                                  _ints([BQ, dh]), axis=0))  # (B, Hkv, g, d, nb, BQ, D)
-    kw = op.Unsqueeze(op.Gather(k, keys, axis=2), _ints([2]))  # (B, Hkv, 1, d, nb, K, D)
+                                  _ints([BQ, dx]), axis=0))  # (B, Hkv, g, d, nb, BQ, D|D+1)
+    kw = op.Unsqueeze(op.Gather(kx, keys, axis=2), _ints([2]))  # (B, Hkv, 1, d, nb, K, D|D+1)
     vw = op.Unsqueeze(op.Gather(v, keys, axis=2), _ints([2]))
     sco = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 3, 4, 6, 5]))  # (B, Hkv, g, d, nb, BQ, K)
+    if capped:  # one op over the scores, its second input from the small mask (module doc)
+        if mask == "mul":  # masked keys score 0, the own key MARGIN
+            sco = op.Mul(sco, op.CastLike(vis, q))
+        else:  # masked keys score <= -MARGIN, the own key 0
+            sco = op.Min(sco, op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),
+                                       op.CastLike(op.Constant(value_float=-MARGIN), q)))
+        o = op.MatMul(op.Softmax(sco, axis=-1), vw)  # (B, Hkv, g, d, nb, BQ, D)
+        return _finish(o, q, k, v, qs, None, hq, hkv, g, dh, d, ng, n, nb)
     real = None
     if padding is not None:
         if not padding_is_bool:  # a float mask: 0 attend, <= -1e4 masked
@@ -247,22 +284,48 @@ def blocked_onnx(q, k, v, kernels: Sequence[int], dilation: int, stride: int, ca
     if padding is not None:  # rows that see no key give zeros, not NaN
         seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
         o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o, zero)
+    return _finish(o, q, k, v, qs, real, hq, hkv, g, dh, d, ng, n, nb)
+
+
+def own_key_visible(kernels: Sequence[int], stride: int) -> bool:
+    """Every grid query sees its own key: NATTEN's window of in-group row x (stride s <= K,
+    which check_natten_args enforces) holds x, causal or not (module doc)."""
+    return all(k >= 1 for k in kernels) and stride <= min(kernels)
+
+
+def _own_shift(qs, k, hkv: int, g: int, dh: int, at: float):
+    """[q * scale, at - s_ii] (B, Hq, S, D + 1) and [k, 1] (B, Hkv, S, D + 1), s_ii = q_i . k_i
+    * scale: their MatMul scores each row shifted so that its own key scores `at`."""
+    kk = k if g == 1 else op.Unsqueeze(k, _ints([2]))  # (B, Hkv, 1, S, D)
+    qq = qs if g == 1 else op.Reshape(qs, _ints([0, hkv, g, -1, dh]))
+    own = op.Reshape(op.ReduceSum(op.Mul(qq, kk), _ints([-1]), keepdims=1),
+                     _ints([0, hkv * g, -1, 1]))  # (B, Hq, S, 1)
+    own = op.Neg(own) if at == 0 else op.Sub(op.CastLike(op.Constant(value_float=at), k), own)
+    k1 = op.Pad(k, _ints([0, 0, 0, 0, 0, 0, 0, 1]), op.CastLike(op.Constant(value_float=1.0), k))
+    return op.Concat(qs, own, axis=3), k1, dh + 1
+
+
+def _finish(o, q, k, v, qs, real, hq, hkv, g, dh, d, ng, n, nb):
+    """o (B, Hkv, g, d, nb, BQ, D) back into token order (B, Hq, N, D), the global query rows
+    (dense over every key, `real` the key padding or None) in front."""
     o = op.Reshape(o, _ints([0, hq, -1, dh]))  # (B, Hq, d nb BQ, D)
     t = op.Range(_c(0), n, _c(1))  # (N,)
     back = op.Add(op.Mul(op.Mod(t, _c(d)), op.Mul(nb, _c(BQ))), op.Div(t, _c(d)))
     out = op.Gather(o, back, axis=2)  # (B, Hq, N, D)
-    if ng:
-        qg = op.Reshape(op.Slice(op.Mul(q, sc_), _ints([0]), _ints([ng]), _ints([2])),
-                        _ints([0, hkv, g * ng, dh]))  # (B, Hkv, g ng, D)
-        sg = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hkv, g ng, S)
-        if real is not None:
-            sg = op.Add(sg, op.Where(op.Unsqueeze(real, _ints([1, 2])), zero, neg))
-        pg = op.Softmax(sg, axis=-1)
-        if real is not None:  # every key padded: zeros
-            pg = op.Where(op.IsNaN(pg), zero, pg)
-        og = op.Reshape(op.MatMul(pg, v), _ints([0, hq, ng, dh]))  # (B, Hq, ng, D)
-        out = op.Concat(og, out, axis=2)
-    return out
+    if not ng:
+        return out
+    qg = op.Reshape(op.Slice(qs, _ints([0]), _ints([ng]), _ints([2])),
+                    _ints([0, hkv, g * ng, dh]))  # (B, Hkv, g ng, D)
+    sg = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # (B, Hkv, g ng, S)
+    zero = op.CastLike(op.Constant(value_float=0.0), q)
+    if real is not None:
+        neg = op.CastLike(op.Constant(value_float=float("-inf")), q)
+        sg = op.Add(sg, op.Where(op.Unsqueeze(real, _ints([1, 2])), zero, neg))
+    pg = op.Softmax(sg, axis=-1)
+    if real is not None:  # every key padded: zeros
+        pg = op.Where(op.IsNaN(pg), zero, pg)
+    og = op.Reshape(op.MatMul(pg, v), _ints([0, hq, ng, dh]))  # (B, Hq, ng, D)
+    return op.Concat(og, out, axis=2)
 
 
 def record(seq, kernels, stride, num_global, blocked: bool, dense_form: str) -> None:
