@@ -149,7 +149,8 @@ def masked_only():
 
 def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dict:
     """forms: name -> (fn, hint, mode, reference fn or None), mode None, "masked" (the
-    masked-dense form) or "forced" (the sparse form); 'dense' is the baseline."""
+    masked-dense form), "forced" (the sparse form) or a context manager factory to export
+    under; 'dense' is the baseline."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -165,7 +166,9 @@ def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dic
     hs = H if s <= 4096 else DENSE_SPLIT
     for f, (fn, hint, mo, fref) in forms.items():
         p = tmp / f"{name}-{s}-{f}.onnx"
-        with {"masked": masked_only, "forced": forced}.get(mo, contextlib.nullcontext)():
+        ctx = mo if callable(mo) else {"masked": masked_only, "forced": forced}.get(
+            mo, contextlib.nullcontext)  # mode: a name, or a context manager of the caller's
+        with ctx():
             ops[f] = export(fn, tuple(x[:, :hs] for x in ex) if f == "dense" else ex, p, hint)
         sessions[f] = session(str(p), a.threads)
         names = [i.name for i in sessions[f].get_inputs()]

@@ -2,8 +2,10 @@
 interleaved in the same run (onnx_patterns.run_case: export, exactness against the plain
 reference, median of `--runs`, `--threads` intra-op threads), B=1, H=8, D=64:
   nbhd64x64  2-D, 64x64 grid, 13x13 window: `chosen` (what the export emits: the Min-capped
-             halo tiles, kernels/neighborhood_blocked_onnx.py), `fused` (the halo tiles as heads
-             of a fused `Attention` with a -1e9 bias, the previous form), `masked` (masked dense);
+             halo tiles in Loop steps, kernels/neighborhood_blocked_onnx.py), `flat` (the same
+             chain over every tile at once, no Loop), `fused` (the halo tiles as heads of a
+             fused `Attention` with a -1e9 bias, the form with a padding mask), `masked`
+             (masked dense);
   na1d       1-D, S = 4096, kernel 169 (as many keys as 13x13): `chosen` (the 1-D blocked form,
              kernels/neighborhood1d_blocked.py) and `masked` (masked dense).
 Every case runs twice: plain sessions, then every session (dense too) with ORT's
@@ -55,6 +57,19 @@ def fused_forced():
             yield
     finally:
         nbo.blocked_onnx = saved
+
+
+@contextlib.contextmanager
+def flat_chain():
+    """The Min-capped tiles as one flat chain over every tile (no Loop steps: the form before,
+    and what bf16/fp16 get)."""
+    from attnc.kernels import neighborhood_blocked_onnx as nbo
+
+    saved, nbo.LOOP = nbo.LOOP, False
+    try:
+        yield
+    finally:
+        nbo.LOOP = saved
 
 
 @contextlib.contextmanager
@@ -112,6 +127,7 @@ def main() -> None:
                          "masked": (nfn, s, "masked", None)}
                 if n == 2:
                     forms["fused"] = (nfn, s, "forced", None)
+                    forms["flat"] = (nfn, s, flat_chain, None)
                 row = op_bench.run_case(name, s, forms, lambda q, k, v, args=args: reference.
                                         neighborhood_attention_ref(q, k, v, *args), None, a,
                                         Path(tmpd))
@@ -137,6 +153,8 @@ def main() -> None:
         "measured": speed("nbhd64x64", daz), "runs": spread("nbhd64x64", daz),
         "fused_form": speed("nbhd64x64", daz, "fused"),
         "fused_runs": spread("nbhd64x64", daz, "fused"),
+        "flat_chain": speed("nbhd64x64", daz, "flat"),
+        "flat_runs": spread("nbhd64x64", daz, "flat"),
         "na1d_blocked": speed("na1d", daz), "na1d_runs": spread("na1d", daz),
         "met": (speed("nbhd64x64", daz) or 0) >= 5.0}
         for daz, tag in ((False, "plain sessions"), (True, "denormal_as_zero on every session"))
