@@ -196,7 +196,8 @@ def main() -> None:
                          "ort_ms": {f: round(x, 2) for f, x in ms.items()},
                          "speedup_vs_dense": {f: round(ms["dense"] / x, 3) for f, x in ms.items()},
                          "vs_old": {f: round(ms["old_add_inf"] / ms[f], 3)
-                                    for f in ("mul", "min")}})
+                                    for f in ("mul", "min")},
+                         "mul_ms_over_min_ms": round(ms["mul"] / ms["min"], 3)})
             print(f"{th} thread(s) daz={daz}: " + " ".join(
                 f"{f}={x:.1f}ms ({ms['dense'] / x:.2f}x)" for f, x in ms.items()), flush=True)
         if a.profile:
