@@ -21,12 +21,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = "version: 1\npasses: []\ncalibration: {samples: 4, batch_size: 2}\n"
+# the same without model.onnx (its export is most of a tiny build): for the builds whose point is
+# the output folder or `attnc eval` (which runs model.pt2), not the ONNX file
+NO_ONNX = FAST + "export: {onnx: false}\n"
 
 
 
-def _build_args(spy, out) -> list:
+def _build_args(spy, out, onnx: bool = True) -> list:
     """An optimize command line for the spy model (no speed step: these tests are not about it)."""
-    return ["optimize", spy["spec"], "-r", spy["recipe"], "-o", out, "--no-bench"]
+    recipe = spy["recipe"] if onnx else spy["recipe_no_onnx"]
+    return ["optimize", spy["spec"], "-r", recipe, "-o", out, "--no-bench"]
 
 def run(args, capsys) -> tuple[int, str, str]:
     from attnc.cli.main import main
@@ -74,7 +78,10 @@ def spy(tmp_path):
     )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(FAST)
-    return {"spec": f"{f}:make", "file": f, "mark": mark, "recipe": recipe, "root": tmp_path}
+    no_onnx = tmp_path / "r-no-onnx.yaml"
+    no_onnx.write_text(NO_ONNX)
+    return {"spec": f"{f}:make", "file": f, "mark": mark, "recipe": recipe,
+            "recipe_no_onnx": no_onnx, "root": tmp_path}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,17 +299,17 @@ def test_replaces_empty_folder_earlier_build_and_forced_folder(spy, capsys):
     src = report["model"]
     assert Path(src["source"].rsplit(":", 1)[0]).is_absolute()
     assert (out / src["source_relative"].rsplit(":", 1)[0]).resolve() == spy["file"].resolve()
-    assert (out / "original.pt2").exists()
-    # an earlier build is replaced
+    assert (out / "original.pt2").exists() and (out / "model.onnx").exists()
+    # an earlier build is replaced (the next two builds write no model.onnx: the replacing is
+    # what is tested, and a file of the earlier build left behind would show)
     (out / "report.json").write_text("{}")
-    code, _, err = run(_build_args(spy, out), capsys)
+    code, _, err = run(_build_args(spy, out, onnx=False), capsys)
     assert code == 0, err
     assert json.loads((out / "report.json").read_text())["model"]["kind"]
+    assert not (out / "model.onnx").exists()  # the earlier build's files went with it
     # a user's folder only with --force
     mine = _user_folder(root / "mine")
-    code, _, err = run(
-        ["optimize", spy["spec"], "-r", spy["recipe"], "-o", mine, "--force", "--no-bench"], capsys
-    )
+    code, _, err = run([*_build_args(spy, mine, onnx=False), "--force"], capsys)
     assert code == 0, err
     assert not (mine / "notes.txt").exists() and (mine / "report.json").exists()
     assert leftovers(root) == []
@@ -385,7 +392,7 @@ def test_signal_exits_with_its_code_and_removes_staging(spy, sig, code):
 @pytest.fixture
 def built(spy, capsys):
     out = spy["root"] / "b"
-    code, _, err = run(_build_args(spy, out), capsys)
+    code, _, err = run(_build_args(spy, out, onnx=False), capsys)  # eval runs model.pt2
     assert code == 0, err
     spy["mark"].unlink()
     data = spy["root"] / "d.jsonl"
