@@ -81,7 +81,10 @@ def _build(folder: Path, tmp: Path, out: Path) -> None:
     )
     calib = tmp / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in _sentences(8)))
-    assert run_cli(["optimize", folder, "--recipe", recipe, "--calib", calib, "-o", out]) == 0
+    # no speed step: nothing here reads it, and it costs an ONNX export of the original per build
+    # (the README build below, test_cli and test_api_bench run it)
+    args = ["optimize", folder, "--recipe", recipe, "--calib", calib, "-o", out, "--no-bench"]
+    assert run_cli(args) == 0
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,7 @@ def st_builds(st_folder, tmp_path_factory):
     return outs
 
 
-@pytest.mark.slow  # two tiny builds, ~45 s together
+@pytest.mark.slow  # two tiny builds
 def test_build_folder_runs_with_onnxruntime_and_its_own_tokenizer(st_builds):
     import onnxruntime as ort
     from transformers import AutoTokenizer
@@ -138,14 +141,14 @@ def test_build_folder_runs_with_onnxruntime_and_its_own_tokenizer(st_builds):
     assert report["onnx"]["sentence_embedding"] == {"mode": "mean", "normalize": True}
 
 
-@pytest.mark.slow  # two tiny builds, ~45 s together
+@pytest.mark.slow  # two tiny builds
 def test_rerun_writes_identical_model_files(st_builds):
     a, b = st_builds
     for name in ("model.onnx", "model.pt2"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.slow  # two tiny builds, ~45 s together
+@pytest.mark.slow  # two tiny builds
 def test_pt2_takes_keyword_inputs_and_attnc_still_loads_it(st_builds):
     out = st_builds[0]
     ep = torch.export.load(str(out / "model.pt2"))
