@@ -6,7 +6,13 @@ site per attention call the config declares; test_inspect_cli does so through `a
 FOLDER --json` for one architecture of each kind.
 test_llm_drop: an llm-drop build dropping one attention sublayer succeeds, its model.onnx passes the
 checker and matches torch in ONNX Runtime (<= 1e-4), the weights removed are that sublayer's own,
-and the result equals the original with that attention branch zeroed.
+and the result equals the original with that attention branch zeroed. For the architectures in
+ONNX_IN_MATRIX and ONNX_IN_MOE_MQA the build skips the ONNX export (most of a build's time):
+tests/test_matrix.py exports the same class at the same tiny size after the same llm-drop
+(attention, count 1) and checks it in ONNX Runtime at two shapes; tests/test_export_moe_mqa.py
+exports the same MoE / multi-query class (one layer) and checks it at three shapes, and the
+post-drop ONNX of those families is still checked here (qwen2_moe) and there (falcon, sequential).
+test_onnx_elsewhere_is_covered fails if any of that stops being so.
 
 Architectures attnc does not handle yet are strict xfails whose reason is the stage and error
 tests/zoo_triage.py prints: a fix flips them to XPASS, which fails the suite until the mark goes.
@@ -33,6 +39,18 @@ REFUSED_INSPECT: dict[str, tuple[str, str]] = {
 }
 REFUSED_DROP: dict[str, tuple[str, str]] = {
     **REFUSED_INSPECT,
+}
+# zoo name -> test_matrix's architecture of the same class and size (tests/hf_models.py or the
+# same hand-written factory): its llm-drop ONNX export and ONNX Runtime parity are tested there
+ONNX_IN_MATRIX: dict[str, str] = {
+    "llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gpt2": "gpt2", "bert": "bert",
+    "vit": "vit", "clip_vision": "clip", "llava": "llava", "nanogpt": "nanogpt",
+    "gpt_fast": "gpt_fast", "manual_gqa": "manual_gqa", "tiny_encoder": "tiny_encoder",
+    "tiny_vlm": "tiny_vlm",
+}
+# zoo name -> test_export_moe_mqa's architecture of the same class and attention form
+ONNX_IN_MOE_MQA: dict[str, str] = {
+    "mixtral": "mixtral", "olmoe": "olmoe", "falcon": "falcon", "gpt_bigcode": "gpt_bigcode",
 }
 XFAIL_INSPECT: dict[str, str] = {}
 XFAIL_DROP: dict[str, str] = {}
@@ -93,6 +111,45 @@ def test_zoo_covers_every_kind():
               "local-global", "relative-bias", "windowed", "cross-attention"):
         assert t in traits, t
     assert len(hf_zoo.HF) >= 32
+
+
+def test_onnx_elsewhere_is_covered():
+    """The zoo builds of ONNX_IN_MATRIX skip ONNX only because test_matrix exports the same
+    class, at the same size, after the same llm-drop, and checks it in ONNX Runtime; those of
+    ONNX_IN_MOE_MQA because test_export_moe_mqa exports the same class with the same experts /
+    K/V-head form, and a post-drop ONNX of each family is still checked."""
+    import hf_models
+    import test_export_moe_mqa as moe
+    import test_matrix
+
+    assert not set(ONNX_IN_MATRIX) & set(ONNX_IN_MOE_MQA)
+    assert "qwen2_moe" not in ONNX_IN_MOE_MQA  # the post-drop MoE export stays here
+    for name, other in ONNX_IN_MOE_MQA.items():
+        assert other in moe.MOE_ARCHS + moe.MQA_ARCHS and other != moe.FACTORY, name
+        zoo, ref = hf_zoo.ZOO[name], moe._config(other)
+        assert ref.architectures == [zoo.model_class], name
+        cfg = zoo.config()
+        for key in ("multi_query", "parallel_attn", "alibi", "new_decoder_architecture"):
+            assert getattr(cfg, key, None) == getattr(ref, key, None), (name, key)
+        assert (name in moe.MOE_ARCHS) == ("moe" in zoo.traits), name
+
+    drop = ("llm-drop", {"target": "attention", "count": 1}, 1)
+    assert drop in test_matrix.PASS_SETTINGS
+    for name, other in ONNX_IN_MATRIX.items():
+        assert other in test_matrix.ARCHS, name
+        zoo = hf_zoo.ZOO[name]
+        if zoo.handwritten:
+            assert other == name and other in test_matrix.HANDWRITTEN, name
+            continue
+        cfg, ref = zoo.config(), hf_models._cfg(other)
+        assert ref.architectures == [zoo.model_class], name
+        for c in (cfg, ref):  # a VLM's sizes are its text and vision configs'
+            c.sub = [getattr(c, k) for k in ("text_config", "vision_config") if hasattr(c, k)]
+        for a, b in zip([cfg, *cfg.sub], [ref, *ref.sub], strict=True):
+            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "n_embd", "n_layer", "n_head", "image_size",
+                        "patch_size"):
+                assert getattr(a, key, None) == getattr(b, key, None), (name, key)
 
 
 @pytest.fixture(scope="session")
@@ -169,13 +226,15 @@ def test_refused_cleanly_at_build(name, zoo_spec, zoo_root, captured):
 )
 def test_llm_drop(name, zoo_spec, zoo_root, captured):
     spec = zoo_spec(name)
+    onnx = name not in ONNX_IN_MATRIX and name not in ONNX_IN_MOE_MQA
     try:
         loaded, program = captured(name)
-        res = zt.check_drop(name, spec, zoo_root / name / "drop", loaded, program)
+        res = zt.check_drop(name, spec, zoo_root / name / "drop", loaded, program, onnx=onnx)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(_clean(exc))
-    assert (res.out_dir / "model.onnx").exists()
-    assert res.ort_max_abs_diff <= zt.ORT_TOL
+    assert (res.out_dir / "model.onnx").exists() == onnx
+    if onnx:
+        assert res.ort_max_abs_diff <= zt.ORT_TOL
     assert res.branch_max_abs_diff <= zt.BRANCH_TOL
     assert len(res.report["sites_after"]) == hf_zoo.declared_sites(name) - 1
     assert res.removed or hf_zoo.ZOO[name].shared_weights
