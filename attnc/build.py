@@ -39,6 +39,7 @@ from attnc.output import (
     check_free_space,
     make_stage,
     os_error_in,
+    signals_held,
     source_record,
     spec_paths,
     write_error,
@@ -266,8 +267,10 @@ def build(
         )
 
     check_free_space(parent, _bytes_needed(program, original, recipe, opts))
-    stage = make_stage(parent, out.name)
+    stage = None
     try:
+        with signals_held():  # a signal right after the folder is made must not strand it
+            stage = make_stage(parent, out.name)
         try:
             artifacts, onnx_info = write_artifacts(
                 program, opt_run, recipe, stage, data, comparisons, say, loaded, results
@@ -356,7 +359,8 @@ def build(
                 raise
             raise write_error(cause, stage, out) from exc
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     return BuildResult(out, report, program)
 

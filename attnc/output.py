@@ -121,27 +121,11 @@ def check_output_dir(out: Path, *, force: bool = False, inputs: Iterable[Path] =
     while not probe.exists():
         probe = probe.parent
     try:  # a real write, not os.access: root passes access checks on read-only mounts
-        with _signals_deferred():  # Ctrl-C between making and removing it must not leave it
+        with signals_held():  # Ctrl-C between making and removing it must not leave it
             tempfile.TemporaryDirectory(dir=probe, prefix=".attnc-probe-").cleanup()
     except OSError:
         raise UsageError(f"output folder {out} is not writable") from None
     return parent
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM until the block is done (they arrive right after it), so that a
-    signal cannot land between creating a scratch entry and removing it."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:  # pragma: no cover - not on POSIX
-        yield
-        return
-    old = mask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        mask(signal.SIG_SETMASK, old)
 
 
 def _check_replaceable(out: Path, force: bool) -> None:
@@ -179,8 +163,9 @@ def make_stage(parent: Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the folders are swapped, so that an interrupt never strands
-    the old build beside the new one; a held signal is delivered right after."""
+    """Hold SIGINT/SIGTERM for the block (a scratch entry made and removed, a staging folder
+    made, the folders swapped), so that an interrupt never strands an entry beside the build;
+    a held signal is delivered right after."""
     sigs = {signal.SIGINT, signal.SIGTERM}
     can = hasattr(signal, "pthread_sigmask")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if can else None
