@@ -1,6 +1,7 @@
 """The 1-D blocked neighborhood ONNX form's in-tile masks (kernels/neighborhood1d_blocked.py,
 module doc): `mul` (scores shifted to own key + 40, times the 0/1 mask), `min` (scores shifted to
-own key, Min with the cap), `old_add_inf` (an Add of Where(vis, 0, -inf), the form before) and
+own key, Min with the cap), each in Loop steps (`_loop`, float32's default) and as one flat
+chain (`_flat`), `old_add_inf` (an Add of Where(vis, 0, -inf), the form before) and
 dense `Attention` (ORT CPU, B=1, H=8, D=64, S=4096, kernel 169: the na1d case of
 onnx_patterns_nbhd.py). Each form is exported once (onnx_patterns.export, target length 4096)
 and checked against the plain reference; then per pass, thread count (`--threads`, default 2
@@ -49,15 +50,16 @@ MASKS = {  # name -> (bias Where's (true, false) values, the op on (scores, bias
 
 
 @contextlib.contextmanager
-def mask_form(mask: str):
-    """The 1-D blocked form exported with in-tile mask `mask` (neighborhood1d_blocked.MASK)."""
+def mask_form(mask: str, loop: bool = True):
+    """The 1-D blocked form exported with in-tile mask `mask` and `loop`
+    (neighborhood1d_blocked.MASK, .LOOP)."""
     from attnc.kernels import neighborhood1d_blocked as nb1d
 
-    saved, nb1d.MASK = nb1d.MASK, mask
+    saved, nb1d.MASK, nb1d.LOOP = (nb1d.MASK, nb1d.LOOP), mask, loop
     try:
         yield
     finally:
-        nb1d.MASK = saved
+        nb1d.MASK, nb1d.LOOP = saved
 
 
 def _mask_model(name: str, softmax: bool) -> bytes:
@@ -111,6 +113,20 @@ def time_masks(runs: int) -> list[dict]:
     return rows
 
 
+def session(path: str, threads: int, no_spin: bool):
+    """onnx_patterns.session, optionally with the intra-op pool's spinning off."""
+    import onnxruntime as ort
+
+    if not no_spin:
+        return op_bench.session(path, threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if op_bench.DAZ:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
 def op_profile(path: str, feed: dict, threads: int, runs: int) -> dict[str, float]:
     """ORT's per-node profile of one session: median ms per run of each op type."""
     import collections
@@ -148,6 +164,9 @@ def main() -> None:
     ap.add_argument("--no-daz", action="store_true", help="skip the denormal-as-zero passes")
     ap.add_argument("--ops", action="store_true", help="also time the masking step alone")
     ap.add_argument("--profile", action="store_true", help="ORT per-op profile, 1 thread")
+    ap.add_argument("--no-spin", action="store_true", help="every session (dense too) with "
+                    "session.intra_op.allow_spinning 0: on a shared machine, spinning pool "
+                    "threads of one session take the cores the next one needs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -164,9 +183,10 @@ def main() -> None:
     na = torch.ops.attnc.neighborhood_attention
     args = ([4096], [169], [1], [1], [False])
     forms = {"dense": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), None),
-             "mul": (lambda q, k, v: na(q, k, v, *args), "mul"),
-             "min": (lambda q, k, v: na(q, k, v, *args), "min"),
-             "old_add_inf": (lambda q, k, v: na(q, k, v, *args), "add")}
+             **{f"{m}_{lp}": (lambda q, k, v: na(q, k, v, *args), (m, lp == "loop"))
+                for m in ("mul", "min") for lp in ("loop", "flat")},
+             "old_add_inf": (lambda q, k, v: na(q, k, v, *args), ("add", False))}
+    capped = [f for f in forms if f[:3] in ("mul", "min")]
     g = torch.Generator().manual_seed(4096)
     q, k, v = (torch.randn(1, op_bench.H, 4096, op_bench.D, generator=g) for _ in range(3))
     ex = tuple(torch.randn(1, op_bench.H, 4096, op_bench.D, generator=g) for _ in range(3))
@@ -176,7 +196,7 @@ def main() -> None:
         paths = {}
         for f, (fn, mask) in forms.items():  # one export per form (target length 4096)
             paths[f] = str(Path(tmpd) / f"na1d-{f}.onnx")
-            with mask_form(mask or nb1d.MASK):
+            with mask_form(*(mask or (nb1d.MASK, nb1d.LOOP))):
                 op_bench.export(fn, ex, Path(paths[f]), 4096)
         names = {f: [i.name for i in op_bench.session(p, 1).get_inputs()] for f, p in paths.items()}
         feeds = {f: dict(zip(names[f], (x.numpy() for x in (q, k, v)), strict=True))
@@ -184,7 +204,7 @@ def main() -> None:
         for rep, th, daz in itertools.product(range(a.repeat), threads,
                                               (False,) if a.no_daz else (False, True)):
             op_bench.DAZ = daz
-            sess = {f: op_bench.session(p, th) for f, p in paths.items()}
+            sess = {f: session(p, th, a.no_spin) for f, p in paths.items()}
             if not err:
                 err = {f: float(np.abs(sess[f].run(None, feeds[f])[0] - want).max())
                        for f in forms if f != "dense"}
@@ -195,9 +215,9 @@ def main() -> None:
                          "load_avg": op_bench.load(), "uptime": op_bench.uptime(),
                          "ort_ms": {f: round(x, 2) for f, x in ms.items()},
                          "speedup_vs_dense": {f: round(ms["dense"] / x, 3) for f, x in ms.items()},
-                         "vs_old": {f: round(ms["old_add_inf"] / ms[f], 3)
-                                    for f in ("mul", "min")},
-                         "mul_ms_over_min_ms": round(ms["mul"] / ms["min"], 3)})
+                         "vs_old": {f: round(ms["old_add_inf"] / ms[f], 3) for f in capped},
+                         "mul_ms_over_min_ms": {lp: round(ms[f"mul_{lp}"] / ms[f"min_{lp}"], 3)
+                                                for lp in ("loop", "flat")}})
             print(f"{th} thread(s) daz={daz}: " + " ".join(
                 f"{f}={x:.1f}ms ({ms['dense'] / x:.2f}x)" for f, x in ms.items()), flush=True)
         if a.profile:
@@ -211,12 +231,14 @@ def main() -> None:
         if not sel:
             return None
         return {f: round(statistics.median(x["speedup_vs_dense"][f] for x in sel), 3)
-                for f in ("mul", "min", "old_add_inf")} | {
+                for f in [*capped, "old_add_inf"]} | {
             f"{f}_vs_old": round(statistics.median(x["vs_old"][f] for x in sel), 3)
-            for f in ("mul", "min")} | {"passes": len(sel)}
+            for f in capped} | {"passes": len(sel)}
 
     out = {"benchmark": "onnx_na1d_min", "device": cpu_name(), "threads": threads,
-           "default_mask": nb1d.MASK, "runs": a.runs,
+           "intra_op_spinning": not a.no_spin,
+           "default": {"mask": nb1d.MASK, "loop": nb1d.LOOP, "step_scores": nb1d.STEP_SCORES},
+           "runs": a.runs,
            "shape": {"B": 1, "H": op_bench.H, "D": op_bench.D, "S": 4096, "kernel": 169},
            "max_abs_err_vs_reference": err,
            "speedup_vs_dense_median": {f"{th}_threads_{'daz' if daz else 'plain'}": summary(th, daz)

@@ -25,16 +25,24 @@ one op over the full scores, its second input from the small head-broadcast in-t
   - "min" (bf16/fp16, whose scores near +MARGIN would lose bits): a = 0, Min with a cap from
     one Where over the mask (+3e38 visible, -MARGIN masked), as the 2-D form
     (neighborhood_blocked_onnx.min_onnx): a masked key scores <= -MARGIN.
+In float32 the capped blocks run in the steps of a Loop (`_loop_blocks`, ~STEP_SCORES scores
+a step, the tables padded with block 0 to whole steps): each step Gathers its blocks' queries
+and keys itself, so neither the gathered keys/values nor the scores of every block exist at once
+(as the 2-D form's Loop); bf16/fp16 keep one flat chain at the top level, where the export
+widens the nodes ONNX Runtime's CPU build has no low-precision kernel for.
 Either way a masked key sits >= MARGIN below the row's max: weight <= e^-40 (exact in fp32),
 and a normal float, where the Add of Where(vis, 0, -inf) before (still the form with a key
 padding mask: a row may see no key; rows that see nothing zeroed) gave MLAS's exp a clamped
-input (its Softmax: 36 ms against 6.6 capped, with or without denormal-as-zero, 1 thread).
+input (its Softmax: 27-36 ms against 6-7 capped at 1 thread, with or without denormal-as-zero).
 ORT's Min runs on one thread (variadic broadcast), Mul over the pool; the shift costs a Concat,
 a Pad and q . k over (B, H, S, D). ORT CPU, Intel Xeon, S = 4096, kernel 169, against dense
-`Attention`, medians of 3 passes on a loaded machine (load 5.7-7.5 on 2 cores): 2 threads
-mul 4.47x, min 4.58x, the old form 4.20x (denormal-as-zero sessions: 4.59x, 4.44x, 4.45x);
-1 thread 7.32x, 7.43x, 6.35x (7.66x, 7.53x, 7.10x); benchmarks/onnx_na1d_min.py,
-benchmarks/results/onnx_na1d_min-*.json.
+`Attention` in the same run, every session with intra-op spinning off (on the shared 2 cores a
+spinning pool takes the cores the next session needs), medians of 2 passes, load ~2.8 with the
+run itself: 2 threads mul+Loop 8.57x (the default), min+Loop 7.93x, min flat 7.16x, mul flat
+6.67x, the old form 5.48x (denormal-as-zero sessions: 8.66x, 8.46x, 6.81x, 6.32x, 7.31x);
+1 thread 8.29x, 8.24x, 7.19x, 6.76x, 6.30x. With spinning on, 2 threads, the Loop forms lose
+(3.5x against 4.2x flat, 3.9x old): benchmarks/onnx_na1d_min.py,
+benchmarks/results/onnx_na1d_min-*.json (-spinning-: spinning on).
 
 `blocked_pays` is the cost rule (both the torch op and the ONNX translation ask it);
 `blocked_attention` the torch form; `blocked_onnx` the ONNX form (opset-23 Range/Div/Mod index
@@ -59,6 +67,8 @@ MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <=
 # MARGIN times the 0/1 mask), "min" (scores shifted to own key, Min with the cap) or "add" (the
 # Add of -inf, as with a padding mask); benchmarks/onnx_na1d_min.py times the three
 MASK = "mul"
+LOOP = True  # float32 capped blocks in the steps of a Loop (False: one flat chain)
+STEP_SCORES = 1 << 20  # score elements per Loop step (B = 1): ~4 MB of fp32, cache-sized
 FORM = (f"blocked 1-D neighborhood attention (query blocks of {BQ} per dilation group: Gather "
         f"of each block's key span + global keys, MatMul/Softmax)")
 
@@ -259,18 +269,23 @@ def blocked_onnx(q, k, v, kernels: Sequence[int], dilation: int, stride: int, ca
     mask = MASK if q.dtype == ir.DataType.FLOAT else "min"
     at = MARGIN if mask == "mul" else 0.0  # the own key's shifted score
     qx, kx, dx = (_own_shift(qs, k, hkv, g, dh, at) if capped else (qs, k, dh))  # module doc
+    if capped:  # the second operand of the one op over the scores, from the small mask
+        m = (op.CastLike(vis, q) if mask == "mul" else op.Where(  # (Hkv|1, g|1, d, nb, BQ, K)
+            vis, op.CastLike(op.Constant(value_float=3e38), q),
+            op.CastLike(op.Constant(value_float=-MARGIN), q)))
+        if LOOP and q.dtype == ir.DataType.FLOAT:  # blocks in Loop steps (module doc)
+            kk = ng + BQ + max(kern) + st - 2  # keys per block (at most)
+            o = _loop_blocks(qx, kx, v, qidx, keys, m, mask, (hkv, g) if len(kern) > 1 else (1, 1),
+                             hq, hkv, g, dx, kk, op.Mul(nb, _c(d)))
+            return _finish(o, q, k, v, qs, None, hq, hkv, g, dh, d, ng, n, nb)
     qb = op.Gather(qx, qidx, axis=2)  # (B, Hq, d, nb, BQ, D|D+1)
     qb = op.Reshape(qb, op.Concat(_ints([0, hkv, g, d]), op.Unsqueeze(nb, _ints([0])),
                                   _ints([BQ, dx]), axis=0))  # (B, Hkv, g, d, nb, BQ, D|D+1)
     kw = op.Unsqueeze(op.Gather(kx, keys, axis=2), _ints([2]))  # (B, Hkv, 1, d, nb, K, D|D+1)
     vw = op.Unsqueeze(op.Gather(v, keys, axis=2), _ints([2]))
     sco = op.MatMul(qb, op.Transpose(kw, perm=[0, 1, 2, 3, 4, 6, 5]))  # (B, Hkv, g, d, nb, BQ, K)
-    if capped:  # one op over the scores, its second input from the small mask (module doc)
-        if mask == "mul":  # masked keys score 0, the own key MARGIN
-            sco = op.Mul(sco, op.CastLike(vis, q))
-        else:  # masked keys score <= -MARGIN, the own key 0
-            sco = op.Min(sco, op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),
-                                       op.CastLike(op.Constant(value_float=-MARGIN), q)))
+    if capped:  # mul: masked keys score 0, the own key MARGIN; min: <= -MARGIN and 0
+        sco = op.Mul(sco, m) if mask == "mul" else op.Min(sco, m)
         o = op.MatMul(op.Softmax(sco, axis=-1), vw)  # (B, Hkv, g, d, nb, BQ, D)
         return _finish(o, q, k, v, qs, None, hq, hkv, g, dh, d, ng, n, nb)
     real = None
@@ -288,6 +303,45 @@ def blocked_onnx(q, k, v, kernels: Sequence[int], dilation: int, stride: int, ca
         seen = op.ReduceMax(op.Cast(vis, to=1), _ints([-1]), keepdims=1)
         o = op.Where(op.Greater(seen, op.Constant(value_float=0.0)), o, zero)
     return _finish(o, q, k, v, qs, real, hq, hkv, g, dh, d, ng, n, nb)
+
+
+def _loop_blocks(qx, kx, v, qidx, keys, m, mask: str, mh: tuple[int, int], hq: int, hkv: int,
+                 g: int, dx: int, kk: int, blocks):
+    """The capped chain over the `blocks` (= d nb) query blocks in the steps of a Loop, `per`
+    blocks a step (~STEP_SCORES scores at B = 1; the tables padded with block 0 to whole steps):
+    step i Gathers its blocks' queries and keys from the outer qx/kx/v, scores them, applies m
+    (Mul or Min), Softmax, MatMul(V). Returns (B, Hkv, g, steps, per, BQ, D)."""
+    from attnc.kernels.neighborhood_blocked_onnx import _loop, _TapeOps
+
+    per = max(1, STEP_SCORES // (hq * BQ * kk))
+    steps = op.Div(op.Add(blocks, _c(per - 1)), _c(per))
+    pads = op.Concat(_ints([0]), op.Unsqueeze(op.Sub(op.Mul(steps, _c(per)), blocks),
+                                                 _ints([0])), axis=0)
+
+    kdim = op.Shape(keys, start=2, end=3)  # K: at most kk (fewer on a short sequence)
+
+    def table(t, pre, post, last):  # (.., d, nb, ..) -> padded to whole steps: (.., steps, per, ..)
+        t = op.Pad(op.Reshape(t, op.Concat(_ints([*pre, -1, *post]), last, axis=0)), pads, None,
+                   _ints([len(pre)]))
+        return op.Reshape(t, op.Concat(_ints([*pre, -1, per, *post]), last, axis=0))
+
+    qt, kt = table(qidx, [], [], _ints([BQ])), table(keys, [], [], kdim)  # (steps, per, BQ|K)
+    mt = table(m, list(mh), [BQ], kdim)  # (Hkv|1, g|1, steps, per, BQ, K)
+    tp = ir.tape.Tape()
+    i = ir.Value(name="na1d_step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    cond = ir.Value(name="na1d_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    o = _TapeOps(tp)
+    qi, ki = o.Gather(qt, i, axis=0), o.Gather(kt, i, axis=0)  # (per, BQ), (per, K)
+    qb = o.Reshape(o.Gather(qx, qi, axis=2), o.Constant(value_ints=[0, hkv, g, per, BQ, dx]))
+    kw = o.Unsqueeze(o.Gather(kx, ki, axis=2), o.Constant(value_ints=[2]))  # (B,Hkv,1,per,K,Dx)
+    vw = o.Unsqueeze(o.Gather(v, ki, axis=2), o.Constant(value_ints=[2]))
+    s = o.MatMul(qb, o.Transpose(kw, perm=[0, 1, 2, 3, 5, 4]))  # (B, Hkv, g, per, BQ, K)
+    mi = o.Gather(mt, i, axis=2)  # (Hkv|1, g|1, per, BQ, K)
+    s = o.Mul(s, mi) if mask == "mul" else o.Min(s, mi)
+    y = o.MatMul(o.Softmax(s, axis=-1), vw)  # (B, Hkv, g, per, BQ, D)
+    body = ir.Graph([i, cond], [tp.op("Identity", [cond]), y], nodes=tp.nodes,
+                    name="na1d_blocks")
+    return op.Transpose(_loop(steps, body), perm=[1, 2, 3, 0, 4, 5, 6])
 
 
 def own_key_visible(kernels: Sequence[int], stride: int) -> bool:

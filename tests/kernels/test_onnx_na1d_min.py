@@ -21,6 +21,7 @@ from attnc.kernels import masks, reference, window_blocked
 from attnc.kernels import neighborhood1d_blocked as nb1d
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 
 def test_own_key_in_every_window():
@@ -83,9 +84,13 @@ class _Op(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mask", ["mul", "min"])
-def test_onnx_capped_na1d(tmp_path, monkeypatch, mask):
+@pytest.mark.parametrize("mask,loop", [("mul", True), ("min", False)])
+def test_onnx_capped_na1d(tmp_path, monkeypatch, mask, loop):
+    """float32's default (mul, blocks in Loop steps: 2 a step here, so several steps and a
+    padded last one), and what bf16/fp16 take (min, one flat chain)."""
     monkeypatch.setattr(nb1d, "MASK", mask)
+    monkeypatch.setattr(nb1d, "LOOP", loop)
+    monkeypatch.setattr(nb1d, "STEP_SCORES", 2 * 4 * 64 * 72)  # 4 heads, keys per block <= 72
     shifted = []
     real = nb1d._own_shift
     monkeypatch.setattr(nb1d, "_own_shift", lambda *a: shifted.append(a[-1]) or real(*a))
@@ -104,6 +109,7 @@ def test_onnx_capped_na1d(tmp_path, monkeypatch, mask):
     assert [f["onnx_form"] for f in forms] == [nb1d.FORM] * n
     path = tmp_path / "m.onnx"
     prog.save(str(path))
+    assert ("Loop" in {n.op_type for n in onnx.load(str(path)).graph.node}) == loop
     runs = [_inputs(2, [157, 131, 201, 93], 1), _inputs(1, [67, 65, 99, 41], 2, spread=True),
             _inputs(3, [16, 11, 9, 12], 3)]  # the shortest: kernel x dilation + globals + 1
     wants = [[x.numpy() for x in _fn(*xs, f=reference.neighborhood_attention_ref)]
