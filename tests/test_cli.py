@@ -1,13 +1,17 @@
-"""The command line: the main build on the real MiniLM, inspect/passes, every loading form, and
-every bad input (one-line error, exit 2 or 3, no traceback, no output folder left behind)."""
+"""The command line: the main build on the real MiniLM (and the README's deploy snippet on it),
+inspect/passes, every loading form, and every bad input (one-line error, exit 2 or 3, no
+traceback, no output folder left behind)."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import hf_models
+import numpy as np
 import pytest
 import torch
 
@@ -70,8 +74,14 @@ def assert_one_line_error(code, err, expect_code=2, match=None):
         assert match in err, err
 
 
+README_BLOCK = re.compile(r"<!-- deploy-example -->\s*```python\n(.*?)```", re.S)
+
+
 def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
-    out = tmp_path / "build"
+    """The README's main command (with --json), its folder checked, then the README's own deploy
+    snippet run on it in a fresh Python that imports only onnxruntime and the tokenizer (one
+    MiniLM build serves both)."""
+    out = tmp_path / "minilm-build"  # the README's folder name: its snippet reads from it
     code, stdout, err = run_cli(
         [
             "optimize",
@@ -110,7 +120,35 @@ def test_optimize_minilm_end_to_end(minilm, root, tmp_path, capsys):
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # by name
     kw["token_type_ids"] = torch.zeros_like(ids)
     assert ep.module()(**kw).shape == (2, 9, 384)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm-build"]
+    _readme_deploy_snippet_runs(root, tmp_path)
+
+
+def _readme_deploy_snippet_runs(root, cwd):
+    """The README's <!-- deploy-example --> block, run in `cwd` (which holds minilm-build/)."""
+    match = README_BLOCK.search((root / "README.md").read_text())
+    assert match, "README has no <!-- deploy-example --> python block"
+    script = match.group(1) + (
+        "\nimport json\n"
+        "print(json.dumps({'inputs': sorted(i.name for i in session.get_inputs()),"
+        " 'batch': sorted(batch.keys()), 'emb': embedding.tolist()}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["inputs"] == result["batch"] == ["attention_mask", "input_ids", "token_type_ids"]
+    emb = np.array(result["emb"])
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # the pruned model still ranks like the original: the paraphrase pair is the closest
+    sims = emb @ emb.T
+    assert sims[0, 1] > sims[0, 2]
 
 
 def test_bound_missed_exits_3_and_writes_nothing(minilm, root, tmp_path, capsys):
