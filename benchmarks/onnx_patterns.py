@@ -50,6 +50,7 @@ NOTE = ("2 shared cores: each row's load_avg says how busy; rows at S <= 256 (a 
 
 
 DAZ = False  # --denormal-as-zero: every session (dense too) flushes denormals
+SPIN = True  # --no-spin: every session (dense too) without ORT's intra-op thread spinning
 
 
 def session(path: str, threads: int):
@@ -59,6 +60,8 @@ def session(path: str, threads: int):
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
     if DAZ:
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not SPIN:  # idle pool threads sleep instead of spinning into the next session's run
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 

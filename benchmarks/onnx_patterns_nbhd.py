@@ -93,8 +93,12 @@ def main() -> None:
     ap.add_argument("--no-daz", action="store_true", help="skip the denormal-as-zero pass")
     ap.add_argument("--repeat", type=int, default=1, help="whole passes (the machine is shared: "
                     "the targets take the median over them)")
+    ap.add_argument("--no-spin", action="store_true", help="every session without ORT's "
+                    "intra-op thread spinning (interleaved sessions: a finished run's spinning "
+                    "pool takes the cores the next session's run needs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    op_bench.SPIN = not a.no_spin
 
     import torch
     import torch.nn.functional as F
@@ -169,6 +173,7 @@ def main() -> None:
         f"onnx_patterns_nbhd2-{slug}.json")
     out = {"benchmark": "onnx_patterns_nbhd", "device": dev, "threads": a.threads,
            "runs": a.runs, "shape": {"B": 1, "H": op_bench.H, "D": op_bench.D},
+           "intra_op_spinning": op_bench.SPIN,
            "targets": targets, "note": op_bench.NOTE, "results": rows,
            "versions": {"torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__}}

@@ -3,19 +3,21 @@
 Both Gather the query tiles and their key halos through the plan's index tables and score a
 tile's T queries against its K keys only (a KV head's g query heads folded into the rows):
   - `min_onnx` (no key padding mask, every token in its own window): the scores of a tile in
-    one MatMul of [q * scale, -s_ii] against [k, 1] (s_ii = q_i . k_i * scale, the query's score
-    against its own key, which it always sees: rows shifted so their own key scores 0), then
-    Min with a constant cap (+3e38 on visible keys, -40 on masked ones), Softmax, MatMul(V).
-    A masked key's score is at most s_ii - 40 <= (the row's visible max) - 40: weight
-    <= e^-40 per key, exact in fp32; a visible score below that is raised to it (its weight
-    was < e^-40 already). Unlike a -1e9 bias, the masked weights stay normal floats: MLAS's
-    exp of a clamped input and a P @ V over denormals take microcode assists on Intel CPUs
+    one MatMul of [q * scale, a - s_ii] against [k, 1] (s_ii = q_i . k_i * scale, the query's
+    score against its own key, which it always sees: rows shifted so their own key scores a),
+    then one op over the scores from the constant in-tile mask: in float32 Mul by the 0/1 mask
+    with a = MARGIN (a masked key scores 0, MARGIN below the own key: Mul runs on ORT's thread
+    pool, Min/Max broadcast on one thread), in bf16/fp16 (whose scores near +MARGIN would lose
+    bits) Min with a cap (+3e38 visible, -MARGIN masked) with a = 0; then Softmax, MatMul(V).
+    Either way a masked key sits >= MARGIN below the row's max: weight <= e^-40 per key, exact
+    in fp32, and, unlike a -1e9 bias, a normal float, not a denormal: MLAS's exp of a clamped
+    input and a P @ V over denormals take microcode assists on Intel CPUs
     (ORT CPU, Intel Xeon, 64x64 grid, 13x13 window, against dense `Attention`: 2.99x vs the
     fused form's 2.41x at 2 threads, 4.63x vs 2.64x at 1; with session.set_denormal_as_zero
     on every session the fused form wins, 3.55x vs 2.94x: the chain's extra passes over the
     scores; benchmarks/results/onnx_patterns_nbhd2-*.json). In float32 the tiles go through
     the steps of a `Loop`, a few tiles per step (`tiles_per_step`), so one step's scores stay
-    in cache through MatMul, Min, Softmax and MatMul instead of streaming a (B, H, tiles, T, K)
+    in cache through MatMul, Mul, Softmax and MatMul instead of streaming a (B, H, tiles, T, K)
     tensor through memory four times; bf16/fp16 keep one flat chain at the top level, where the
     export widens the nodes ONNX Runtime's CPU build has no low-precision kernel for;
   - `fused_onnx` (a key padding mask, or a pattern without the diagonal): the tiles as the
@@ -35,6 +37,7 @@ from attnc.kernels import neighborhood_blocked as nb
 
 MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <= e^-40
 LOOP = True  # float32 tiles in the steps of a Loop (False: one flat chain, as bf16/fp16 get)
+MASK = "mul"  # float32's in-tile mask op (module doc); "min": the one bf16/fp16 get
 
 
 def _ints(xs):
@@ -155,29 +158,36 @@ def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_
                                               num_global, tiles)
     vis = op.Reshape(op.Expand(_vis(p, hkv, g), _ints([1, 1, nt, g, t, kk])),
                      _ints([1, -1, nt, g * t, kk]))  # (1, Hkv|1, nt, g T, K)
-    cap = op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),
-                   op.CastLike(op.Constant(value_float=-MARGIN), q))  # folded by ORT
+    fp32 = q.dtype == ir.DataType.FLOAT
+    mul = fp32 and MASK == "mul"
+    if mul:  # Mul by the 0/1 mask, the own key at +MARGIN (module doc); folded by ORT
+        cap, at = op.CastLike(vis, q), MARGIN
+    else:  # Min with the cap, the own key at 0
+        cap, at = op.Where(vis, op.CastLike(op.Constant(value_float=3e38), q),
+                           op.CastLike(op.Constant(value_float=-MARGIN), q)), 0.0
     sc = (1.0 / d ** 0.5) if scale is None else float(scale)
     qs = op.Mul(q, op.CastLike(op.Constant(value_float=sc), q))
     kx = k if g == 1 else op.Unsqueeze(k, _ints([2]))  # (B, Hkv, 1, S, D)
     qx = qs if g == 1 else op.Reshape(qs, _ints([0, hkv, g, -1, d]))
     own = op.ReduceSum(op.Mul(qx, kx), _ints([-1]), keepdims=1)  # q_i . k_i * scale
     own = op.Reshape(own, _ints([0, hq, -1, 1]))  # (B, Hq, S, 1)
-    q1 = op.Concat(qs, op.Neg(own), axis=3)  # (B, Hq, S, D + 1)
+    if at:
+        own = op.Sub(own, op.CastLike(op.Constant(value_float=at), q))
+    q1 = op.Concat(qs, op.Neg(own), axis=3)  # (B, Hq, S, D + 1): [q * scale, at - s_ii]
     ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), k),
                      op.Concat(op.Shape(k, start=0, end=3), _ints([1]), axis=0))
     k1 = op.Concat(k, ones, axis=3)  # (B, Hkv, S, D + 1)
-    if LOOP and q.dtype == ir.DataType.FLOAT:  # tiles in Loop steps (ORT CPU runs float32 bodies)
+    if LOOP and fp32:  # tiles in Loop steps (ORT CPU runs float32 bodies)
         per = tiles_per_step(nt, hq * t * kk)
         cap = op.Reshape(cap, _ints([1, -1, nt // per, per, g * t, kk]))  # folded by ORT
         y = _loop(op.Constant(value_int=nt // per), _tile_body(
             q1, k1, v, _table(p.qtok.reshape(nt // per, per, t)),
-            _table(p.keys.reshape(nt // per, per, kk)), cap, hkv, g, per, t, kk, d))
+            _table(p.keys.reshape(nt // per, per, kk)), cap, hkv, g, per, t, kk, d, mul))
         # y: (steps, B, Hkv, per, g T, D) -> (B, Hkv, nt, g T, D)
         o = op.Reshape(op.Transpose(y, perm=[1, 2, 0, 3, 4, 5]), _ints([0, hkv, nt, g * t, d]))
     else:  # bf16/fp16: one chain over every tile, its nodes at the top level where the
         # export's float32 widening of ORT CPU's missing low-precision kernels finds them
-        o = _chain(op, q1, k1, v, _table(p.qtok), _table(p.keys), cap, hkv, g, nt, t, d)
+        o = _chain(op, q1, k1, v, _table(p.qtok), _table(p.keys), cap, hkv, g, nt, t, d, mul)
     if g > 1:
         o = op.Transpose(op.Reshape(o, _ints([0, hkv, nt, g, t, d])), perm=[0, 1, 3, 2, 4, 5])
     o = op.Reshape(o, _ints([0, hq, nt * t, d]))
@@ -225,10 +235,12 @@ class _TapeOps:
         return lambda *inputs, **attrs: self.tape.op(name, list(inputs), attrs)
 
 
-def _chain(o, q1, k1, v, qtok, keys, cap, hkv: int, g: int, n: int, t: int, d: int):
+def _chain(o, q1, k1, v, qtok, keys, cap, hkv: int, g: int, n: int, t: int, d: int,
+           mul: bool):
     """n tiles: Gather their queries (qtok (n, T)) and key halos (keys (n, K)), score
-    [q * scale, -s_ii] . [k, 1], Min with cap (1, Hkv|1, n, g T, K), Softmax, MatMul(V):
-    (B, Hkv, n, g T, D). `o` builds the nodes (onnxscript's op, or a Loop body's _TapeOps)."""
+    [q * scale, a - s_ii] . [k, 1], Mul (`mul`) or Min with cap (1, Hkv|1, n, g T, K), Softmax,
+    MatMul(V): (B, Hkv, n, g T, D). `o` builds the nodes (onnxscript's op, or a Loop body's
+    _TapeOps)."""
     kw = o.Gather(k1, keys, axis=2)  # (B, Hkv, n, K, D + 1)
     vw = o.Gather(v, keys, axis=2)  # (B, Hkv, n, K, D)
     qb = o.Gather(q1, qtok, axis=2)  # (B, Hq, n, T, D + 1)
@@ -237,14 +249,16 @@ def _chain(o, q1, k1, v, qtok, keys, cap, hkv: int, g: int, n: int, t: int, d: i
                          perm=[0, 1, 3, 2, 4, 5])
     qb = o.Reshape(qb, o.Constant(value_ints=[0, hkv, n, g * t, d + 1]))
     s = o.MatMul(qb, o.Transpose(kw, perm=[0, 1, 2, 4, 3]))  # (B, Hkv, n, g T, K)
-    return o.MatMul(o.Softmax(o.Min(s, cap), axis=-1), vw)
+    s = o.Mul(s, cap) if mul else o.Min(s, cap)
+    return o.MatMul(o.Softmax(s, axis=-1), vw)
 
 
-def _tile_body(q1, k1, v, qtok, keys, cap, hkv: int, g: int, per: int, t: int, kk: int, d: int):
+def _tile_body(q1, k1, v, qtok, keys, cap, hkv: int, g: int, per: int, t: int, kk: int, d: int,
+               mul: bool):
     """The Loop body of `min_onnx`: step i Gathers its `per` tiles' queries (qtok row i) and
-    key halos (keys row i) from the outer q1/k1/v, scores them, caps with cap[:, :, i], Softmax,
+    key halos (keys row i) from the outer q1/k1/v, scores them, masks with cap[:, :, i], Softmax,
     MatMul(V): (B, Hkv, per, g T, D). One step's scores stay in cache, where ORT's op-by-op
-    MatMul/Min/Softmax/MatMul over all tiles at once would stream them through memory 4-5 times
+    MatMul/Mul/Softmax/MatMul over all tiles at once would stream them through memory 4-5 times
     (64x64 grid, 13x13 window: 74 -> 55 ms for the chain, ORT CPU, 2 threads)."""
     tp = ir.tape.Tape()
     i = ir.Value(name="tile_step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
@@ -252,7 +266,7 @@ def _tile_body(q1, k1, v, qtok, keys, cap, hkv: int, g: int, per: int, t: int, k
 
     ops = _TapeOps(tp)
     qi, ki = ops.Gather(qtok, i, axis=0), ops.Gather(keys, i, axis=0)  # (per, T), (per, K)
-    o = _chain(ops, q1, k1, v, qi, ki, ops.Gather(cap, i, axis=2), hkv, g, per, t, d)
+    o = _chain(ops, q1, k1, v, qi, ki, ops.Gather(cap, i, axis=2), hkv, g, per, t, d, mul)
     cond_out = tp.op("Identity", [cond])
     return ir.Graph([i, cond], [cond_out, o], nodes=tp.nodes, name="neighborhood_tiles")
 

@@ -165,12 +165,16 @@ def test_onnx_neighborhood_blocked(tmp_path, monkeypatch, cis, mask):
 
 
 @pytest.mark.slow
-def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch):
-    """Without a padding mask the tiles' scores are capped by a Min (no fused Attention where
-    every token sees itself): every case in one export, two batch sizes, large score spreads
+@pytest.mark.parametrize("loop,mask", [(True, "mul"), (False, "min")])
+def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch, loop, mask):
+    """Without a padding mask the tiles' masked scores are capped (float32: Mul in Loop steps;
+    the flat Min chain bf16/fp16 get; no fused Attention where every token sees itself): every
+    case in one export, two batch sizes, large score spreads
     (a masked key scoring far above the visible ones must still get no weight)."""
     monkeypatch.setattr(neighborhood_blocked, "TILES", {2: (4, 3), 3: (2, 3, 2)})
     monkeypatch.setattr(neighborhood_blocked, "blocked_pays", lambda *a, **k: True)
+    monkeypatch.setattr(nbo, "LOOP", loop)  # float32's default, and bf16/fp16's flat Min form
+    monkeypatch.setattr(nbo, "MASK", mask)
     # several Loop steps of several tiles each (a prime tile count: one tile per step)
     monkeypatch.setattr(nbo, "tiles_per_step",
                         lambda nt, _: min([p for p in range(2, nt) if nt % p == 0] or [1]))
@@ -192,8 +196,9 @@ def test_onnx_neighborhood_blocked_min_form(tmp_path, monkeypatch):
 
     ops, sessions = _sessions(tmp_path, Unmasked(cases, False), inputs(1, 0)[0],
                               (({0: B},) * (3 * len(cases)),))
-    # every case: the Min form, its tiles in the steps of a Loop (float32)
-    assert {"Gather", "Min", "Loop"} <= ops and "Attention" not in ops
+    # every case: the capped form (in float32 its tiles in the steps of a Loop), no Attention
+    assert {"Gather", "Min" if mask == "min" else "Loop"} <= ops and "Attention" not in ops
+    assert ("Loop" in ops) == loop
     _check(sessions, [inputs(1, 3), inputs(3, 4)])
 
 
