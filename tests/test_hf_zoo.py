@@ -60,7 +60,7 @@ def _params(names, xfails, slow=False):
     out = []
     for name in names:
         # one worker per architecture (`--dist loadgroup` in the test command): its session
-        # capture serves test_inspect and the build tests without being made twice
+        # capture serves test_inspect and test_refused_cleanly_at_build without being made twice
         marks = [pytest.mark.xdist_group(f"zoo-{name}")]
         if slow:
             marks.append(pytest.mark.slow)
@@ -224,12 +224,13 @@ def test_refused_cleanly_at_build(name, zoo_spec, zoo_root, captured):
     "name",
     _params([n for n in hf_zoo.ZOO if n not in REFUSED_DROP], XFAIL_DROP, slow=True),
 )
-def test_llm_drop(name, zoo_spec, zoo_root, captured):
+def test_llm_drop(name, zoo_spec, zoo_root):
+    # the edit is checked against the model the build loaded and the program it captured (the
+    # folder's load + capture and its parity with the model: test_inspect, the other tier)
     spec = zoo_spec(name)
     onnx = name not in ONNX_IN_MATRIX and name not in ONNX_IN_MOE_MQA
     try:
-        loaded, program = captured(name)
-        res = zt.check_drop(name, spec, zoo_root / name / "drop", loaded, program, onnx=onnx)
+        res = zt.check_drop(name, spec, zoo_root / name / "drop", onnx=onnx)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(_clean(exc))
     assert (res.out_dir / "model.onnx").exists() == onnx

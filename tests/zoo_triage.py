@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import hf_zoo  # noqa: E402  (sets the offline environment before torch/transformers load)
 import torch  # noqa: E402
+from zoo_branch import _branch_params, _node_module, _params  # noqa: E402
 
 from attnc.errors import AttncError  # noqa: E402
 
@@ -135,11 +136,13 @@ class DropResult:
     branch_max_abs_diff: float
 
 
-def run_build(spec: str, work: Path, onnx: bool = True):
+def run_build(spec: str, work: Path, onnx: bool = True, started: list | None = None):
     """attnc.build.build with RECIPE (without its ONNX export and ONNX Runtime check when
-    `onnx` is false); a failure is a StageFailure at the stage it reached."""
+    `onnx` is false); a failure is a StageFailure at the stage it reached. `started`, a list,
+    receives what the build loaded and captured itself: (loaded, original program)."""
     import yaml
 
+    import attnc.build as build_mod
     from attnc.build import BuildOptions, build
 
     work.mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,15 @@ def run_build(spec: str, work: Path, onnx: bool = True):
     def progress(msg: str) -> None:
         stage[0] = next((s for p, s in _BUILD_STAGES if msg.startswith(p)), "drop")
 
+    prepare = build_mod.prepare
+
+    def recorded(*args, **kwargs):  # the build's own prepare, its result kept for the checks
+        loaded, original, data = prepare(*args, **kwargs)
+        if started is not None:
+            started[:] = [loaded, original]
+        return loaded, original, data
+
+    build_mod.prepare = recorded
     try:
         # no original.pt2 (a re-export of the original, about a fifth of a zoo build's time):
         # the zoo checks the optimized artifacts; test_api_bench and test_cli_errors cover it
@@ -157,99 +169,21 @@ def run_build(spec: str, work: Path, onnx: bool = True):
                      BuildOptions(progress=progress, save_original=False))
     except Exception as exc:  # noqa: BLE001
         raise _fail(stage[0], exc) from exc
+    finally:
+        build_mod.prepare = prepare
 
 
-def _hf_path(param: str) -> str:
-    return param[len("model.") :] if param.startswith("model.") else param  # the output adapter
-
-
-def _params(gm) -> set[str]:
-    return {_hf_path(n) for n, _ in gm.named_parameters(remove_duplicate=False)}
-
-
-def _node_module(program, node_name: str | None) -> str | None:
-    from attnc.graph.sites import module_path
-
-    if node_name is None:
-        return None
-    node = next((n for n in program.gm.graph.nodes if n.name == node_name), None)
-    return module_path(node) if node is not None else None
-
-
-_ADDS = {"add", "add_", "iadd"}
-
-
-def _is_add(node) -> bool:
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return node.op == "call_function" and name in _ADDS and len(node.all_input_nodes) == 2
-
-
-def _is_assert(node) -> bool:  # torch.export's metadata checks are no use of a weight
-    return "_assert" in getattr(node.target, "__name__", str(node.target))
-
-
-def _ancestors(node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
-
-
-def _branch_params(gm, site) -> set[str]:
-    """The weights only the site's attention branch uses, found from the graph independently of
-    attnc's own residual analysis: the branch runs from the stream to the first add after the
-    site's output projection whose other operand is the stream (it derives from an input, not
-    from the attention); a weight is the branch's own when everything computed from it reaches
-    the output only through that add's branch operand (so a norm shared with a parallel MLP, or a
-    bias table shared across layers, is not)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    sdpa = nodes[site.node]
-    start = nodes.get(site.o_proj) if site.o_proj else sdpa
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    desc, todo = {start}, [start]
-    residual = None
-    while todo and residual is None:
-        todo.sort(key=order.__getitem__)
-        node = todo.pop(0)
-        for user in sorted(node.users, key=order.__getitem__):
-            if user in desc:
-                continue
-            if _is_add(user):
-                other = next(a for a in user.all_input_nodes if a is not node)
-                anc = _ancestors(other)
-                if sdpa not in anc and other is not sdpa and any(
-                    a.op == "placeholder" for a in anc | {other}
-                ):
-                    residual = (node, other)
-                    break
-            desc.add(user)
-            todo.append(user)
-    if residual is None:
-        return set()
-    branch_out, stream = residual
-    add = next(u for u in branch_out.users if _is_add(u) and stream in u.all_input_nodes)
-    branch = (_ancestors(branch_out) | {branch_out}) - _ancestors(stream) - {stream}
-    own: set = set()  # branch nodes whose every use flows into the residual add via the branch
-    for n in reversed([n for n in gm.graph.nodes if n in branch]):
-        users = [u for u in n.users if not _is_assert(u)]
-        if all(u in own or (u is add and n is branch_out) for u in users):
-            own.add(n)
-    uses: dict[str, bool] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            uses[n.target] = uses.get(n.target, True) and n in own
-    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
-    return {_hf_path(t) for t, only in uses.items() if only and t in params}
-
-
-def check_drop(name: str, spec: str, work: Path, loaded, original, onnx: bool = True) -> DropResult:
+def check_drop(name: str, spec: str, work: Path, loaded=None, original=None,
+               onnx: bool = True) -> DropResult:
     """Build with one attention sublayer dropped and check the artifacts and the edit; with
-    `onnx` false the build writes no model.onnx (the onnx and ort stages are not run)."""
+    `onnx` false the build writes no model.onnx (the onnx and ort stages are not run). The edit
+    is checked against `loaded`/`original` (check_inspect's), or where they are None against
+    the model the build loaded and the program it captured itself (no second load + capture)."""
     arch = hf_zoo.ZOO[name]
-    res = run_build(spec, work, onnx=onnx)
+    started: list = []
+    res = run_build(spec, work, onnx=onnx, started=started)
+    if loaded is None or original is None:
+        loaded, original = started
     report = res.report
     diff = None
     if onnx:
