@@ -79,9 +79,11 @@ def _build(folder: Path, tmp: Path, out: Path) -> None:
     )
     calib = tmp / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in _sentences(8)))
-    # no speed step: nothing here reads it, and it costs an ONNX export of the original per build
-    # (the README build below, test_cli and test_api_bench run it)
-    args = ["optimize", folder, "--recipe", recipe, "--calib", calib, "-o", out, "--no-bench"]
+    # no speed step and no original.pt2: nothing here reads them, and each costs an export of the
+    # original per build (test_cli's README build writes both; test_api_bench and
+    # test_cli_errors check them)
+    args = ["optimize", folder, "--recipe", recipe, "--calib", calib, "-o", out, "--no-bench",
+            "--no-save-original"]
     assert run_cli(args) == 0
 
 
@@ -110,6 +112,7 @@ def test_build_folder_runs_with_onnxruntime_and_its_own_tokenizer(st_builds):
     ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.safetensors"))  # configs and tokenizer only, never weights
+    assert not (out / "original.pt2").exists()  # --no-save-original
     tok = AutoTokenizer.from_pretrained(str(out))
     sess = ort.InferenceSession(str(out / "model.onnx"))
     batch = tok(_sentences(3, seed=5), padding=True, return_tensors="np")
