@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from attnc.kernels import masks
 
 TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
-FORM = "blocked neighborhood (grid tiles Gather their key halo + global keys, fused Attention)"
+FORM = ("blocked neighborhood (grid tiles Gather their key halo + global keys; capped in-tile "
+        "mask, float32 tiles in Loop steps; fused Attention with a padding mask)")
 DENSE_FORM = "Attention(opset 23) + in-graph Range/Div/Mod neighborhood mask"
 
 
