@@ -188,7 +188,7 @@ def run_case(name: str, s: int, forms: dict, ref, torch_op, a, tmp: Path) -> dic
                       for f, sess in sessions.items()}, runs)
     del sessions
     row = {"case": name, "S": s, "load_avg": load(), "uptime": uptime(), "runs": runs,
-           "denormal_as_zero": DAZ,
+           "denormal_as_zero": DAZ, "intra_op_spinning": SPIN,
            "dense_heads_per_run": hs,
            "ort_ms": {f: round(x, 3) for f, x in ms.items()},
            "ort_speedup_vs_dense": {f: round(ms["dense"] / x, 3) for f, x in ms.items()},
@@ -250,9 +250,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default: per device)")
     ap.add_argument("--denormal-as-zero", action="store_true", help="ORT session option "
                     "session.set_denormal_as_zero on every session, the dense baseline's too")
+    ap.add_argument("--no-spin", action="store_true", help="ORT session option "
+                    "session.intra_op.allow_spinning 0 on every session, the dense baseline's too")
     a = ap.parse_args()
-    global DAZ
-    DAZ = a.denormal_as_zero
+    global DAZ, SPIN
+    DAZ, SPIN = a.denormal_as_zero, not a.no_spin
     cases = set(a.cases.split(","))
 
     import torch
