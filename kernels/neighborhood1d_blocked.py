@@ -268,7 +268,7 @@ def blocked_onnx(q, k, v, kernels: Sequence[int], dilation: int, stride: int, ca
     # "mul" in float32 only: its scores sit near +MARGIN, where bf16/fp16 lose 3-8 more bits
     mask = MASK if q.dtype == ir.DataType.FLOAT else "min"
     at = MARGIN if mask == "mul" else 0.0  # the own key's shifted score
-    qx, kx, dx = (_own_shift(qs, k, hkv, g, dh, at) if capped else (qs, k, dh))  # module doc
+    qx, kx, dx = (own_shift(qs, k, hkv, g, dh, at) if capped else (qs, k, dh))  # module doc
     if capped:  # the second operand of the one op over the scores, from the small mask
         m = (op.CastLike(vis, q) if mask == "mul" else op.Where(  # (Hkv|1, g|1, d, nb, BQ, K)
             vis, op.CastLike(op.Constant(value_float=3e38), q),
@@ -311,7 +311,7 @@ def _loop_blocks(qx, kx, v, qidx, keys, m, mask: str, mh: tuple[int, int], hq: i
     blocks a step (~STEP_SCORES scores at B = 1; the tables padded with block 0 to whole steps):
     step i Gathers its blocks' queries and keys from the outer qx/kx/v, scores them, applies m
     (Mul or Min), Softmax, MatMul(V). Returns (B, Hkv, g, steps, per, BQ, D)."""
-    from attnc.kernels.neighborhood_blocked_onnx import _loop, _TapeOps
+    from attnc.kernels.neighborhood_blocked_onnx import TapeOps, loop
 
     per = max(1, STEP_SCORES // (hq * BQ * kk))
     steps = op.Div(op.Add(blocks, _c(per - 1)), _c(per))
@@ -330,7 +330,7 @@ def _loop_blocks(qx, kx, v, qidx, keys, m, mask: str, mh: tuple[int, int], hq: i
     tp = ir.tape.Tape()
     i = ir.Value(name="na1d_step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     cond = ir.Value(name="na1d_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
-    o = _TapeOps(tp)
+    o = TapeOps(tp)
     qi, ki = o.Gather(qt, i, axis=0), o.Gather(kt, i, axis=0)  # (per, BQ), (per, K)
     qb = o.Reshape(o.Gather(qx, qi, axis=2), o.Constant(value_ints=[0, hkv, g, per, BQ, dx]))
     kw = o.Unsqueeze(o.Gather(kx, ki, axis=2), o.Constant(value_ints=[2]))  # (B,Hkv,1,per,K,Dx)
@@ -341,7 +341,7 @@ def _loop_blocks(qx, kx, v, qidx, keys, m, mask: str, mh: tuple[int, int], hq: i
     y = o.MatMul(o.Softmax(s, axis=-1), vw)  # (B, Hkv, g, per, BQ, D)
     body = ir.Graph([i, cond], [tp.op("Identity", [cond]), y], nodes=tp.nodes,
                     name="na1d_blocks")
-    return op.Transpose(_loop(steps, body), perm=[1, 2, 3, 0, 4, 5, 6])
+    return op.Transpose(loop(steps, body), perm=[1, 2, 3, 0, 4, 5, 6])
 
 
 def own_key_visible(kernels: Sequence[int], stride: int) -> bool:
@@ -350,7 +350,7 @@ def own_key_visible(kernels: Sequence[int], stride: int) -> bool:
     return all(k >= 1 for k in kernels) and stride <= min(kernels)
 
 
-def _own_shift(qs, k, hkv: int, g: int, dh: int, at: float):
+def own_shift(qs, k, hkv: int, g: int, dh: int, at: float):
     """[q * scale, at - s_ii] (B, Hq, S, D + 1) and [k, 1] (B, Hkv, S, D + 1), s_ii = q_i . k_i
     * scale: their MatMul scores each row shifted so that its own key scores `at`."""
     kk = k if g == 1 else op.Unsqueeze(k, _ints([2]))  # (B, Hkv, 1, S, D)

@@ -33,6 +33,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
 
+from attnc.kernels import neighborhood1d_blocked as nb1d
 from attnc.kernels import neighborhood_blocked as nb
 
 MARGIN = 40.0  # a masked key scores at most (own-key score - MARGIN): weight <= e^-40
@@ -167,20 +168,11 @@ def min_onnx(q, k, v, grid, heads, dilation, stride, is_causal, scale=None, num_
                            op.CastLike(op.Constant(value_float=-MARGIN), q)), 0.0
     sc = (1.0 / d ** 0.5) if scale is None else float(scale)
     qs = op.Mul(q, op.CastLike(op.Constant(value_float=sc), q))
-    kx = k if g == 1 else op.Unsqueeze(k, _ints([2]))  # (B, Hkv, 1, S, D)
-    qx = qs if g == 1 else op.Reshape(qs, _ints([0, hkv, g, -1, d]))
-    own = op.ReduceSum(op.Mul(qx, kx), _ints([-1]), keepdims=1)  # q_i . k_i * scale
-    own = op.Reshape(own, _ints([0, hq, -1, 1]))  # (B, Hq, S, 1)
-    if at:
-        own = op.Sub(own, op.CastLike(op.Constant(value_float=at), q))
-    q1 = op.Concat(qs, op.Neg(own), axis=3)  # (B, Hq, S, D + 1): [q * scale, at - s_ii]
-    ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), k),
-                     op.Concat(op.Shape(k, start=0, end=3), _ints([1]), axis=0))
-    k1 = op.Concat(k, ones, axis=3)  # (B, Hkv, S, D + 1)
+    q1, k1, _ = nb1d.own_shift(qs, k, hkv, g, d, at)  # [q * scale, at - s_ii], [k, 1]
     if LOOP and fp32:  # tiles in Loop steps (ORT CPU runs float32 bodies)
         per = tiles_per_step(nt, hq * t * kk)
         cap = op.Reshape(cap, _ints([1, -1, nt // per, per, g * t, kk]))  # folded by ORT
-        y = _loop(op.Constant(value_int=nt // per), _tile_body(
+        y = loop(op.Constant(value_int=nt // per), _tile_body(
             q1, k1, v, _table(p.qtok.reshape(nt // per, per, t)),
             _table(p.keys.reshape(nt // per, per, kk)), cap, hkv, g, per, t, kk, d, mul))
         # y: (steps, B, Hkv, per, g T, D) -> (B, Hkv, nt, g T, D)
@@ -209,7 +201,7 @@ def tiles_per_step(nt: int, scores_per_tile: int) -> int:
                or [1])
 
 
-def _loop(m, body):
+def loop(m, body):
     """Loop(M = m, no condition, no loop-carried values, body): its one scan output. The
     generated `op.Loop` demands a loop-carried value, so the node goes to the exporter's
     recorder (the evaluator in charge while torch.onnx translates) with the Loop schema."""
@@ -224,7 +216,7 @@ def _loop(m, body):
     return rec._call_op(sig, {"M": m, "cond": cond, "v_initial": ()}, {"body": body}, 1)[0]
 
 
-class _TapeOps:
+class TapeOps:
     """`ops.Name(*inputs, **attributes)` records a node on an onnx_ir tape: `_chain` builds
     with it what it builds with onnxscript's `op` at the top level."""
 
@@ -264,7 +256,7 @@ def _tile_body(q1, k1, v, qtok, keys, cap, hkv: int, g: int, per: int, t: int, k
     i = ir.Value(name="tile_step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     cond = ir.Value(name="tile_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
 
-    ops = _TapeOps(tp)
+    ops = TapeOps(tp)
     qi, ki = ops.Gather(qtok, i, axis=0), ops.Gather(keys, i, axis=0)  # (per, T), (per, K)
     o = _chain(ops, q1, k1, v, qi, ki, ops.Gather(cap, i, axis=2), hkv, g, per, t, d, mul)
     cond_out = tp.op("Identity", [cond])

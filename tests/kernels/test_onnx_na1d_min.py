@@ -92,8 +92,8 @@ def test_onnx_capped_na1d(tmp_path, monkeypatch, mask, loop):
     monkeypatch.setattr(nb1d, "LOOP", loop)
     monkeypatch.setattr(nb1d, "STEP_SCORES", 2 * 4 * 64 * 72)  # 4 heads, keys per block <= 72
     shifted = []
-    real = nb1d._own_shift
-    monkeypatch.setattr(nb1d, "_own_shift", lambda *a: shifted.append(a[-1]) or real(*a))
+    real = nb1d.own_shift
+    monkeypatch.setattr(nb1d, "own_shift", lambda *a: shifted.append(a[-1]) or real(*a))
     dims = [torch.export.Dim(f"S{i}", min=2, max=8192) for i in range(len(CASES) + 1)]
     b = torch.export.Dim("B", min=1, max=16)
     dyn = tuple({0: b, 2: s} for s in dims for _ in range(3)) + ({0: b, 1: dims[-1]},)
