@@ -87,11 +87,8 @@ ORT_PER_HEAD = 0.94  # per score more with per-head windows (fit_ort: 0.941; 1 t
 ORT_SPLIT_EXCESS = 0.32  # head-split form: measured over its parts, in dense-site times (0.317)
 # 2-D/3-D halo tiles and gathered block-sparse, in dense-score costs (fit_ort_patterns over
 # benchmarks/results/onnx_patterns-*.json rows at S >= 1024 of the forms emitted now: the tiles'
-# Loop form on the idle Intel Xeon, one run of interleaved sessions with ORT's default spinning,
-# the cautious figure (one session alone runs 2x faster there); the gathered blocks on the
-# loaded Xeon and the AMD EPYC)
-ORT_NBHD_EFF = 0.805  # per score of a tile's halo (fit_ort_patterns on the Loop form, interleaved
-# sessions, onnx_patterns-nbhd3-*.json: 0.805; the fused form before: 2.967)
+# Loop form, idle Xeon, interleaved, default spinning (cautious); blocks: Xeon, EPYC)
+ORT_NBHD_EFF = 0.805  # per score of a tile's halo (onnx_patterns-nbhd3-*; fused form: 2.967)
 ORT_NBHD_OVH = 80300.0  # per (batch, head, tile) (fit: 80,299; the fused form: 34,200)
 ORT_GATHER_EFF = 1.991  # per score of a query block's gathered key blocks (AMD alone: 1.43)
 ORT_GATHER_OVH = 20370.0  # per (batch, head, query block) (AMD alone: 31,850)
