@@ -162,13 +162,15 @@ def _mem(pids: list[int]) -> tuple[int, int]:
 
 
 def _run(cmd: list[str], threads: int, log: Path, limit: int | None = None,
-         ) -> tuple[int, str, dict]:
+         cap=None) -> tuple[int, str, dict]:
     """Run `cmd` niced, sampling the resident memory of its process tree every 0.1 s (per stage
     when the child prints `ATTNC_STAGE "name"` lines) and killing it when the tree's resident
     memory passes `limit` bytes (the watchdog: a failed row, not an out-of-memory machine).
     Returns (exit code, its output, figures)."""
     timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     full = ["nice", "-n", str(NICE), *([timer, "-v"] if timer else []), *cmd]
+    if cap is not None:  # a memcap.Cap: the whole tree inside its memory cgroup
+        full = cap.wrap(full)
     t0 = time.perf_counter()
     err_path = log.with_suffix(".stderr")
     with open(err_path, "w") as err:
@@ -237,14 +239,23 @@ def make_model(size: str, dtype: str, threads: int, logs: Path,
 
 
 def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None,
-              opts: dict) -> dict:
+              opts: dict, cap_x: float | None = None) -> dict:
     folder, params = make_model(size, dtype, threads, logs, limit)
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     out = WORK / f"build-{size}b-{dtype}"
     load_before = _uptime()
-    rc, text, tv = _run([sys.executable, "-c", BUILD, str(folder), json.dumps(RECIPE), str(out),
-                         str(threads), json.dumps(opts)], threads,
-                        logs / f"build-{size}-{dtype}.log", limit)
+    cmd = [sys.executable, "-c", BUILD, str(folder), json.dumps(RECIPE), str(out), str(threads),
+           json.dumps(opts)]
+    log = logs / f"build-{size}-{dtype}{'-cap' if cap_x else ''}.log"
+    if cap_x:  # the build inside a memory cgroup of cap_x times the weights (memcap.py)
+        import memcap
+
+        dropped = memcap.drop_page_cache()
+        with memcap.Cap(int(cap_x * weights)) as cap:
+            rc, text, tv = _run(cmd, threads, log, limit, cap)
+        tv["cap"] = {"x_weights": cap_x, "page_cache_dropped_first": dropped, **cap.stats}
+    else:
+        rc, text, tv = _run(cmd, threads, log, limit)
     x = lambda n: round((n or 0) / weights, 2)  # noqa: E731
     sampled = tv.pop("sampled_stages")
     row: dict = {"size": _label(size), "dtype": dtype, "params": params,
@@ -258,7 +269,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     row["stage_peaks"] = [{"stage": k, "peak_x_weights": x(v["peak_rss"]),
                            "peak_anon_x_weights": x(v["peak_anon"])} for k, v in sampled.items()]
     if not row["ok"]:
-        err = (logs / f"build-{size}-{dtype}.log").read_text().strip().splitlines()
+        err = log.read_text().strip().splitlines()
         row["error"] = tv.get("killed") or next(
             (ln for ln in reversed(err) if "Error" in ln), f"exit {rc}")[:400]
         shutil.rmtree(out, ignore_errors=True)
@@ -321,6 +332,9 @@ def main() -> None:
     ap.add_argument("--no-original", action="store_true",
                     help="build without original.pt2 (BuildOptions.save_original=False)")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--cap-x", type=float, default=None,
+                    help="run each build in a memory cgroup capped at this many times the "
+                         "weights (needs root; memcap.py); rows go to 'capped_runs'")
     args = ap.parse_args()
     global NICE
     NICE = args.nice
@@ -344,14 +358,17 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             print(f"== {size} B {dtype}", flush=True)
             opts = {"save_original": False} if args.no_original else {}
-            row = build_one(size, dtype, args.threads, logs, int(args.limit_gib * 2**30), opts)
+            row = build_one(size, dtype, args.threads, logs, int(args.limit_gib * 2**30), opts,
+                            args.cap_x)
             print(json.dumps({k: v for k, v in row.items() if "stage" not in k}), flush=True)
-            (logs / f"row-{size}-{dtype}.json").write_text(json.dumps(row, indent=1) + "\n")
+            tag = "-cap" if args.cap_x else ""
+            (logs / f"row-{size}-{dtype}{tag}.json").write_text(json.dumps(row, indent=1) + "\n")
             # read again just before writing: another size may have finished meanwhile
             doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
-            doc["runs"] = [r for r in doc["runs"]
-                           if not (r["size"] == row["size"] and r["dtype"] == dtype)] + [row]
-            if row["size"] == "tiny" and row["ok"]:  # the floor every row's peak includes
+            key = "capped_runs" if args.cap_x else "runs"
+            doc[key] = [r for r in doc.get(key, [])
+                        if not (r["size"] == row["size"] and r["dtype"] == dtype)] + [row]
+            if row["size"] == "tiny" and row["ok"] and not args.cap_x:  # the floor in every peak
                 doc.setdefault("runtime_floor", {})[dtype] = {
                     "peak_rss_bytes": row["sampled_peak_rss_bytes"],
                     "peak_anon_bytes": row["sampled_peak_anon_bytes"],
