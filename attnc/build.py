@@ -216,6 +216,7 @@ def build(
     recipe = resolve_fidelity(recipe, loaded.kind, all(get_pass(s.id).exact for s in recipe.passes))
     sites_before = [s.row() for s in original.sites]
     params_before = param_count(original.gm)
+    weights_bytes = sum(p.numel() * p.element_size() for p in original.gm.parameters())
     top1 = loaded.kind in ("causal-lm", "vlm")
 
     say("running the original on calibration data")
@@ -304,6 +305,7 @@ def build(
                     },
                     "params_before": params_before,
                     "params_after": param_count(program.gm),
+                    "weights_bytes": weights_bytes,
                 },
                 "recipe": recipe.raw,
                 "calibration": {

@@ -187,3 +187,23 @@ def test_plot_helpers():
     section = PassSection.from_entry(_entry("x", _sites()), "x-")
     assert decisions_table(section, ["density"]).splitlines()[0] == \
         "| site | action | reason | density |"
+
+
+def test_stages_section_names_the_peak_stage():
+    r = _report([])
+    r["model"]["weights_bytes"] = 2_000_000_000
+    r["stages"] = [
+        {"stage": "load", "seconds": 1.0, "rss_bytes": 1_000_000_000,
+         "peak_rss_bytes": 1_100_000_000},
+        {"stage": "verify onnx runtime", "seconds": 9.5, "rss_bytes": 2_000_000_000,
+         "peak_rss_bytes": 3_000_000_000},
+        {"stage": "report", "seconds": 0.1, "rss_bytes": 1_500_000_000,
+         "peak_rss_bytes": 3_000_000_000},
+    ]
+    md = render_markdown(r)
+    assert "## Time and memory per stage" in md
+    assert "| verify onnx runtime | 9.5 | 2.00 | 3.00 |" in md
+    assert "Peak resident memory 3.00 GB (1.50× the 2.00 GB of weights), first reached in " \
+           "`verify onnx runtime`" in md
+    r.pop("stages")
+    assert "## Time and memory per stage" not in render_markdown(r)

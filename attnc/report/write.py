@@ -197,5 +197,31 @@ def render_markdown(r: dict, parts: list[tuple[PassSection, ReportPart]] | None 
             f"{o['initializer_bytes'] / 1e6:.1f} MB of weights; inputs {o['inputs']}",
             f"- ONNX Runtime providers: {o.get('providers')}",
         ]
+    out += _stages_md(r)
     out += ["", "## Artifacts", ""] + [f"- `{a}`" for a in r["artifacts"]]
     return "\n".join(out) + "\n"
+
+
+def _stages_md(r: dict) -> list[str]:
+    """Wall time and resident memory per build stage, and where the peak was reached: the
+    stages that run the whole model hold all its weights resident."""
+    stages = [s for s in r.get("stages") or [] if s.get("rss_bytes") is not None]
+    if not stages:
+        return []
+    gb = lambda n: f"{n / 1e9:.2f}" if n is not None else ""  # noqa: E731
+    out = ["", "## Time and memory per stage", "",
+           table(["stage", "seconds", "resident after (GB)", "peak so far (GB)"],
+                 [[s["stage"], f"{s['seconds']:.1f}", gb(s["rss_bytes"]),
+                   gb(s.get("peak_rss_bytes"))] for s in stages])]
+    peaks = [s for s in stages if s.get("peak_rss_bytes")]
+    if not peaks:
+        return out
+    top = next(s for s in peaks if s["peak_rss_bytes"] == max(p["peak_rss_bytes"] for p in peaks))
+    w = (r.get("model") or {}).get("weights_bytes")
+    of = f" ({top['peak_rss_bytes'] / w:.2f}× the {gb(w)} GB of weights)" if w else ""
+    out += ["", f"Peak resident memory {gb(top['peak_rss_bytes'])} GB{of}, first reached in "
+            f"`{top['stage']}`. Capture, calibration and verification (torch and ONNX Runtime) "
+            "run the whole model, so every weight is resident during them (weights "
+            "memory-mapped from safetensors count here, though the kernel can drop and reread "
+            "them under memory pressure)."]
+    return out
