@@ -10,6 +10,9 @@ single-process builds are unchanged.
 
 The statistics loops (`attnc.graph.taps.run_taps`, `attnc.graph.stats_collect.
 collect_site_stats`) call `shard(batches)` before the loop and `reduce_stats(stats)` after it.
+The passes' trial searches (`attnc.recipe.trials.TrialRunner`) run each trial's batches in
+rounds of one batch per rank and `gather` the per-batch scores, so every rank makes the same
+choices from the same numbers one process sees.
 """
 
 from __future__ import annotations
@@ -69,6 +72,15 @@ def shard(batches: Sequence[T]) -> list[T]:
         log.warning("%d calibration batches for %d ranks: some ranks get none", len(batches),
                     world())
     return batches[rank() :: world()]
+
+
+def gather(obj: T) -> list[T]:
+    """`obj` from every rank, in rank order, on every rank ([obj] alone)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def reduce_stats(stats: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ no recompile, one program for every trial.
   batches, is worse than the baseline on the same batches by more than `prune_margin`
   (relative) stops there and is marked pruned; a greedy check stops after `patience` rejections
   in a row.
+- Several processes (torch.distributed, `attnc.load.distributed`): a trial's batches run in
+  rounds of one batch per rank, and every rank gathers every batch's (total, weight) in batch
+  order, so scores, pruning and the choices made are those of one process, on every rank.
 - The trail: every trial (setting, score, change against the baseline, batches, seconds, kept
   or pruned) as plain data (`TrialRunner.trail()`), for the pass's report.
 """
@@ -103,10 +106,30 @@ class TrialRunner:
             raise PassError(f"trials: unknown batch split {split!r}")
         return self.search if split == "search" else self.check
 
+    def _parts(self, batches: list[Any], base: list[tuple[float, float]] | None = None,
+               ) -> tuple[list[tuple[float, float]], bool]:
+        """(total, weight) of each batch in order, and whether the trial was pruned (against
+        `base` after `prune_after` batches). With several ranks each round runs one batch per
+        rank and gathers them all: every rank gets the parts one process would."""
+        from attnc.load import distributed
+
+        world, rank = distributed.world(), distributed.rank()
+        parts: list[tuple[float, float]] = []
+        for start in range(0, len(batches), world):
+            chunk = batches[start:start + world]
+            mine = self._run_batch(chunk[rank]) if rank < len(chunk) else None
+            parts += distributed.gather(mine)[: len(chunk)]
+            n = self.prune_after
+            if base is not None and n and start < n <= len(parts) and n < len(base):
+                cur, ref = _mean(parts[:n]), _mean(base[:n])
+                if cur < ref - self.prune_margin * abs(ref):
+                    return parts[:n], True
+        return parts, False
+
     def baseline_parts(self, split: str = "search") -> list[tuple[float, float]]:
         """(total, weight) per batch with the knobs as they are now: computed once per split."""
         if split not in self._base:
-            self._base[split] = [self._run_batch(b) for b in self._batches(split)]
+            self._base[split] = self._parts(self._batches(split))[0]
         return self._base[split]
 
     def baseline(self, split: str = "search") -> float:
@@ -130,19 +153,11 @@ class TrialRunner:
         base = self.baseline_parts(split)
         saved = {k: self.knobs[k].clone() for k in setting}
         t0, c0 = time.perf_counter(), time.process_time()
-        parts: list[tuple[float, float]] = []
-        pruned = False
         try:
             for k, val in setting.items():
                 buf = self.knobs[k]
                 buf.copy_(torch.as_tensor(val, dtype=buf.dtype).reshape(buf.shape))
-            for b in self._batches(split):
-                parts.append(self._run_batch(b))
-                if self.prune_after and len(parts) == self.prune_after < len(base):
-                    cur, ref = _mean(parts), _mean(base[: len(parts)])
-                    if cur < ref - self.prune_margin * abs(ref):
-                        pruned = True
-                        break
+            parts, pruned = self._parts(self._batches(split), base)
         finally:
             for k, val in saved.items():
                 self.knobs[k].copy_(val)
