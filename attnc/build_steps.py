@@ -59,7 +59,10 @@ def write_artifacts(program, opt_run, recipe, stage, data, comparisons, say, loa
         )
         onnx_info["sentence_embedding"] = vars(pooling) if pooling else None
         artifacts += ["model.onnx", *list(onnx_info["layout"]["files"])[1:]]
-        say("verifying ONNX Runtime against the optimized program")
+        took = progress.stage_seconds("verify torch")  # the estimate: the same batches in torch
+        say("verifying ONNX Runtime against the optimized program"
+            + (f" ({len(data.holdout)} held-out batches; torch ran them in {took:.0f} s)"
+               if took is not None and took >= 10 else ""))
         progress.stage("verify onnx runtime")
         from attnc.check.fidelity import onnx_tolerance, ort_check_file
 

@@ -79,6 +79,13 @@ def stage(name: str | None) -> None:
         _timeline.mark(name)
 
 
+def stage_seconds(name: str) -> float | None:
+    """Wall seconds of the finished stage `name` of the running timeline (None: not run)."""
+    if _timeline is None:
+        return None
+    return next((s["seconds"] for s in _timeline.stages if s["stage"] == name), None)
+
+
 def rss_bytes() -> int | None:
     """Resident memory of this process now (Linux), or None."""
     try:

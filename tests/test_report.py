@@ -207,3 +207,17 @@ def test_stages_section_names_the_peak_stage():
            "`verify onnx runtime`" in md
     r.pop("stages")
     assert "## Time and memory per stage" not in render_markdown(r)
+
+
+def test_timeline_stages_and_their_seconds():
+    from attnc import progress
+
+    tl = progress.start_timeline()
+    progress.stage("load")
+    progress.stage("verify torch")
+    assert progress.stage_seconds("load") is not None
+    assert progress.stage_seconds("verify torch") is None  # still running
+    progress.stage(None)
+    assert [s["stage"] for s in tl.as_list()] == ["load", "verify torch"]
+    assert all(s["seconds"] >= 0 and s["rss_bytes"] > 0 for s in tl.as_list())
+    assert progress.stage_seconds("never") is None
