@@ -62,10 +62,13 @@ def test_inputs_at_shapes_follow_the_request():
 
 
 def test_optimize_takes_a_module_and_a_recipe_dict(tmp_path):
+    # model.onnx only: no model.pt2 / original.pt2 (a re-export each; the API's full folder, with
+    # both, is test_build_bench_step_and_bench_command's)
     model, (ids,) = models.make_gpt_fast()
-    res = attnc.optimize(model, _recipe(), out=tmp_path / "b", example_inputs=(ids,),
-                         bench=False)
+    res = attnc.optimize(model, _recipe(pt2=False), out=tmp_path / "b", example_inputs=(ids,),
+                         bench=False, save_original=False)
     assert res.out_dir == tmp_path / "b" and res.paths["onnx"].is_file()
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt2")) == []
     assert len(res.report["sites_after"]) == len(res.report["sites_before"]) - 1
     assert res.report["bench"] is None
     # the program is the optimized one: one attention fewer than the original
