@@ -30,12 +30,24 @@ ZERO_AT = {
 }
 
 
-def _setup(arch, root=None):
-    if arch in ("nanogpt", "tiny_encoder"):
-        loaded = load_model(f"{root / 'tests' / 'models.py'}:make_{arch}")
-    else:
-        loaded = wrap_hf(hf_models.build(arch), arch, None, None)
-    program = capture(loaded)
+_CAPTURED: dict[str, tuple] = {}
+
+
+def _setup(arch, root=None, fresh=False):
+    """(loaded, program, ctx): the model and its capture made once per architecture and worker
+    (no test here edits either: llm-drop's drops and scores work on copies / read the graph),
+    unless `fresh` (a test that changes the model's weights); a new calibration context each
+    call (tests set their own evaluate / meets_bound on it)."""
+    made = _CAPTURED.get(arch)
+    if fresh or made is None:
+        if arch in ("nanogpt", "tiny_encoder"):
+            loaded = load_model(f"{root / 'tests' / 'models.py'}:make_{arch}")
+        else:
+            loaded = wrap_hf(hf_models.build(arch), arch, None, None)
+        made = (loaded, capture(loaded))
+        if not fresh:
+            _CAPTURED[arch] = made
+    loaded, program = made
     batches = generated_batches(
         loaded.example_args, loaded.input_names, CalibrationConfig(samples=8, batch_size=4)
     )
@@ -113,7 +125,7 @@ def test_block_drop_equals_both_sublayers_prenorm():
 
 
 def test_zero_output_sublayer_scores_one_and_goes_first():
-    loaded, program, ctx = _setup("llama")
+    loaded, program, ctx = _setup("llama", fresh=True)  # its weights are edited below
     with torch.no_grad():
         loaded.module.model.model.layers[1].self_attn.o_proj.weight.zero_()
     program = capture(loaded)
