@@ -24,11 +24,21 @@ HF_EXPECT = {
 }
 
 
+_CAPTURED: dict[str, tuple] = {}
+
+
+def _captured(arch: str):
+    """(loaded, program) of hf_models' `arch`, built and captured once per worker: the tests
+    here only read them (sites, masks, names) and run them."""
+    if arch not in _CAPTURED:
+        loaded = wrap_hf(hf_models.build(arch), arch, None, None)
+        _CAPTURED[arch] = (loaded, capture(loaded))
+    return _CAPTURED[arch]
+
+
 @pytest.mark.parametrize("arch", hf_models.ARCHS)
 def test_hf_capture_sites(arch):
-    model = hf_models.build(arch)
-    loaded = wrap_hf(model, arch, None, None)
-    program = capture(loaded)
+    loaded, program = _captured(arch)
     kind, n_sites, style, kv_heads = HF_EXPECT[arch]
     assert loaded.kind == kind
     sites = program.sites
@@ -60,12 +70,12 @@ def test_hf_capture_sites(arch):
 )
 def test_mask_analysis_finds_causal_and_windows(arch, causal, window):
     """HF passes causality as an explicit mask: the site still says causal (and the window)."""
-    program = capture(wrap_hf(hf_models.build(arch), arch, None, None))
+    _, program = _captured(arch)
     assert {(s.causal, s.window) for s in program.sites} == {(causal, window)}
 
 
 def test_hf_module_names_and_gqa():
-    program = capture(wrap_hf(hf_models.build("llama"), "llama", None, None))
+    _, program = _captured("llama")
     s = program.sites[1]
     assert s.module == "model.layers.1.self_attn" and s.layer == 1
     assert (s.num_heads, s.num_kv_heads, s.head_dim) == (4, 2, 16)
