@@ -24,11 +24,15 @@ FAST = "version: 1\npasses: []\ncalibration: {samples: 4, batch_size: 2}\n"
 # the same without model.onnx (its export is most of a tiny build): for the builds whose point is
 # the output folder or `attnc eval` (which runs model.pt2), not the ONNX file
 NO_ONNX = FAST + "export: {onnx: false}\n"
+NO_FILES = FAST + "export: {onnx: false, pt2: false}\n"  # with --no-save-original: no model file
 
 
-
-def _build_args(spy, out, onnx: bool = True) -> list:
-    """An optimize command line for the spy model (no speed step: these tests are not about it)."""
+def _build_args(spy, out, onnx: bool | None = True) -> list:
+    """An optimize command line for the spy model (no speed step: these tests are not about it);
+    `onnx=None`: a build that writes no model file (model.onnx, model.pt2, original.pt2)."""
+    if onnx is None:
+        return ["optimize", spy["spec"], "-r", spy["recipe_no_files"], "-o", out, "--no-bench",
+                "--no-save-original"]
     recipe = spy["recipe"] if onnx else spy["recipe_no_onnx"]
     return ["optimize", spy["spec"], "-r", recipe, "-o", out, "--no-bench"]
 
@@ -80,8 +84,10 @@ def spy(tmp_path):
     recipe.write_text(FAST)
     no_onnx = tmp_path / "r-no-onnx.yaml"
     no_onnx.write_text(NO_ONNX)
+    no_files = tmp_path / "r-no-files.yaml"
+    no_files.write_text(NO_FILES)
     return {"spec": f"{f}:make", "file": f, "mark": mark, "recipe": recipe,
-            "recipe_no_onnx": no_onnx, "root": tmp_path}
+            "recipe_no_onnx": no_onnx, "recipe_no_files": no_files, "root": tmp_path}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,16 +306,17 @@ def test_replaces_empty_folder_earlier_build_and_forced_folder(spy, capsys):
     assert Path(src["source"].rsplit(":", 1)[0]).is_absolute()
     assert (out / src["source_relative"].rsplit(":", 1)[0]).resolve() == spy["file"].resolve()
     assert (out / "original.pt2").exists() and (out / "model.onnx").exists()
-    # an earlier build is replaced (the next two builds write no model.onnx: the replacing is
+    # an earlier build is replaced (the next two builds write no model file: the replacing is
     # what is tested, and a file of the earlier build left behind would show)
     (out / "report.json").write_text("{}")
-    code, _, err = run(_build_args(spy, out, onnx=False), capsys)
+    code, _, err = run(_build_args(spy, out, onnx=None), capsys)
     assert code == 0, err
     assert json.loads((out / "report.json").read_text())["model"]["kind"]
-    assert not (out / "model.onnx").exists()  # the earlier build's files went with it
+    for name in ("model.onnx", "model.pt2", "original.pt2"):  # the earlier build's files went
+        assert not (out / name).exists(), name
     # a user's folder only with --force
     mine = _user_folder(root / "mine")
-    code, _, err = run([*_build_args(spy, mine, onnx=False), "--force"], capsys)
+    code, _, err = run([*_build_args(spy, mine, onnx=None), "--force"], capsys)
     assert code == 0, err
     assert not (mine / "notes.txt").exists() and (mine / "report.json").exists()
     assert leftovers(root) == []
