@@ -115,9 +115,9 @@ def test_zoo_covers_every_kind():
 
 def test_onnx_elsewhere_is_covered():
     """The zoo builds of ONNX_IN_MATRIX skip ONNX only because test_matrix exports the same
-    class, at the same size, after the same llm-drop, and checks it in ONNX Runtime; those of
-    ONNX_IN_MOE_MQA because test_export_moe_mqa exports the same class with the same experts /
-    K/V-head form, and a post-drop ONNX of each family is still checked."""
+    class, at the same size, after the same llm-drop (and an MLP drop with it), and checks it in
+    ONNX Runtime; those of ONNX_IN_MOE_MQA because test_export_moe_mqa exports the same class
+    with the same experts / K/V-head form, and a post-drop ONNX of each family is still checked."""
     import hf_models
     import test_export_moe_mqa as moe
     import test_matrix
