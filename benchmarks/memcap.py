@@ -7,7 +7,11 @@ it is not. Whether a build *needs* more than N bytes is shown by running it with
 cgroup charges its anonymous memory and every page-cache page it reads or writes, and reclaims
 (or, for anonymous memory past the cap, kills with SIGKILL) at the limit. Page-cache pages read
 before the build by another cgroup are not charged to it, so `drop_page_cache()` runs first;
-the build's own peak resident set (`/usr/bin/time -v`) is recorded beside the cap as the check.
+pages still mapped by another running process (the same torch libraries, when tests run from the
+same virtual environment) cannot be dropped and stay charged to it: run the capped build from a
+copy of the environment then (`cp -a .venv /tmp/venv-cap`, then `/tmp/venv-cap/bin/python
+benchmarks/scale.py --cap-x 1.5`). The build's own peak resident set (`/usr/bin/time -v`), which
+counts every page it maps however charged, is recorded beside the cap as the check.
 
 Needs root and a writable cgroup hierarchy (containers often have one); `available()` says
 whether this machine has it. Only the benchmarks use this; attnc itself never does.

@@ -260,7 +260,7 @@ def build_one(size: str, dtype: str, threads: int, logs: Path, limit: int | None
     sampled = tv.pop("sampled_stages")
     row: dict = {"size": _label(size), "dtype": dtype, "params": params,
                  "weights_bytes": weights, "ok": rc == 0 and "killed" not in tv,
-                 "commit": _commit(), "build_options": opts, **tv,
+                 "commit": _commit(), "build_options": opts, "python": sys.executable, **tv,
                  "uptime_before": load_before, "uptime_after": _uptime(),
                  "peak_x_weights": x(tv.get("sampled_peak_rss_bytes")),
                  "peak_anon_x_weights": x(tv.get("sampled_peak_anon_bytes"))}
