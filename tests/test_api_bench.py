@@ -110,6 +110,7 @@ def test_build_bench_step_and_bench_command(tmp_path):
                          bench_shapes=((1, 24),), bench_repeats=3)
     bench = res.report["bench"]
     assert bench["device"] and bench["threads"] >= 1
+    assert bench["ort_intra_op_spinning"] is False
     runtimes = {t["runtime"] for t in bench["timings"]}
     assert runtimes == {"onnxruntime-cpu", "torch"}
     assert len(bench["timings"]) == 4  # 2 shapes x 2 runtimes
@@ -169,3 +170,30 @@ def test_quantize_needs_onnx():
     with pytest.raises(RecipeError, match="quantize"):
         parse_recipe({"version": 1, "passes": [],
                       "export": {"onnx": False, "quantize": "int8-dynamic"}})
+
+
+def test_bench_ort_sessions_do_not_spin(tmp_path, monkeypatch):
+    """The bench interleaves two ORT sessions; each is made without intra-op spinning (a
+    spinning pool slows the other session's runs), and still runs the file."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from attnc.check import bench as B
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, so, **kw):
+        seen.append(so.get_session_config_entry("session.intra_op.allow_spinning"))
+        return real(path, so, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    run = B._ort_session(str(tmp_path / "m.onnx"))
+    assert seen == ["0"]
+    assert np.array_equal(run(torch.tensor([1.0, -2.0]))[0], np.array([-1.0, 2.0], np.float32))
