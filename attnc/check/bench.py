@@ -73,7 +73,7 @@ class BenchResult:
             "timings": [asdict(t) for t in self.timings],
         }
         if any(t.runtime.startswith("onnxruntime") for t in self.timings):
-            out["ort_intra_op_spinning"] = False  # _ort_session
+            out["ort_intra_op_spinning"] = ORT_SPINNING
         return out
 
 
@@ -173,17 +173,17 @@ def inputs_at(
     return tuple(out)
 
 
+ORT_SPINNING = False  # the bench's ORT sessions' intra-op spinning, as its results record it
+
+
 def _ort_session(path: str):
-    """A CPU session without intra-op spinning. The bench interleaves the two models' runs, and
-    with ORT's default spinning the pool of the session that just ran keeps spinning on the
-    cores the other one needs: measured on the README's MiniLM build (8x46, 2 threads), both
-    models ran ~1.8x slower than alone and the ratio swung from 0.80x to 1.07x between runs;
-    without spinning they ran at their alone times (77.5 / 68.9 ms, 1.13x; alone 1.14x)."""
+    """A CPU session without intra-op spinning: the bench interleaves two sessions, and a
+    spinning pool slows the other's runs (benchmarks/ort_spinning_pair.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", str(int(ORT_SPINNING)))
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
 

@@ -216,7 +216,7 @@ def _stages_md(r: dict) -> list[str]:
     peaks = [s for s in stages if s.get("peak_rss_bytes")]
     if not peaks:
         return out
-    top = next(s for s in peaks if s["peak_rss_bytes"] == max(p["peak_rss_bytes"] for p in peaks))
+    top = max(peaks, key=lambda s: s["peak_rss_bytes"])  # the first stage at the peak
     w = (r.get("model") or {}).get("weights_bytes")
     of = f" ({top['peak_rss_bytes'] / w:.2f}× the {gb(w)} GB of weights)" if w else ""
     out += ["", f"Peak resident memory {gb(top['peak_rss_bytes'])} GB{of}, first reached in "
